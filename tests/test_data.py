@@ -1,0 +1,165 @@
+"""Datasets, transforms, splits and DataModules on small hand-made folders."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from usclip.data import ClassificationDataModule, SegmentationDataModule
+from usclip.data.datasets import FolderDataset, encode_labels, read_csv_column
+from usclip.data.splits import read_split_file, split_ids, write_splits
+from usclip.data.transforms import build_augmentations, build_transform
+
+
+def make_folder(root: Path, n: int = 20, size: tuple[int, int] = (40, 50), labels: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = ["id,label"]
+    for i in range(n):
+        img = rng.integers(0, 255, size, dtype=np.uint8)
+        mask = np.zeros(size, np.uint8)
+        mask[10:20, 10 + i % 5 : 30] = 255
+        Image.fromarray(img).save(root / "images" / f"s{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i:02d}.png")
+        rows.append(f"s{i:02d},{'malignant' if i % 4 == 0 else 'benign'}")
+    if labels:
+        (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# ------------------------------------------------------------------ splits
+def test_split_keeps_groups_together_and_stratifies():
+    ids = [f"x{i:03d}" for i in range(200)]
+    groups = {i: f"g{int(i[1:]) // 4}" for i in ids}  # 50 groups of 4
+    labels = {i: int(int(i[1:]) // 4 % 5 == 0) for i in ids}  # 20 % positive, constant within groups
+    s = split_ids(ids, (0.8, 0.1, 0.1), seed=1, groups=groups, labels=labels)
+    assert sorted(s["train"] + s["val"] + s["test"]) == ids
+    where = {i: k for k, v in s.items() for i in v}
+    for g in set(groups.values()):
+        assert len({where[i] for i in ids if groups[i] == g}) == 1
+    assert [len(s[k]) for k in ("train", "val", "test")] == [160, 20, 20]
+    for k in ("train", "val", "test"):
+        assert sum(labels[i] for i in s[k]) / len(s[k]) == pytest.approx(0.2)
+    assert split_ids(ids, seed=1, groups=groups, labels=labels) == s
+    assert split_ids(ids, seed=2, groups=groups, labels=labels) != s
+
+
+@pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.8, -0.1, 0.3), (0, 0, 0)])
+def test_split_rejects_bad_fractions(fractions):
+    with pytest.raises(ValueError, match="fractions"):
+        split_ids(["a", "b"], fractions)
+
+
+def test_split_files_round_trip(tmp_path):
+    write_splits({"train": ["a", "b"], "test": ["c"]}, tmp_path)
+    assert read_split_file(tmp_path / "train.txt") == ["a", "b"]
+    assert read_split_file(tmp_path / "test.txt") == ["c"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------ labels and datasets
+def test_encode_labels_names_and_errors():
+    idx, names = encode_labels({"a": "malignant", "b": "benign"}, None)
+    assert names == ["benign", "malignant"] and idx == {"a": 1, "b": 0}
+    idx, names = encode_labels({"a": "1", "b": "0"}, None)
+    assert idx == {"a": 1, "b": 0} and names == ["0", "1"]
+    with pytest.raises(ValueError, match="normal"):
+        encode_labels({"a": "normal"}, ["benign", "malignant"])
+
+
+def test_read_csv_column_names_missing_column(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("name,label\na,1\n")
+    with pytest.raises(ValueError, match=r"labels.csv.*'id'"):
+        read_csv_column(p, "label")
+
+
+def test_folder_dataset_sample(tmp_path):
+    root = make_folder(tmp_path / "d")
+    labels, _ = encode_labels(read_csv_column(root / "labels.csv", "label"), None)
+    ds = FolderDataset(root, ["s00", "s01"], labels, build_transform(32))
+    s = ds[1]
+    assert s["image"].shape == (3, 32, 32) and s["image"].dtype == torch.float32
+    assert float(s["image"].min()) >= 0.0 and float(s["image"].max()) <= 1.0
+    assert torch.equal(s["image"][0], s["image"][2])
+    assert s["mask"].shape == (32, 32) and set(s["mask"].unique().tolist()) <= {0, 1} and s["mask"].sum() > 0
+    assert s["label"].item() == 0 and s["id"] == "s01" and s["index"].item() == 1
+    assert s["orig_size"].tolist() == [40, 50]
+
+
+def test_folder_dataset_missing_files(tmp_path):
+    root = make_folder(tmp_path / "d", n=2)
+    with pytest.raises(FileNotFoundError, match="s99"):
+        FolderDataset(root, ["s99"])
+    (root / "masks" / "s01.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no mask.*s01"):
+        FolderDataset(root, ["s00", "s01"])
+
+
+def test_mask_size_mismatch_is_named(tmp_path):
+    root = make_folder(tmp_path / "d", n=1)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks" / "s00.png")
+    with pytest.raises(ValueError, match=r"s00\.png"):
+        FolderDataset(root, ["s00"])[0]
+
+
+def test_augmentations_from_names():
+    (flip,) = build_augmentations({"HorizontalFlip": {"p": 1.0}})
+    img = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    assert np.array_equal(flip(image=img)["image"], img[:, ::-1])
+    out = build_transform(4, {"HorizontalFlip": {"p": 1.0}}, seed=0)(image=img)
+    assert np.array_equal(out["image"], img[:, ::-1])
+    with pytest.raises(ValueError, match="NotATransform"):
+        build_augmentations({"NotATransform": {}})
+    with pytest.raises(ValueError, match="HorizontalFlip"):
+        build_augmentations({"HorizontalFlip": {"nope": 1}})
+
+
+# ------------------------------------------------------------------ DataModules
+def test_datamodule_split_and_batches(tmp_path):
+    root = make_folder(tmp_path / "d", n=20)
+    dm = SegmentationDataModule(str(root), image_size=32, batch_size=4, augmentations={})
+    dm.setup("fit")
+    assert sum(len(v) for v in dm.splits.values()) == 20
+    assert [len(dm.splits[k]) for k in ("train", "val", "test")] == [16, 2, 2]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["mask"].shape == (4, 32, 32)
+    assert dm.num_classes == 2
+    # the split travels through state_dict (checkpoints)
+    other = SegmentationDataModule(str(root), image_size=32, split_seed=7)
+    other.load_state_dict(dm.state_dict())
+    other.setup("test")
+    assert other.splits == dm.splits
+
+
+def test_predefined_test_split_and_train_fraction(tmp_path):
+    root = make_folder(tmp_path / "d", n=20)
+    (root / "test.txt").write_text("s00\ns01\ns02\ns03\n")
+    dm = ClassificationDataModule(str(root), image_size=32, train_fraction=0.5)
+    dm.setup("fit")
+    assert dm.splits["test"] == ["s00", "s01", "s02", "s03"]
+    assert not set(dm.splits["test"]) & set(dm.splits["train"] + dm.splits["val"])
+    n_trainval = 16
+    assert len(dm.splits["val"]) == round(n_trainval * 0.1 / 0.9) or len(dm.splits["val"]) in (1, 2)
+    assert len(dm.splits["train"]) == round(0.5 * (n_trainval - len(dm.splits["val"])))
+    assert dm.num_classes == 2 and dm.label_names == ["benign", "malignant"]
+    assert Counter(dm._labels.values()) == Counter({0: 15, 1: 5})
+
+
+def test_classification_requires_labels(tmp_path):
+    root = make_folder(tmp_path / "d", n=4, labels=False)
+    with pytest.raises(FileNotFoundError, match=r"labels\.csv"):
+        ClassificationDataModule(str(root)).setup("fit")
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="train_fraction"):
+        SegmentationDataModule("x", train_fraction=0.0)
+    with pytest.raises(ValueError, match="root"):
+        SegmentationDataModule(None).setup("fit")

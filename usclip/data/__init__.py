@@ -1,0 +1,5 @@
+"""Data: datasets over the generic folder layout, transforms, splits, DataModules and the synthetic generator."""
+
+from usclip.data.datamodules import BaseDataModule, ClassificationDataModule, SegmentationDataModule, SyntheticSpec
+
+__all__ = ["BaseDataModule", "ClassificationDataModule", "SegmentationDataModule", "SyntheticSpec"]

@@ -1,0 +1,109 @@
+"""Group-aware, label-stratified dataset splits and split files.
+
+scikit-learn's ``StratifiedGroupKFold`` would do part of this but is not a dependency, and it yields folds rather
+than an 8:1:1 split with fixed fractions, so the small greedy assignment below is written by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def split_ids(
+    ids: Sequence[str],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    groups: Mapping[str, str] | None = None,
+    labels: Mapping[str, int] | None = None,
+) -> dict[str, list[str]]:
+    """Split ids into train/val/test, keeping each group on one side and stratifying by label.
+
+    Groups (duplicate scans, patients) are assigned whole. Within each label stratum (a group's most common
+    label), groups are shuffled with ``seed`` and each goes to the split furthest below its target size (targets
+    and counts run over all strata, so every split gets its share of each label and the totals hit the fractions).
+
+    Args:
+        ids: sample ids.
+        fractions: train, val and test fractions (normalised to sum to 1); a zero fraction gives an empty split.
+        seed: shuffling seed.
+        groups: id -> group; ids without a group form their own group.
+        labels: id -> class index, for stratification.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
+
+    Raises:
+        ValueError: on negative fractions, a wrong number of fractions or an empty id list.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers (train, val, test), got {list(fractions)}")
+    if not ids:
+        raise ValueError("cannot split an empty list of ids")
+    total = float(sum(fractions))
+    frac = np.array(fractions, dtype=float) / total
+    members: dict[str, list[str]] = defaultdict(list)
+    for i in ids:
+        members[groups.get(i, f"__{i}") if groups else f"__{i}"].append(i)
+
+    strata: dict[int, list[str]] = defaultdict(list)
+    for g, m in members.items():
+        if labels:
+            vals = [labels[i] for i in m if i in labels]
+            key = max(set(vals), key=vals.count) if vals else -1
+        else:
+            key = -1
+        strata[key].append(g)
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    counts = np.zeros(3)  # running totals across strata, so rounding does not drift per stratum
+    done = 0
+    for key in sorted(strata):
+        group_names = sorted(strata[key])
+        rng.shuffle(group_names)
+        done += sum(len(members[g]) for g in group_names)
+        target = frac * done
+        for g in group_names:
+            k = int(np.argmax(target - counts))
+            counts[k] += len(members[g])
+            out[SPLITS[k]].extend(members[g])
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def read_split_file(path: str | Path) -> list[str]:
+    """Ids listed in a split file (one per line; blank lines and ``#`` comments ignored)."""
+    lines = Path(path).read_text().splitlines()
+    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_splits(splits: Mapping[str, Sequence[str]], directory: str | Path) -> Path:
+    """Write ``<split>.txt`` files (one id per line) into ``directory``; returns the directory."""
+    directory = Path(directory)
+    for name, ids in splits.items():
+        write_text_atomic(directory / f"{name}.txt", "".join(f"{i}\n" for i in ids))
+    return directory
