@@ -1,0 +1,245 @@
+"""Per-image segmentation metrics as a torchmetrics ``Metric``: Dice, IoU, HD95 and ASD with an empty-mask policy.
+
+The values per image come from :mod:`usclip.metrics.functional`; this class keeps them (one scalar per image
+and metric), reports mean and standard deviation plus the counts of empty predictions and targets, and
+writes the per-image table as CSV. See docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from usclip.metrics.functional import EmptyPolicy, SpacingLike, dice, iou, spacing_tensor, surface_distances
+
+__all__ = ["SEGMENTATION_METRICS", "SegmentationMetricName", "SegmentationMetrics"]
+
+log = logging.getLogger(__name__)
+
+SegmentationMetricName = Literal["dice", "iou", "hd95", "asd"]
+SEGMENTATION_METRICS: tuple[SegmentationMetricName, ...] = ("dice", "iou", "hd95", "asd")
+_FLAGS = ("empty_pred", "empty_target")
+
+
+class SegmentationMetrics(Metric):
+    """Dice, IoU, HD95 and ASD per image, reduced to mean and standard deviation over images.
+
+    Every image is kept as one scalar per metric (states are lists concatenated across processes, so DDP
+    gathers every image), which gives the per-image table (:meth:`per_image`, :meth:`write_csv`) and exact
+    means over the whole test set.
+
+    Empty masks follow an explicit policy: both empty -> Dice = IoU = 1 and distances 0; exactly one empty
+    -> Dice = IoU = 0 and distances = the image diagonal (in spacing units). ``compute()`` reports how many
+    predictions and targets were empty. With ``drop_nonfinite=True`` HD95 and ASD instead follow the
+    published protocol (MONAI per image, non-finite values dropped): images with an empty prediction or
+    target get NaN and are left out of the HD95 / ASD mean and std. Dice and IoU are unaffected.
+
+    Standard deviations are population standard deviations (``numpy.std``'s default, ``ddof=0``).
+
+    Example:
+        >>> metric = SegmentationMetrics()
+        >>> metric.update(preds, target)  # (B, H, W) bool or integer masks
+        >>> metric.compute()["hd95"]
+    """
+
+    is_differentiable = False
+    higher_is_better = None  # Dice / IoU up, distances down
+    full_state_update = False
+
+    def __init__(
+        self,
+        include: Sequence[SegmentationMetricName] = SEGMENTATION_METRICS,
+        spacing: float | Sequence[float] | None = None,
+        drop_nonfinite: bool = False,
+        percentile: float = 95.0,
+        symmetric: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Create the metric.
+
+        Args:
+            include: which of ``"dice"``, ``"iou"``, ``"hd95"``, ``"asd"`` to compute.
+            spacing: default pixel spacing, one number or ``(row, column)``; ``None`` reports distances in
+                pixels at the evaluated resolution. ``update`` can override it per batch.
+            drop_nonfinite: reproduce the "drop NaN / inf" protocol for HD95 and ASD (see the class docstring).
+            percentile: percentile of the Hausdorff distance (95 for HD95).
+            symmetric: ASD over both boundaries (MONAI's ``symmetric=True``) or prediction to target only.
+            **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
+
+        Raises:
+            ValueError: if ``include`` is empty or names an unknown metric, or ``spacing``/``percentile`` is
+                invalid.
+        """
+        super().__init__(**kwargs)
+        include = tuple(include)
+        unknown = [name for name in include if name not in SEGMENTATION_METRICS]
+        if not include or unknown or len(set(include)) != len(include):
+            raise ValueError(
+                f"`include` must be a non-empty selection without repeats from {SEGMENTATION_METRICS}, got {include!r}."
+            )
+        if spacing is not None:
+            spacing_tensor(spacing, 1)  # validate now rather than at the first update
+        if not 0.0 <= percentile <= 100.0:
+            raise ValueError(f"`percentile` must be in [0, 100], got {percentile}.")
+        self.include: tuple[SegmentationMetricName, ...] = include
+        self.spacing = spacing
+        self.drop_nonfinite = drop_nonfinite
+        self.percentile = percentile
+        self.symmetric = symmetric
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        for name in (*include, *_FLAGS):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor, index: Tensor | None = None, spacing: SpacingLike = None) -> None:
+        """Add a batch of images.
+
+        Args:
+            preds: predicted binary masks (B, H, W), bool or integer (nonzero = foreground). Threshold or
+                argmax logits before calling; any H x W works (e.g. masks mapped back to the original size).
+            target: reference masks of the same shape.
+            index: optional integer tensor (B,) of sample indices, stored to map rows of the per-image table
+                to image ids; by default rows are numbered on from the number of images seen so far (pass it
+                explicitly under DDP, where each process would count on its own).
+            spacing: pixel spacing for this batch, overriding the one given at construction: one number,
+                ``(row, column)`` or a tensor (B,) / (B, 2) of per-image spacings.
+
+        Raises:
+            ValueError: on masks of the wrong shape or dtype, or an ``index`` that is not (B,) integers.
+        """
+        batch = preds.shape[0] if preds.ndim > 0 else 0
+        if index is None:
+            seen = sum(int(t.numel()) for t in self._column_list("index"))
+            index = torch.arange(seen, seen + batch, device=preds.device)
+        elif not isinstance(index, Tensor) or index.shape != (batch,) or index.is_floating_point():
+            raise ValueError(
+                f"`index` must be an integer tensor of shape ({batch},) matching the batch of `preds`, got "
+                f"{index.dtype if isinstance(index, Tensor) else type(index).__name__} of shape "
+                f"{tuple(index.shape) if isinstance(index, Tensor) else '?'}."
+            )
+        spacing = self.spacing if spacing is None else spacing
+        values: dict[str, Tensor] = {}
+        if "dice" in self.include:
+            values["dice"] = dice(preds, target)
+        if "iou" in self.include:
+            values["iou"] = iou(preds, target)
+        if "hd95" in self.include or "asd" in self.include:
+            empty: EmptyPolicy = "nan" if self.drop_nonfinite else "worst"
+            distances = surface_distances(
+                preds, target, spacing=spacing, percentile=self.percentile, symmetric=self.symmetric, empty=empty
+            )
+            values["hd95"], values["asd"] = distances.hd, distances.asd
+        # The masks are validated by now. Flags are stored as float 0/1: bool does not gather on every backend.
+        values["empty_pred"] = (~preds.bool().flatten(1).any(dim=1)).float()
+        values["empty_target"] = (~target.bool().flatten(1).any(dim=1)).float()
+        self._column_list("index").append(index.detach().to(device=preds.device, dtype=torch.long))
+        for name in (*self.include, *_FLAGS):
+            self._column_list(name).append(values[name].detach())
+
+    def _column_list(self, name: str) -> list[Tensor]:
+        """One list state (a tensor once synchronised across processes, hence the wrap)."""
+        state = getattr(self, name)
+        return state if isinstance(state, list) else [state]
+
+    def _column(self, name: str) -> Tensor:
+        """One state as a flat tensor (empty before the first update)."""
+        parts = self._column_list(name)
+        if not parts:
+            return torch.zeros(0, dtype=torch.long if name == "index" else torch.float32, device=self.device)
+        return dim_zero_cat(parts)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Reduce over every image seen.
+
+        Returns:
+            A flat dict: for each included metric ``name`` its mean ``name`` and population standard deviation
+            ``name_std`` (over finite values: with ``drop_nonfinite`` HD95 / ASD skip the images that have NaN),
+            plus ``empty_preds`` and ``empty_targets``, the numbers of empty predicted and reference masks.
+        """
+        out: dict[str, Tensor] = {}
+        for name in self.include:
+            values = self._column(name).double()
+            finite = torch.isfinite(values)
+            count = finite.sum()
+            zeroed = torch.where(finite, values, 0.0)
+            mean = zeroed.sum() / count  # NaN when nothing is finite
+            var = torch.where(finite, (values - mean) ** 2, 0.0).sum() / count
+            out[name] = mean.float()
+            out[f"{name}_std"] = var.sqrt().float()
+        out["empty_preds"] = self._column("empty_pred").sum().long()
+        out["empty_targets"] = self._column("empty_target").sum().long()
+        return out
+
+    def per_image(self) -> dict[str, Tensor]:
+        """The per-image table, sorted by sample index, gathered from every process under DDP.
+
+        Returns:
+            Columns of equal length N: ``index`` (int64), one float column per included metric (NaN where
+            ``drop_nonfinite`` dropped a value), ``empty_pred`` and ``empty_target`` (bool). Their finite
+            means equal the means of :meth:`compute`.
+        """
+        with self.sync_context(should_sync=not self._is_synced, should_unsync=True):
+            columns = {name: self._column(name) for name in ("index", *self.include, *_FLAGS)}
+        for name in _FLAGS:
+            columns[name] = columns[name].bool()
+        order = torch.argsort(columns["index"], stable=True)
+        return {name: column[order] for name, column in columns.items()}
+
+    def write_csv(self, path: str | os.PathLike[str], ids: Sequence[str] | None = None) -> Path:
+        """Write the per-image table as CSV, atomically (temporary file in the same folder, then rename).
+
+        Under DDP every process gathers the table; call this on rank zero only.
+
+        Args:
+            path: destination file; missing parent folders are created.
+            ids: optional image ids looked up by sample index (``ids[index]``), written as an ``id`` column.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: if a sample index falls outside ``ids``.
+        """
+        table = self.per_image()
+        index = table["index"].tolist()
+        header = ["index"]
+        names: list[str] = []
+        if ids is not None:
+            bad = [i for i in index if not 0 <= i < len(ids)]
+            if bad:
+                raise ValueError(
+                    f"`ids` has {len(ids)} entries but the table holds sample indices {bad[:5]}; pass one id per "
+                    "sample index of the evaluated dataset."
+                )
+            header.append("id")
+            names = [str(ids[i]) for i in index]
+        header += [*self.include, *_FLAGS]
+        columns = [table[name].tolist() for name in (*self.include, *_FLAGS)]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                for row, sample in enumerate(index):
+                    cells: list[object] = [sample, *([names[row]] if ids is not None else [])]
+                    cells += [int(col[row]) if isinstance(col[row], bool) else col[row] for col in columns]
+                    writer.writerow(cells)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info("Wrote %d per-image rows to %s", len(index), path)
+        return path
