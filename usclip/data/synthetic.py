@@ -241,7 +241,7 @@ def _render_lesion(
         desc["echo"] = "hypoechoic"
     else:
         het = _smooth_noise(rng, hb, wb, 5 * s, 5 * s)
-        lesion = rng.uniform(0.22, 0.38) * ref * np.clip(1 + rng.uniform(0.4, 0.7) * het, 0.15, 2.5)
+        lesion = rng.uniform(0.2, 0.35) * ref * np.clip(1 + rng.uniform(0.35, 0.6) * het, 0.15, 2.5)
         desc["echo"] = "heterogeneous"
     out = echo * (1 - soft) + lesion * soft
     ring = np.clip(cv2.GaussianBlur(soft, (0, 0), 2.5 * s) - soft, 0, 1) * 2
