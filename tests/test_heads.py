@@ -1,0 +1,48 @@
+"""The paper's heads: shapes, fusion, and the conv/up-sampling commutation they rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from usclip.models.heads import ClassificationHead, FeatureReducer, SegmentationHead
+
+
+def feats(b=2, c=(8, 8, 8), h=4, w=5):
+    torch.manual_seed(0)
+    return [torch.randn(b, ci, h, w) for ci in c]
+
+
+@pytest.mark.parametrize(("fusion", "channels"), [("concat", 3 * 6), ("sum", 6)])
+def test_reducer_fusion(fusion, channels):
+    red = FeatureReducer([8, 8, 8], embed_dim=6, fusion=fusion)
+    out = red(feats())
+    assert red.out_channels == channels and out.shape == (2, channels, 4, 5)
+    maps = [p(f) for p, f in zip(red.proj, feats(), strict=True)]
+    expected = torch.cat(maps, 1) if fusion == "concat" else sum(maps)
+    torch.testing.assert_close(out, expected)
+
+
+def test_reducer_errors():
+    with pytest.raises(ValueError, match="fusion"):
+        FeatureReducer([8], fusion="mean")
+    with pytest.raises(ValueError, match="expected 3 feature maps, got 2"):
+        FeatureReducer([8, 8, 8])(feats()[:2])
+
+
+def test_segmentation_head_equals_upsample_then_conv():
+    head = SegmentationHead([8, 8, 8], num_classes=3, embed_dim=6)
+    out = head(feats(), size=(16, 20))
+    assert out.shape == (2, 3, 16, 20)
+    # the paper's order (up-sample the fused features, then 1x1 conv) gives the same logits
+    fused = F.interpolate(head.reduce(feats()), size=(16, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, head.classifier(fused), atol=1e-5, rtol=1e-5)
+
+
+def test_classification_head_pools_cam():
+    head = ClassificationHead([8, 8, 8], num_classes=2, embed_dim=6)
+    logits, cam = head(feats(), size=(16, 20), return_cam=True)
+    assert logits.shape == (2, 2) and cam.shape == (2, 2, 16, 20)
+    torch.testing.assert_close(logits, cam.mean(dim=(2, 3)))
+    assert sum(p.numel() for p in head.parameters()) == 3 * (8 * 6 + 6) + (18 * 2 + 2)

@@ -1,0 +1,37 @@
+"""The ``usclip`` command: a thin LightningCLI shell over the library (no logic, no defaults here).
+
+``usclip fit|validate|test|predict --config configs/<name>.yaml``; the YAML's ``class_path`` picks the task and the
+DataModule (subclass mode for both, like torchgeo's CLI).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from usclip.data.datamodules import BaseDataModule
+from usclip.tasks.base import BaseTask
+
+
+class UsclipCLI(LightningCLI):
+    """LightningCLI with usclip's argument links: ``image_size`` and ``num_classes`` are written once, in ``data``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
+        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+
+def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
+    """Run the ``usclip`` command line (``args=None`` reads ``sys.argv``; ``run=False`` only instantiates)."""
+    return UsclipCLI(
+        BaseTask,
+        BaseDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""BaseTask: the LightningModule shared by the segmentation and classification tasks.
+
+``__init__`` saves hyperparameters, then calls ``configure_model``, ``configure_losses`` and ``configure_metrics``
+(the torchgeo trainer pattern). Images arrive in [0, 1] and are normalised here, on the device, with the
+encoder's own mean and std. Only trainable parameters (adapters and head) go to the optimiser: AdamW with the
+paper's betas (0.9, 0.95) and weight decay 1e-2, and a cosine schedule with optional linear warm-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+
+from usclip.models import CLIPEncoder
+
+log = logging.getLogger(__name__)
+
+
+class EncoderArgs(TypedDict, total=False):
+    """Arguments of :class:`usclip.models.CLIPEncoder`, as written under ``model.init_args.encoder`` in YAML."""
+
+    model_name: str
+    pretrained: str | None
+    adapter: Literal["mona", "lora"] | None
+    adapter_kwargs: dict[str, Any] | None
+    adapter_checkpoint: str | None
+    layers: list[int]
+    quick_gelu: bool | None
+    allow_unsafe_torchscript: bool
+    grad_checkpointing: bool
+
+
+class BaseTask(L.LightningModule):
+    """Common training logic; subclasses define the head, the loss and the metrics.
+
+    Args:
+        encoder: :class:`usclip.models.CLIPEncoder` arguments (model, weights, adapter, blocks).
+        num_classes: output classes (linked from the DataModule by the CLI).
+        image_size: input side length (linked from the DataModule by the CLI).
+        embed_dim: width each selected block is projected to before fusion (512, CLIP ViT-B/16's embedding width).
+        fusion: how projected block features are fused: ``concat`` (the paper) or ``sum``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        early_stopping_patience: stop after this many validation epochs without improvement; ``None`` never stops.
+        save_frozen_backbone: store the frozen encoder weights in checkpoints. ``None`` (auto) stores them only for
+            random initialisation (``pretrained: null``), which cannot be rebuilt; pretrained weights are reloaded from
+            their source and checked against a fingerprint instead, so checkpoints hold adapters and head only.
+    """
+
+    #: metric name that selects the best checkpoint, and its direction
+    monitor: str = "val_loss"
+    monitor_mode: Literal["min", "max"] = "min"
+
+    def __init__(
+        self,
+        encoder: EncoderArgs | None = None,
+        num_classes: int = 2,
+        image_size: int = 224,
+        embed_dim: int = 512,
+        fusion: Literal["concat", "sum"] = "concat",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        early_stopping_patience: int | None = None,
+        save_frozen_backbone: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(
+                f"num_classes must be at least 2 (background/benign and lesion/malignant), got {num_classes}"
+            )
+        self.save_hyperparameters()
+        self.encoder_args: dict[str, Any] = dict(encoder or {})
+        self.configure_model()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # ----------------------------------------------------------------- construction
+    def configure_model(self) -> None:
+        """Build the encoder (frozen, with adapters) and the head."""
+        self.encoder = CLIPEncoder(image_size=self.hparams["image_size"], **self.encoder_args)
+        self.pixel_mean: torch.Tensor
+        self.pixel_std: torch.Tensor
+        self.register_buffer("pixel_mean", torch.tensor(self.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.encoder.image_std).view(1, 3, 1, 1), persistent=False)
+        self.head = self.build_head()
+        n_head = sum(p.numel() for p in self.head.parameters())
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.parameters())
+        log.info(
+            "%s: head %s params; trainable %s of %s (%.2f%%)",
+            type(self).__name__,
+            f"{n_head:,}",
+            f"{n_train:,}",
+            f"{n_all:,}",
+            100.0 * n_train / max(n_all, 1),
+        )
+
+    def build_head(self) -> nn.Module:
+        """Return the task head; implemented by subclasses."""
+        raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        """Set ``self.criterion``; implemented by subclasses."""
+        raise NotImplementedError
+
+    def configure_metrics(self) -> None:
+        """Set per-stage metrics; implemented by subclasses."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- forward
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise ``[0, 1]`` images with the encoder's mean and std."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features of ``[0, 1]`` images ``(B, 3, H, W)``."""
+        return self.encoder(self.normalize(images))
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        """AdamW over trainable parameters with linear warm-up and cosine decay per step."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: the encoder is frozen and the head has none")
+        opt = torch.optim.AdamW(
+            params, lr=self.hparams["lr"], betas=tuple(self.hparams["betas"]), weight_decay=self.hparams["weight_decay"]
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams["warmup_steps"], total - 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Best and last checkpoints by the task's monitor, plus optional early stopping."""
+        callbacks: list[Callback] = [
+            ModelCheckpoint(
+                monitor=self.monitor,
+                mode=self.monitor_mode,
+                filename="best",
+                save_last=True,
+                auto_insert_metric_name=False,
+            )
+        ]
+        if self.hparams["early_stopping_patience"] is not None:
+            callbacks.append(
+                EarlyStopping(
+                    monitor=self.monitor, mode=self.monitor_mode, patience=self.hparams["early_stopping_patience"]
+                )
+            )
+        return callbacks
+
+    # ----------------------------------------------------------------- checkpoints without the frozen backbone
+    def _frozen_keys(self) -> list[str]:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return [k for k in self.state_dict() if k.startswith("encoder.") and k not in trainable]
+
+    def _frozen_fingerprint(self) -> str:
+        state = self.state_dict()
+        h = hashlib.sha256()
+        for k in self._frozen_keys():
+            t = state[k].detach().float().flatten()
+            h.update(k.encode())
+            h.update(t[:: max(1, t.numel() // 64)].cpu().numpy().tobytes())  # a strided sample is enough to detect
+        return h.hexdigest()
+
+    def _keep_backbone(self) -> bool:
+        flag = self.hparams["save_frozen_backbone"]
+        return self.encoder_args.get("pretrained") is None if flag is None else bool(flag)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen, reloadable backbone from the checkpoint; record its fingerprint."""
+        if self._keep_backbone():
+            return
+        for k in self._frozen_keys():
+            checkpoint["state_dict"].pop(k, None)
+        checkpoint["usclip_frozen_backbone"] = {"fingerprint": self._frozen_fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refill the frozen backbone from the freshly built encoder after checking it is the same one."""
+        info = checkpoint.get("usclip_frozen_backbone")
+        if info is None:
+            return
+        if info["fingerprint"] != self._frozen_fingerprint():
+            raise RuntimeError(
+                "the checkpoint was trained on a different frozen backbone than the one built from "
+                f"encoder={self.encoder_args}: set model.encoder.model_name/pretrained to the training run's values"
+            )
+        state = self.state_dict()
+        for k in self._frozen_keys():
+            checkpoint["state_dict"].setdefault(k, state[k])
+
+    # ----------------------------------------------------------------- run directory
+    @property
+    def run_dir(self) -> Path | None:
+        """The trainer's log directory (``runs/<name>/version_<n>``): config, checkpoints, splits and results."""
+        trainer = self._trainer
+        return Path(trainer.log_dir) if trainer is not None and trainer.log_dir is not None else None

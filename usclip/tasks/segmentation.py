@@ -1,0 +1,186 @@
+"""SegmentationTask: lesion segmentation with the paper's head and MONAI's Dice + cross-entropy loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+
+from usclip.data.datasets import load_grayscale
+from usclip.data.splits import write_text_atomic
+from usclip.metrics import SegmentationMetrics
+from usclip.models.heads import SegmentationHead
+from usclip.tasks.base import BaseTask, EncoderArgs
+from usclip.visualize import overlay, save_png
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationTask(BaseTask):
+    """Segment the lesion with a frozen CLIP encoder, adapters and the paper's light head.
+
+    Metrics (val and test): Dice, IoU, HD95 and ASD per image, averaged (see ``docs/metrics.md``); the best
+    checkpoint is the one with the highest ``val_dice``. ``usclip test`` writes ``results/test_metrics.json``, the
+    per-image table ``results/test_per_image.csv`` and overlays into the run directory; ``usclip predict`` writes
+    masks at each image's original size and overlays.
+
+    Args:
+        encoder: :class:`usclip.models.CLIPEncoder` arguments (model, weights, adapter, blocks).
+        num_classes: output classes including background (linked from the DataModule).
+        image_size: input side length (linked from the DataModule).
+        embed_dim: projection width of each selected block (512 for ViT-B/16).
+        fusion: ``concat`` (the paper) or ``sum``.
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        num_overlays: test images written as overlay pictures.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        early_stopping_patience: validation epochs without improvement before stopping; ``None`` never stops.
+        save_frozen_backbone: see :class:`BaseTask`.
+    """
+
+    monitor = "val_dice"
+    monitor_mode: Literal["min", "max"] = "max"
+
+    def __init__(
+        self,
+        encoder: EncoderArgs | None = None,
+        num_classes: int = 2,
+        image_size: int = 224,
+        embed_dim: int = 512,
+        fusion: Literal["concat", "sum"] = "concat",
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        num_overlays: int = 8,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        early_stopping_patience: int | None = None,
+        save_frozen_backbone: bool | None = None,
+    ) -> None:
+        super().__init__(
+            encoder=encoder,
+            num_classes=num_classes,
+            image_size=image_size,
+            embed_dim=embed_dim,
+            fusion=fusion,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=betas,
+            warmup_steps=warmup_steps,
+            early_stopping_patience=early_stopping_patience,
+            save_frozen_backbone=save_frozen_backbone,
+        )
+
+    def build_head(self) -> nn.Module:  # noqa: D102
+        return SegmentationHead(
+            self.encoder.out_channels, self.hparams["num_classes"], self.hparams["embed_dim"], self.hparams["fusion"]
+        )
+
+    def configure_losses(self) -> None:  # noqa: D102
+        self.criterion = DiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            lambda_dice=self.hparams["lambda_dice"],
+            lambda_ce=self.hparams["lambda_ce"],
+        )
+
+    def configure_metrics(self) -> None:  # noqa: D102
+        self.val_metrics = SegmentationMetrics()
+        self.test_metrics = SegmentationMetrics()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` for ``[0, 1]`` images ``(B, 3, H, W)``."""
+        return self.head(self.features(images), size=images.shape[-2:])
+
+    def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits.float(), mask.unsqueeze(1))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        loss = self._loss(self(batch["image"]), batch["mask"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch["mask"])
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", batch_size=logits.shape[0])
+        pred = logits.argmax(1)
+        metrics.update(pred > 0, batch["mask"] > 0, index=batch["index"])
+        return pred
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_metrics(self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        pred = self._eval_step(batch, self.test_metrics, "test")
+        self._write_test_overlays(batch, pred)
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        values = self._log_metrics(self.test_metrics, "test")
+        out = self.run_dir
+        if out is None or not self.trainer.is_global_zero:
+            self.test_metrics.reset()
+            return
+        dataset = self.trainer.test_dataloaders.dataset  # type: ignore[union-attr]
+        table = self.test_metrics.per_image()
+        ids = [dataset.ids[int(i)] for i in table["index"]]
+        self.test_metrics.write_csv(out / "results" / "test_per_image.csv", ids=ids)
+        summary = {k: float(v) for k, v in values.items()} | {"num_images": len(ids)}
+        write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
+        log.info("test results written to %s", out / "results")
+        self.test_metrics.reset()
+
+    def _log_metrics(self, metrics: SegmentationMetrics, stage: str) -> dict[str, torch.Tensor]:
+        values = metrics.compute()
+        self.log(f"{stage}_dice", values["dice"].float(), prog_bar=stage == "val")
+        self.log_dict({f"{stage}_{k}": v.float() for k, v in values.items() if k != "dice"})
+        if stage == "val":
+            metrics.reset()
+        return values
+
+    def _write_test_overlays(self, batch: dict[str, Any], pred: torch.Tensor) -> None:
+        out = self.run_dir
+        if out is None or not self.trainer.is_global_zero:
+            return
+        seen = int(batch["index"].min())
+        for j in range(pred.shape[0]):
+            if seen + j >= self.hparams["num_overlays"]:
+                break
+            image = (batch["image"][j, 0].float().cpu().numpy() * 255).round().astype(np.uint8)
+            picture = overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy())
+            save_png(picture, out / "overlays" / f"{batch['id'][j]}.png")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Write lesion masks at each image's original size to ``<run dir>/predictions``.
+
+        Returns one small record per image (id, original size, lesion pixel count), not the masks, so a long
+        prediction run keeps flat memory.
+        """
+        logits = self(batch["image"])
+        results = []
+        out = self.run_dir
+        dataset = self.trainer.predict_dataloaders.dataset  # type: ignore[union-attr]
+        for j in range(logits.shape[0]):
+            h, w = (int(v) for v in batch["orig_size"][j])
+            # resize the logits, not the hard mask, back to the file's size: smoother boundaries
+            full = F.interpolate(logits[j : j + 1].float(), size=(h, w), mode="bilinear", align_corners=False)
+            mask = (full.argmax(1)[0] > 0).cpu().numpy()
+            results.append({"id": batch["id"][j], "size": (h, w), "lesion_pixels": int(mask.sum())})
+            if out is not None:
+                save_png((mask * 255).astype(np.uint8), out / "predictions" / "masks" / f"{batch['id'][j]}.png")
+                original = load_grayscale(dataset.image_paths[int(batch["index"][j])])
+                save_png(overlay(original, mask), out / "predictions" / "overlays" / f"{batch['id'][j]}.png")
+        return results
