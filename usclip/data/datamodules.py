@@ -133,7 +133,7 @@ class BaseDataModule(L.LightningDataModule):
             return {s: read_split_file(p) for s, p in predefined.items()}
         groups_path = self.root / "groups.csv"
         groups = read_csv_column(groups_path, "group") if groups_path.is_file() else None
-        fractions = list(self.hparams.split_fractions)
+        fractions = list(self.hparams["split_fractions"])
         held: list[str] = []
         if "test" in predefined:  # predefined test set; the rest split train:val in the remaining proportion
             held = read_split_file(predefined["test"])
@@ -142,7 +142,7 @@ class BaseDataModule(L.LightningDataModule):
                 raise ValueError(f"{predefined['test']} names ids without an image: {unknown[:5]}")
             ids = [i for i in ids if i not in set(held)]
             fractions[2] = 0.0
-        splits = split_ids(ids, fractions, seed=self.hparams.split_seed, groups=groups, labels=self._labels)
+        splits = split_ids(ids, fractions, seed=self.hparams["split_seed"], groups=groups, labels=self._labels)
         if held:
             splits["test"] = sorted(held)
         return splits
@@ -159,10 +159,10 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"data.root is required for {stage!r}; only test/predict can run on test_root alone")
 
     def _subsample_train(self) -> None:
-        frac = self.hparams.train_fraction
+        frac = self.hparams["train_fraction"]
         if frac < 1.0:
             train = self.splits["train"]
-            rng = np.random.default_rng(self.hparams.split_seed)
+            rng = np.random.default_rng(self.hparams["split_seed"])
             keep = max(1, round(frac * len(train)))
             self.splits["train"] = sorted(rng.choice(train, size=keep, replace=False).tolist())
             log.info("train_fraction=%s: using %d of %d training images", frac, keep, len(train))
@@ -170,7 +170,7 @@ class BaseDataModule(L.LightningDataModule):
     def _write_split_files(self) -> None:
         trainer = getattr(self, "trainer", None)
         log_dir = trainer.log_dir if trainer is not None else None
-        if log_dir is not None and trainer.is_global_zero:
+        if trainer is not None and log_dir is not None and trainer.is_global_zero:
             write_splits(self.splits, Path(log_dir) / "splits")
 
     # ----------------------------------------------------------------- checkpointed state
