@@ -1,0 +1,301 @@
+"""Mona: multi-cognitive visual adapter, inserted after the residual sums of transformer blocks.
+
+Yin et al., "5%>100%: Breaking Performance Shackles of Full Fine-Tuning on Visual Recognition Tasks", CVPR 2025
+(arXiv:2408.08345; reference code github.com/Leiyi-Hu/mona). One Mona module computes, on tokens ``x`` (B, L, C)::
+
+    z = LN(x) * gamma + x * gammax                 # gamma = 1e-6, gammax = 1 at init
+    h = down(z)                                    # C -> 64
+    h_patch = (dw3(h) + dw5(h) + dw7(h)) / 3 + h   # depth-wise 3x3, 5x5, 7x7 on the 2-D patch grid
+    h_patch = conv1x1(h_patch) + h_patch
+    out = x + up(dropout(gelu(h)))                 # 64 -> C
+
+Only the patch tokens go through the convolutions, on their ``(gh, gw)`` grid; the class (prefix) tokens skip
+them. The grid is taken from the token count of the actual input (with the tower's grid as a hint for
+non-square inputs), not from a constant. Parameter names follow the reference code (``project1``,
+``adapter_conv.conv1``...), so its checkpoints map one to one.
+
+**Placement.** ``MonaConfig.placement`` puts Mona after the attention residual (``"attn"``), after the MLP
+residual (``"mlp"``) or after both (``"both"``, as Yin et al. do in Swin). The default is ``"mlp"``: the
+published code of the paper usclip reproduces (Qu et al., arXiv:2506.08849) inserts one Mona per CLIP block,
+after the MLP residual, and the paper's numbers come from that setting; ``"both"`` doubles the adapter
+parameters.
+
+**Initialisation.** ``init="mona"`` (default) keeps the reference initialisation: PyTorch's default for the
+linear and convolution layers, so the adapted model is *not* an identity at init (the up-projection adds a
+small random term). This is what both papers trained with. ``init="zero"`` zeroes the up-projection instead:
+the model starts exactly at the pretrained one (like LoRA), and the other Mona weights receive gradients from
+the second step on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usclip.adapters._inject import AdapterConfig, AdapterLayer, InjectContext
+
+_PLACEMENTS = ("attn", "mlp", "both")
+_INITS = ("mona", "zero")
+# open_clip 3.3 ResidualAttentionBlock and timm Block attributes re-composed by the wrappers below.
+OPEN_CLIP_BLOCK_ATTRS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
+TIMM_BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+@dataclass(kw_only=True)
+class MonaConfig(AdapterConfig):
+    """Mona hyperparameters.
+
+    By default Mona wraps every transformer block: ``resblocks.{i}`` (open_clip) or ``blocks.{i}`` (timm trunks).
+
+    Args:
+        hidden_dim: width of the down-projection (64 in the paper).
+        placement: ``"mlp"`` (default, the published CLIP code), ``"attn"`` or ``"both"`` (original Mona).
+        dropout: dropout before the up-projection (0.1 in the reference code).
+        init: ``"mona"`` (reference init, not an identity) or ``"zero"`` (zero up-projection, identity at init).
+        target_modules: see :class:`~usclip.adapters.AdapterConfig`.
+        blocks: see :class:`~usclip.adapters.AdapterConfig`.
+    """
+
+    hidden_dim: int = 64
+    placement: Literal["attn", "mlp", "both"] = "mlp"
+    dropout: float = 0.1
+    init: Literal["mona", "zero"] = "mona"
+
+    name: ClassVar[str] = "mona"
+    structural_fields: ClassVar[tuple[str, ...]] = ("hidden_dim", "placement")
+
+    def __post_init__(self) -> None:
+        """Validate the hyperparameters."""
+        super().__post_init__()
+        if isinstance(self.hidden_dim, bool) or not isinstance(self.hidden_dim, int) or self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim={self.hidden_dim!r} must be a positive int, e.g. 64")
+        if self.placement not in _PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r} must be one of {_PLACEMENTS}; the default is 'mlp'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1), e.g. 0.1")
+        if self.init not in _INITS:
+            raise ValueError(f"init={self.init!r} must be one of {_INITS}")
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        """Residual sums followed by a Mona module: ``("mlp",)``, ``("attn",)`` or ``("attn", "mlp")``."""
+        return ("attn", "mlp") if self.placement == "both" else (self.placement,)
+
+    def default_target_modules(self) -> str:
+        """Every open_clip ``resblocks.{i}`` and timm ``blocks.{i}``."""
+        return r"(?:.*\.)?(?:resblocks|blocks)\.\d+"
+
+    def wrap(self, name: str, module: nn.Module, parent: nn.Module, context: InjectContext) -> nn.Module:
+        """Wrap an open_clip ``ResidualAttentionBlock`` or a timm ``Block``.
+
+        Raises:
+            TypeError: ``module`` is another kind of block.
+        """
+        if all(hasattr(module, a) for a in OPEN_CLIP_BLOCK_ATTRS) and isinstance(module.attn, nn.MultiheadAttention):
+            return MonaBlock(module, self, context)
+        if all(hasattr(module, a) for a in TIMM_BLOCK_ATTRS) and hasattr(module.mlp, "fc1"):
+            return MonaTimmBlock(module, self, context)
+        raise TypeError(
+            f"Mona cannot wrap {name!r} of type {type(module).__name__}: expected an open_clip ResidualAttentionBlock "
+            f"(attributes {OPEN_CLIP_BLOCK_ATTRS}, attn an nn.MultiheadAttention) or a timm Block "
+            f"(attributes {TIMM_BLOCK_ATTRS}). Fix target_modules."
+        )
+
+
+class MonaOp(nn.Module):
+    """Multi-scale depth-wise convolutions on the patch grid: ``y = P(m) + m``, ``m = mean(dw3, dw5, dw7)(x) + x``.
+
+    Args:
+        dim: channels (Mona's hidden width).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
+        self.conv3 = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.projector = nn.Conv2d(dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, gh, gw) -> (B, C, gh, gw)``.
+
+        Computes the reference function with two convolutions instead of four: the three depth-wise convs share
+        the "same" padding, so their mean plus ``x`` is one 7x7 depth-wise conv whose kernel is the mean of the
+        zero-padded kernels plus a 1 at the centre; ``P(m) + m`` is one 1x1 conv with weight ``P + I``.
+        """
+        dim = x.shape[1]
+        kernel = (
+            F.pad(self.conv1.weight, (2, 2, 2, 2)) + F.pad(self.conv2.weight, (1, 1, 1, 1)) + self.conv3.weight
+        ) / 3
+        centre = kernel.new_zeros(7, 7)
+        centre[3, 3] = 1.0
+        bias = (self.conv1.bias + self.conv2.bias + self.conv3.bias) / 3  # type: ignore[operator]
+        m = F.conv2d(x, kernel + centre, bias, padding=3, groups=dim)
+        eye = torch.eye(dim, dtype=x.dtype, device=x.device).view(dim, dim, 1, 1)
+        return F.conv2d(m, self.projector.weight + eye, self.projector.bias)
+
+
+class Mona(nn.Module):
+    """One Mona module on a token sequence ``(B, L, C)`` whose first ``num_prefix_tokens`` skip the convolutions.
+
+    Args:
+        dim: token width ``C``.
+        hidden_dim: down-projection width.
+        dropout: dropout before the up-projection.
+        init: ``"mona"`` (reference) or ``"zero"`` (zero up-projection, identity at init).
+        num_prefix_tokens: leading class/register tokens.
+        grid_size: the tower's patch grid, used when it matches the token count (non-square inputs).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int = 64,
+        dropout: float = 0.1,
+        init: str = "mona",
+        num_prefix_tokens: int = 1,
+        grid_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = grid_size
+        self.norm = nn.LayerNorm(dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+        self.gammax = nn.Parameter(torch.ones(dim))
+        self.project1 = nn.Linear(dim, hidden_dim)
+        self.adapter_conv = MonaOp(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.project2 = nn.Linear(hidden_dim, dim)
+        if init == "zero":
+            nn.init.zeros_(self.project2.weight)
+            nn.init.zeros_(self.project2.bias)
+
+    def extra_repr(self) -> str:
+        """Prefix tokens and grid hint in ``print(model)``."""
+        return f"num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
+
+    def _grid(self, num_patches: int) -> tuple[int, int]:
+        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == num_patches:
+            return self.grid_size
+        side = math.isqrt(num_patches)
+        if side * side == num_patches:
+            return side, side
+        raise ValueError(
+            f"Mona got {num_patches} patch tokens (after {self.num_prefix_tokens} prefix tokens), which is neither "
+            f"the tower's grid {self.grid_size} nor a square; feed images of the size the encoder was built for"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C) -> (B, L, C)``."""
+        identity = x
+        # LN(x) * gamma + x * gammax, with gamma folded into the LayerNorm affine: two passes over x instead of four.
+        z = F.layer_norm(
+            x, self.norm.normalized_shape, self.norm.weight * self.gamma, self.norm.bias * self.gamma, self.norm.eps
+        )
+        z = torch.addcmul(z, x, self.gammax)
+        h = self.project1(z)  # (B, L, D)
+        bsz, length, dim = h.shape
+        p = self.num_prefix_tokens
+        gh, gw = self._grid(length - p)
+        patches = h[:, p:].transpose(1, 2).reshape(bsz, dim, gh, gw)  # (B, N, D) -> (B, D, gh, gw), a view
+        patches = self.adapter_conv(patches).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+        h = torch.cat([h[:, :p], patches], dim=1) if p else patches
+        return identity + self.project2(self.dropout(F.gelu(h)))
+
+
+class _MonaWrapper(AdapterLayer):
+    """Creates ``mona_attn`` / ``mona_mlp`` for the configured placements."""
+
+    mona_attn: Mona | None
+    mona_mlp: Mona | None
+
+    def __init__(self, base_layer: nn.Module, config: MonaConfig, context: InjectContext, dim: int) -> None:
+        super().__init__(base_layer, config)
+
+        def make() -> Mona:
+            return Mona(
+                dim,
+                config.hidden_dim,
+                config.dropout,
+                config.init,
+                context.num_prefix_tokens,
+                context.grid_size,
+            ).to(next(base_layer.parameters()))
+
+        self.mona_attn = make() if "attn" in config.placements else None
+        self.mona_mlp = make() if "mlp" in config.placements else None
+
+
+class MonaBlock(_MonaWrapper):
+    """Open_clip ``ResidualAttentionBlock`` with Mona after the attention and/or MLP residual.
+
+    Re-composes the wrapped block's own submodules (``ln_1``, ``attn``, ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``) and
+    keeps its signature ``(q_x, k_x=None, v_x=None, attn_mask=None)``, which open_clip calls positionally under
+    gradient checkpointing.
+
+    Args:
+        base_layer: the block (batch-first attention).
+        config: Mona hyperparameters.
+        context: prefix-token count and patch grid of the tower.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: MonaConfig, context: InjectContext) -> None:
+        blk: Any = base_layer
+        if not getattr(blk.attn, "batch_first", False):
+            raise ValueError("MonaBlock needs a batch-first attention block (open_clip >= 2.24 vision towers)")
+        super().__init__(base_layer, config, context, int(blk.mlp.c_fc.in_features))
+
+    def forward(
+        self,
+        q_x: torch.Tensor,
+        k_x: torch.Tensor | None = None,
+        v_x: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, L, C) -> (B, L, C)``, as ``ResidualAttentionBlock.forward`` plus Mona."""
+        b: Any = self.base_layer
+        cross = hasattr(b, "ln_1_kv")
+        k_x = b.ln_1_kv(k_x) if cross and k_x is not None else None
+        v_x = b.ln_1_kv(v_x) if cross and v_x is not None else None
+        x = q_x + b.ls_1(b.attention(q_x=b.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
+        if self.mona_attn is not None:
+            x = self.mona_attn(x)
+        x = x + b.ls_2(b.mlp(b.ln_2(x)))
+        if self.mona_mlp is not None:
+            x = self.mona_mlp(x)
+        return x
+
+
+class MonaTimmBlock(_MonaWrapper):
+    """Timm ``Block`` (BiomedCLIP's trunk) with Mona after the attention and/or MLP residual.
+
+    Keeps timm's signature ``(x, attn_mask=None, is_causal=False)``.
+
+    Args:
+        base_layer: the block.
+        config: Mona hyperparameters.
+        context: prefix-token count and patch grid of the tower.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: MonaConfig, context: InjectContext) -> None:
+        blk: Any = base_layer
+        super().__init__(base_layer, config, context, int(blk.mlp.fc1.in_features))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``(B, L, C) -> (B, L, C)``, as timm ``Block.forward`` plus Mona."""
+        b: Any = self.base_layer
+        h = b.norm1(x)
+        # Older timm attention takes no mask arguments; pass them only when used.
+        a = b.attn(h) if attn_mask is None and not is_causal else b.attn(h, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + b.drop_path1(b.ls1(a))
+        if self.mona_attn is not None:
+            x = self.mona_attn(x)
+        x = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+        if self.mona_mlp is not None:
+            x = self.mona_mlp(x)
+        return x
