@@ -1,0 +1,520 @@
+"""Adapter invariants (STYLE.md section 6): one CASES table, checked on the tiny encoder and on ViT-B-16."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import usclip.models  # noqa: F401  (registers usclip-test-vit)
+from usclip.adapters import (
+    ADAPTERS,
+    LoraConfig,
+    LoraLinear,
+    LoraMultiheadAttention,
+    Mona,
+    MonaBlock,
+    MonaConfig,
+    adapter_parameter_names,
+    build_adapter_config,
+    count_parameters,
+    inject_adapters,
+    list_adapters,
+    load_adapters,
+    merge_adapters,
+    parameter_report,
+    read_adapter_metadata,
+    save_adapters,
+    unmerge_adapters,
+)
+from usclip.adapters.mona import OPEN_CLIP_BLOCK_ATTRS
+from usclip.models import CLIPEncoder
+
+TINY = "usclip-test-vit"
+LAYERS = (1, 3)  # keeps all 4 blocks of the tiny tower
+
+# (id, adapter, adapter_kwargs, wrapped modules, wrapper type, exact identity at init)
+CASES = [
+    ("lora-qkv", "lora", {}, 4, LoraMultiheadAttention, True),
+    (
+        "lora-qv-out-dropout",
+        "lora",
+        {"attn_targets": ["q", "v", "out"], "dropout": 0.1},
+        4,
+        LoraMultiheadAttention,
+        True,
+    ),
+    ("lora-blocks", "lora", {"blocks": [0, 2]}, 2, LoraMultiheadAttention, True),
+    ("lora-regex", "lora", {"target_modules": r"transformer\.resblocks\.[13]\.attn"}, 2, LoraMultiheadAttention, True),
+    ("lora-mlp-linear", "lora", {"target_modules": ["mlp.c_fc", "mlp.c_proj"]}, 8, LoraLinear, True),
+    ("mona-mlp", "mona", {}, 4, MonaBlock, False),
+    ("mona-attn-blocks", "mona", {"placement": "attn", "blocks": [1, 3]}, 2, MonaBlock, False),
+    ("mona-both-zero", "mona", {"placement": "both", "init": "zero"}, 4, MonaBlock, True),
+]
+LORA_CASES = [c for c in CASES if c[1] == "lora"]
+
+
+def _encoder(adapter=None, kwargs=None, seed=0, model=TINY, layers=LAYERS, **kw):
+    torch.manual_seed(seed)  # same seed -> same backbone; adapters are drawn after it
+    return CLIPEncoder(model, layers=layers, adapter=adapter, adapter_kwargs=kwargs, **kw)
+
+
+def _images(n=2, size=64, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def _adapter_params(model):
+    names = set(adapter_parameter_names(model))
+    return {n: p for n, p in model.named_parameters() if n in names}
+
+
+@torch.no_grad()
+def _perturb(params, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    return _encoder()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return _images()
+
+
+# ----------------------------------------------------------------------------------------------- CASES invariants
+@pytest.mark.parametrize(
+    ("case", "adapter", "kwargs", "count", "wrapper", "identity"), CASES, ids=[c[0] for c in CASES]
+)
+class TestCases:
+    def test_replacement_count_and_visibility(self, case, adapter, kwargs, count, wrapper, identity):
+        enc = _encoder(adapter, kwargs)
+        assert len(enc.targeted_module_names) == count
+        wrapped = [m for m in enc.modules() if isinstance(m, wrapper)]
+        assert len(wrapped) == count
+        assert wrapper.__name__ in repr(enc)
+        if adapter == "mona":
+            placements = {"mlp": 1, "attn": 1, "both": 2}[kwargs.get("placement", "mlp")]
+            assert sum(isinstance(m, Mona) for m in enc.modules()) == count * placements
+
+    def test_init_identity(self, case, adapter, kwargs, count, wrapper, identity, tiny_base, images):
+        enc = _encoder(adapter, kwargs)
+        base = copy.deepcopy(tiny_base)
+        # train mode: nn.MultiheadAttention then takes the same path as the LoRA wrapper (its fused inference
+        # fast path differs from its own slow path by ~1e-7); no dropout is active on the frozen path.
+        base.train(), enc.train()
+        diff = _max_diff(base(images), enc(images))
+        if identity:
+            assert diff == 0.0
+        else:
+            assert diff > 1e-4  # Mona's reference init is not an identity
+        base.eval(), enc.eval()
+        with torch.no_grad():
+            assert _max_diff(base(images), enc(images)) < (1e-5 if identity else float("inf"))
+
+    def test_each_adapter_changes_output(self, case, adapter, kwargs, count, wrapper, identity, images):
+        enc = _encoder(adapter, kwargs).eval()
+        with torch.no_grad():
+            ref = enc(images)
+            for name in enc.targeted_module_names:
+                layer = copy.deepcopy(enc.get_submodule(name))
+                orig = enc.get_submodule(name)
+                _perturb([p for n, p in orig.named_parameters() if not n.startswith("base_layer.")])
+                assert _max_diff(ref, enc(images)) > 1e-6, f"adapter at {name} is ignored"
+                parent, _, child = name.rpartition(".")
+                setattr(enc.get_submodule(parent), child, layer)
+
+    def test_only_adapters_and_head_train(self, case, adapter, kwargs, count, wrapper, identity, images):
+        enc = _encoder(adapter, kwargs).train()
+        head = nn.Conv2d(sum(enc.out_channels), 2, 1)
+        adapters = _adapter_params(enc)
+        assert adapters and {n for n, p in enc.named_parameters() if p.requires_grad} == set(adapters)
+        frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if n not in adapters}
+        head_before = [p.detach().clone() for p in head.parameters()]
+        params = [p for p in [*enc.parameters(), *head.parameters()] if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.5)
+        target = torch.randint(0, 2, (images.shape[0], 4, 4))
+        got_grad = dict.fromkeys(adapters, False)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(head(torch.cat(enc(images), dim=1)), target)
+            loss.backward()
+            for n, p in adapters.items():
+                got_grad[n] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+            opt.step()
+        assert all(got_grad.values()), [n for n, ok in got_grad.items() if not ok]
+        for n, p in enc.named_parameters():
+            if n in frozen:
+                assert p.grad is None and torch.equal(p, frozen[n]), n
+        assert all(not torch.equal(a, b) for a, b in zip(head_before, head.parameters(), strict=True))
+
+    def test_parameter_names_prefixed(self, case, adapter, kwargs, count, wrapper, identity):
+        enc = _encoder(adapter, kwargs)
+        names = adapter_parameter_names(enc)
+        assert names
+        assert all(any(part.startswith(f"{adapter}_") for part in n.split(".")) for n in names)
+        assert set(enc.adapter_state_dict()) == set(names)  # no adapter buffers in these configs
+
+    def test_save_load_round_trip(self, case, adapter, kwargs, count, wrapper, identity, images, tmp_path):
+        enc = _encoder(adapter, kwargs).eval()
+        _perturb(_adapter_params(enc).values())
+        path = tmp_path / "adapters.safetensors"
+        save_adapters(enc, path)
+        assert [p.name for p in tmp_path.iterdir()] == ["adapters.safetensors"]  # no temp file left
+        other = _encoder(adapter, kwargs, seed=0).eval()
+        torch.manual_seed(5)
+        _perturb(_adapter_params(other).values(), seed=9)
+        with torch.no_grad():
+            assert _max_diff(enc(images), other(images)) > 0
+            load_adapters(other, path)
+            assert _max_diff(enc(images), other(images)) == 0.0
+        meta = read_adapter_metadata(path)
+        assert meta["adapter"] == adapter and meta["targets"] == enc.targeted_module_names
+        assert meta["encoder"]["model_name"] == TINY
+        # The file alone is enough to rebuild the adapters.
+        again = _encoder(adapter_checkpoint=str(path)).eval()
+        with torch.no_grad():
+            assert _max_diff(enc(images), again(images)) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize(
+    ("case", "adapter", "kwargs", "count", "wrapper", "identity"), LORA_CASES, ids=[c[0] for c in LORA_CASES]
+)
+def test_lora_merge_unmerge(case, adapter, kwargs, count, wrapper, identity, images):
+    enc = _encoder(adapter, kwargs).eval()
+    frozen = {k: v.clone() for k, v in enc.state_dict().items()}
+    _perturb(_adapter_params(enc).values())
+    with torch.no_grad():
+        unmerged = enc(images)
+        merge_adapters(enc)
+        assert all(m.merged for m in enc.modules() if isinstance(m, wrapper))
+        merged = enc(images)
+        assert _max_diff(unmerged, merged) < 1e-5
+        unmerge_adapters(enc)
+        assert _max_diff(unmerged, enc(images)) < 1e-5
+    for k, v in enc.state_dict().items():
+        if "lora_" not in k:
+            torch.testing.assert_close(v, frozen[k], atol=1e-6, rtol=0)
+
+
+def test_lora_wrapper_matches_mha_contract():
+    """Masks, cross-attention, attention weights and sequence-first layout behave as nn.MultiheadAttention."""
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).train()
+        lora = LoraMultiheadAttention(copy.deepcopy(mha), LoraConfig(attn_targets=("q", "k", "v", "out")))
+        shape = (2, 5, 32) if batch_first else (5, 2, 32)
+        x, kv = torch.randn(shape), torch.randn(shape)
+        causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+        calls = [
+            {"query": x, "key": x, "value": x, "need_weights": False},
+            {"query": x, "key": x, "value": x, "attn_mask": causal, "need_weights": False},
+            {
+                "query": x,
+                "key": x,
+                "value": x,
+                "attn_mask": causal.float() * -1e4,
+                "key_padding_mask": pad.float() * -1e4,
+            },
+            {"query": x, "key": kv, "value": kv, "need_weights": True, "average_attn_weights": False},
+        ]
+        for call in calls:
+            out, w = mha(**call)
+            got, got_w = lora(**call)
+            torch.testing.assert_close(got, out, atol=1e-6, rtol=1e-5)
+            if call.get("need_weights", True):
+                torch.testing.assert_close(got_w, w, atol=1e-6, rtol=1e-5)
+            else:
+                assert got_w is None
+
+
+def test_lora_rejects_mha_out_proj():
+    enc = _encoder()
+    with pytest.raises(ValueError, match="never calls"):
+        inject_adapters(enc.visual, LoraConfig(target_modules=["attn.out_proj"]))
+
+
+# ----------------------------------------------------------------------------------------------- Mona
+def _reference_mona(m: Mona, x: torch.Tensor) -> torch.Tensor:
+    """Yin et al.'s forward (github.com/Leiyi-Hu/mona), with the class token passed around the convolutions."""
+    identity = x
+    x = m.norm(x) * m.gamma + x * m.gammax
+    h = m.project1(x)
+    cls, p = h[:, :1], h[:, 1:]
+    b, n, c = p.shape
+    s = int(n**0.5)
+    p = p.reshape(b, s, s, c).permute(0, 3, 1, 2)
+    op = m.adapter_conv
+    p = (op.conv1(p) + op.conv2(p) + op.conv3(p)) / 3.0 + p
+    p = op.projector(p) + p
+    p = p.permute(0, 2, 3, 1).reshape(b, n, c)
+    h = torch.cat([cls, p], dim=1)
+    return identity + m.project2(m.dropout(F.gelu(h)))
+
+
+def test_mona_matches_reference_formula():
+    torch.manual_seed(0)
+    m = Mona(48, hidden_dim=16).eval()
+    with torch.no_grad():
+        m.gamma.fill_(0.3)  # make the LayerNorm branch visible
+        for p in m.adapter_conv.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 1 + 36, 48)
+    torch.testing.assert_close(m(x), _reference_mona(m, x), atol=1e-5, rtol=1e-5)
+    # The class token skips the convolutions: changing patch tokens leaves its output unchanged.
+    y = x.clone()
+    y[:, 1:] += 1.0
+    torch.testing.assert_close(m(y)[:, 0], m(x)[:, 0], atol=0, rtol=0)
+
+
+def test_mona_grid_comes_from_the_input():
+    m = Mona(16, hidden_dim=8, num_prefix_tokens=1, grid_size=(2, 8)).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1 + 16, 16)).shape == (1, 17, 16)  # matches the hint (2 x 8)
+        assert m(torch.randn(1, 1 + 36, 16)).shape == (1, 37, 16)  # another size: inferred 6 x 6
+        with pytest.raises(ValueError, match="15 patch tokens"):
+            m(torch.randn(1, 1 + 15, 16))
+
+
+def test_mona_gradients_reach_every_module(images):
+    enc = _encoder("mona", {"placement": "both"}).train()
+    sum(f.square().mean() for f in enc(images)).backward()
+    monas = [m for m in enc.modules() if isinstance(m, Mona)]
+    assert len(monas) == 8
+    for m in monas:
+        for n, p in m.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_mona_block_keeps_open_clip_signature_under_checkpointing(images):
+    assert list(inspect.signature(MonaBlock.forward).parameters) == list(
+        inspect.signature(ResidualAttentionBlock.forward).parameters
+    )
+    grads = []
+    for ckpt in (False, True):
+        enc = _encoder("mona", grad_checkpointing=ckpt).train()
+        for m in enc.modules():
+            if isinstance(m, Mona):
+                m.dropout.p = 0.0
+        sum(f.square().mean() for f in enc(images)).backward()
+        grads.append([p.grad for p in _adapter_params(enc).values()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_mona_refuses_other_blocks():
+    with pytest.raises(TypeError, match="Mona cannot wrap"):
+        inject_adapters(nn.Sequential(nn.Linear(4, 4)), MonaConfig(target_modules=["0"]))
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_no_match_lists_patterns_and_names():
+    enc = _encoder()
+    with pytest.raises(ValueError, match=r"matched target_modules=\['nope'\].*transformer"):
+        inject_adapters(enc.visual, LoraConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match=r"blocks=\[7\]"):
+        inject_adapters(enc.visual, LoraConfig(blocks=[7]))
+
+
+def test_double_injection_refused():
+    enc = _encoder("lora")
+    with pytest.raises(ValueError, match="already holds an adapter"):
+        inject_adapters(enc.visual, LoraConfig())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("dora", {}, r"adapter='dora' is not registered; choose one of \['lora', 'mona'\]"),
+        ("lora", {"rank": 8}, r"unknown keys \['rank'\].*allowed"),
+        ("lora", {"r": 0}, "r=0 must be a positive int"),
+        ("lora", {"attn_targets": ["q", "x"]}, "attn_targets"),
+        ("mona", {"placement": "ffn"}, "placement='ffn' must be one of"),
+        ("mona", {"init": "xavier"}, "init='xavier'"),
+    ],
+)
+def test_config_errors(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_adapter_config(name, kwargs)
+
+
+def test_registry_and_report():
+    assert list_adapters() == ["lora", "mona"] and ADAPTERS["lora"] is LoraConfig
+    enc = _encoder("lora")
+    trainable, total = count_parameters(enc)
+    assert trainable == 4 * 3 * 2 * 16 * 64
+    assert parameter_report(enc) == (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def test_merge_refuses_mona():
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge_adapters(_encoder("mona"))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def lora_file(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_adapters(_encoder("lora", {"r": 8}), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("adapter", "kwargs", "model", "match"),
+    [
+        ("mona", {}, TINY, "holds 'lora' adapters but the module has 'mona'"),
+        ("lora", {"r": 16}, TINY, "r=8 in the file but r=16"),
+        ("lora", {"r": 8, "alpha": 32.0}, TINY, "alpha=16.0 in the file but alpha=32.0"),
+        ("lora", {"r": 8, "blocks": [0, 1]}, TINY, "adapts other modules"),
+        ("lora", {"r": 8, "attn_targets": ["q", "v"]}, TINY, "attn_targets"),
+        ("lora", {"r": 8}, "usclip-demo-vit", "model_name='usclip-test-vit'"),
+    ],
+)
+def test_load_into_other_configuration_fails(lora_file, adapter, kwargs, model, match):
+    with pytest.raises(ValueError, match=match):
+        load_adapters(_encoder(adapter, kwargs, model=model), lora_file)
+
+
+def test_load_is_strict_about_keys(lora_file, tmp_path):
+    with safe_open(str(lora_file), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    dropped = dict(list(tensors.items())[1:])
+    save_file(dropped, tmp_path / "missing.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"missing \['visual"):
+        load_adapters(_encoder("lora", {"r": 8}), tmp_path / "missing.safetensors")
+    save_file({**tensors, "visual.extra": torch.zeros(1)}, tmp_path / "extra.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"unexpected \['visual.extra'\]"):
+        load_adapters(_encoder("lora", {"r": 8}), tmp_path / "extra.safetensors")
+    save_file(tensors, tmp_path / "nometa.safetensors")
+    with pytest.raises(ValueError, match="not written by save_adapters"):
+        load_adapters(_encoder("lora", {"r": 8}), tmp_path / "nometa.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_adapter_metadata(tmp_path / "junk.safetensors")
+
+
+def test_checkpoint_metadata_is_json_config(lora_file):
+    with safe_open(str(lora_file), framework="pt") as f:
+        meta = json.loads(f.metadata()["usclip_adapters"])
+    assert meta["format"] == "usclip-adapters" and meta["config"]["r"] == 8
+    assert meta["encoder"]["layers"] == list(LAYERS)
+
+
+def test_save_from_wrapping_module_loads_into_bare_encoder(tmp_path, images):
+    task = nn.Module()
+    task.encoder = _encoder("lora").eval()
+    task.head = nn.Linear(2, 2)
+    _perturb(_adapter_params(task.encoder).values())
+    save_adapters(task, tmp_path / "a.safetensors")
+    bare = _encoder("lora").eval()
+    load_adapters(bare, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert _max_diff(task.encoder(images), bare(images)) == 0.0
+
+
+def test_load_into_merged_lora(tmp_path, images):
+    src = _encoder("lora").eval()
+    _perturb(_adapter_params(src).values())
+    save_adapters(src, tmp_path / "a.safetensors")
+    dst = _encoder("lora").eval()
+    merge_adapters(dst)
+    load_adapters(dst, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert _max_diff(src(images), dst(images)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- guards
+def test_open_clip_block_structure_guard():
+    """Fails loudly if open_clip renames what MonaBlock and LoraMultiheadAttention rely on (pinned 3.3.*)."""
+    assert open_clip.__version__.startswith("3.3"), open_clip.__version__
+    blk = open_clip.create_model(TINY).visual.transformer.resblocks[0]
+    assert isinstance(blk, ResidualAttentionBlock)
+    for attr in OPEN_CLIP_BLOCK_ATTRS:
+        assert hasattr(blk, attr), f"open_clip ResidualAttentionBlock lost {attr!r}"
+    assert isinstance(blk.attn, nn.MultiheadAttention) and blk.attn.batch_first
+    assert blk.attn.in_proj_weight.shape == (3 * 64, 64) and blk.attn._qkv_same_embed_dim
+    assert isinstance(blk.mlp.c_fc, nn.Linear) and isinstance(blk.mlp.c_proj, nn.Linear)
+    assert list(inspect.signature(blk.attention).parameters) == ["q_x", "k_x", "v_x", "attn_mask"]
+
+
+# ----------------------------------------------------------------------------------------------- ViT-B-16
+@pytest.fixture(scope="module")
+def vitb_images():
+    return _images(n=1, size=224)
+
+
+def test_vitb_lora_identity_and_merge(vitb_images):
+    base = _encoder(model="ViT-B-16", layers=(3, 6, 9)).train()
+    enc = _encoder("lora", {"r": 16}, model="ViT-B-16", layers=(3, 6, 9)).train()
+    with torch.no_grad():
+        assert _max_diff(base(vitb_images), enc(vitb_images)) == 0.0
+        del base
+        enc.eval()
+        _perturb(_adapter_params(enc).values())
+        unmerged = enc(vitb_images)
+        merge_adapters(enc)
+        assert _max_diff(unmerged, enc(vitb_images)) < 1e-5
+
+
+def test_vitb_mona_gradients_and_image_size(vitb_images):
+    enc = _encoder("mona", model="ViT-B-16", layers=(3,)).train()
+    monas = [m for m in enc.modules() if isinstance(m, Mona)]
+    assert len(monas) == 4  # blocks 0-3 x one placement
+    sum(f.square().mean() for f in enc(vitb_images)).backward()
+    for m in monas:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    with pytest.raises(ValueError, match=r"built for image_size=\(224, 224\).*CLIPEncoder\(image_size=320\)"):
+        enc(torch.zeros(1, 3, 320, 320))
+
+
+@pytest.mark.slow
+def test_vitb_mona_at_320_px():
+    enc = _encoder("mona", {"placement": "both"}, model="ViT-B-16", layers=(3, 6, 9), image_size=320).train()
+    assert sum(isinstance(m, Mona) for m in enc.modules()) == 20
+    feats = enc(_images(n=1, size=320))
+    assert [tuple(f.shape) for f in feats] == [(1, 768, 20, 20)] * 3
+    sum(f.square().mean() for f in feats).backward()
+    assert all(p.grad is not None for p in _adapter_params(enc).values())
+
+
+@pytest.mark.slow
+def test_vitb_lora_training_moves_only_adapters(vitb_images):
+    enc = _encoder("lora", model="ViT-B-16", layers=(3, 6, 9)).train()
+    frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        sum(f.square().mean() for f in enc(vitb_images)).backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in enc.named_parameters() if n in frozen)
+    assert all(p.abs().sum() > 0 for n, p in enc.named_parameters() if "lora_B" in n)
+
+
+def test_vitb_parameter_counts():
+    """The figures quoted in docs/adapters.md (visual tower pruned after block 9)."""
+    mona = _encoder("mona", model="ViT-B-16", layers=(3, 6, 9))
+    lora = _encoder("lora", {"r": 16}, model="ViT-B-16", layers=(3, 6, 9))
+    assert count_parameters(mona)[0] == 10 * 111_872 == 1_118_720
+    assert count_parameters(lora)[0] == 10 * 3 * 2 * 16 * 768 == 737_280
+    assert count_parameters(lora)[1] - count_parameters(lora)[0] == 71_622_144  # frozen blocks 0-9 + embeddings
