@@ -8,10 +8,10 @@ a JSON object::
      "config": {"r": 16, "alpha": 16.0, ...}, "targets": ["visual.transformer.resblocks.0.attn", ...],
      "encoder": {"model_name": "ViT-B-16", "pretrained": "openai", ...}}
 
-Loading checks, in order: adapter type, structural hyperparameters (rank, alpha, projections / width, placement),
-adapted modules (blocks), encoder model, then the exact key set and shapes, and names the first mismatch. Nothing
-in the file is executed (safetensors holds raw tensors and strings); saving writes a temporary file in the same
-folder and renames it, so a crash never leaves half a checkpoint.
+Loading checks, in order: adapter type, structural hyperparameters (rank, alpha, projections / width, placement,
+variant), encoder model and weights, adapted modules (blocks), then the exact key set and shapes, and names the
+first mismatch. Nothing in the file is executed (safetensors holds raw tensors and strings); saving writes a
+temporary file in the same folder and renames it, so a crash never leaves half a checkpoint.
 """
 
 from __future__ import annotations

@@ -25,6 +25,13 @@ linear and convolution layers, so the adapted model is *not* an identity at init
 small random term). This is what both papers trained with. ``init="zero"`` zeroes the up-projection instead:
 the model starts exactly at the pretrained one (like LoRA), and the other Mona weights receive gradients from
 the second step on.
+
+**Variants (beyond the paper).** ``MonaConfig.variant`` also offers the variants of Qu et al.'s published code
+(github.com/jinggqu/NextGen-UIA, ``src/adapters/mona.py``): ``"noise_aware"`` weights the three convolutions by
+a softmax computed from the pooled input, ``"freq_enhanced"`` multiplies the input of the convolutions by a
+learnable per-channel "frequency filter" (applied there between ``rfft2`` and ``irfft2``; since every frequency
+of a channel gets the same real factor it is a per-channel scale, computed here without the FFTs), and
+``"hybrid"`` combines both. ``"baseline"`` (default) is Yin et al.'s Mona.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from usclip.adapters._inject import AdapterConfig, AdapterLayer, InjectContext
 
 _PLACEMENTS = ("attn", "mlp", "both")
 _INITS = ("mona", "zero")
+_VARIANTS = ("baseline", "noise_aware", "freq_enhanced", "hybrid")
 # open_clip 3.3 ResidualAttentionBlock and timm Block attributes re-composed by the wrappers below.
 OPEN_CLIP_BLOCK_ATTRS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 TIMM_BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -57,6 +65,10 @@ class MonaConfig(AdapterConfig):
         placement: ``"mlp"`` (default, the published CLIP code), ``"attn"`` or ``"both"`` (original Mona).
         dropout: dropout before the up-projection (0.1 in the reference code).
         init: ``"mona"`` (reference init, not an identity) or ``"zero"`` (zero up-projection, identity at init).
+        variant: ``"baseline"`` (Yin et al.'s Mona, default) or, beyond the paper, the variants of Qu et al.'s
+            published code: ``"noise_aware"`` (input-dependent weighting of the three convolutions),
+            ``"freq_enhanced"`` (learnable per-channel "frequency filter") and ``"hybrid"`` (both); see
+            :class:`MonaOp`.
         target_modules: see :class:`~usclip.adapters.AdapterConfig`.
         blocks: see :class:`~usclip.adapters.AdapterConfig`.
     """
@@ -65,9 +77,10 @@ class MonaConfig(AdapterConfig):
     placement: Literal["attn", "mlp", "both"] = "mlp"
     dropout: float = 0.1
     init: Literal["mona", "zero"] = "mona"
+    variant: Literal["baseline", "noise_aware", "freq_enhanced", "hybrid"] = "baseline"
 
     name: ClassVar[str] = "mona"
-    structural_fields: ClassVar[tuple[str, ...]] = ("hidden_dim", "placement")
+    structural_fields: ClassVar[tuple[str, ...]] = ("hidden_dim", "placement", "variant")
 
     def __post_init__(self) -> None:
         """Validate the hyperparameters."""
@@ -80,6 +93,10 @@ class MonaConfig(AdapterConfig):
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1), e.g. 0.1")
         if self.init not in _INITS:
             raise ValueError(f"init={self.init!r} must be one of {_INITS}")
+        if self.variant not in _VARIANTS:
+            raise ValueError(f"variant={self.variant!r} must be one of {_VARIANTS}; the default is 'baseline'")
+        if self.variant in ("noise_aware", "hybrid") and self.hidden_dim < 4:
+            raise ValueError(f"variant={self.variant!r} needs hidden_dim >= 4 (its estimator has hidden_dim // 4)")
 
     @property
     def placements(self) -> tuple[str, ...]:
@@ -110,32 +127,74 @@ class MonaConfig(AdapterConfig):
 class MonaOp(nn.Module):
     """Multi-scale depth-wise convolutions on the patch grid: ``y = P(m) + m``, ``m = mean(dw3, dw5, dw7)(x) + x``.
 
+    With ``variant`` (beyond the paper, from Qu et al.'s published code): ``"noise_aware"`` replaces the mean by
+    input-dependent weights ``softmax(W2 relu(W1 avgpool(x)))`` over the three convolutions (``noise_estimator``);
+    ``"freq_enhanced"`` feeds the convolutions ``irfft2(rfft2(x) * f)`` with a learnable per-channel ``f``
+    (``freq_filter``), the residual keeping ``x``; ``"hybrid"`` does both, the weights computed from the filtered
+    input.
+
     Args:
         dim: channels (Mona's hidden width).
+        variant: ``"baseline"`` (Yin et al.), ``"noise_aware"``, ``"freq_enhanced"`` or ``"hybrid"``.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, variant: str = "baseline") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
         self.conv3 = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.projector = nn.Conv2d(dim, dim, kernel_size=1)
+        self.freq_filter = nn.Parameter(torch.ones(dim)) if variant in ("freq_enhanced", "hybrid") else None
+        self.noise_estimator = (
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Conv2d(dim, dim // 4, 1),
+                nn.ReLU(),
+                nn.Conv2d(dim // 4, 3, 1),
+                nn.Softmax(dim=1),
+            )
+            if variant in ("noise_aware", "hybrid")
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, gh, gw) -> (B, C, gh, gw)``.
 
         Computes the reference function with two convolutions instead of four: the three depth-wise convs share
-        the "same" padding, so their mean plus ``x`` is one 7x7 depth-wise conv whose kernel is the mean of the
-        zero-padded kernels plus a 1 at the centre; ``P(m) + m`` is one 1x1 conv with weight ``P + I``.
+        the "same" padding, so their (weighted) mean plus ``x`` is one 7x7 depth-wise conv whose kernel is the
+        mean of the zero-padded kernels plus a 1 at the centre; ``P(m) + m`` is one 1x1 conv with weight
+        ``P + I``. The frequency filter multiplies every frequency of a channel by the same real number, so by
+        linearity of the Fourier transform it equals scaling that channel, which folds into the kernel too.
+        Input-dependent weights give one kernel per sample, applied as a grouped convolution.
         """
-        dim = x.shape[1]
-        kernel = (
-            F.pad(self.conv1.weight, (2, 2, 2, 2)) + F.pad(self.conv2.weight, (1, 1, 1, 1)) + self.conv3.weight
-        ) / 3
-        centre = kernel.new_zeros(7, 7)
+        bsz, dim, gh, gw = x.shape
+        kernels = torch.stack(
+            [F.pad(self.conv1.weight, (2, 2, 2, 2)), F.pad(self.conv2.weight, (1, 1, 1, 1)), self.conv3.weight]
+        )  # (3, C, 1, 7, 7)
+        biases = torch.stack([self.conv1.bias, self.conv2.bias, self.conv3.bias])  # type: ignore[list-item]
+        centre = kernels.new_zeros(7, 7)
         centre[3, 3] = 1.0
-        bias = (self.conv1.bias + self.conv2.bias + self.conv3.bias) / 3  # type: ignore[operator]
-        m = F.conv2d(x, kernel + centre, bias, padding=3, groups=dim)
+        scale = self.freq_filter.view(dim, 1, 1, 1) if self.freq_filter is not None else None
+        if self.noise_estimator is None:
+            kernel = kernels.mean(0) if scale is None else kernels.mean(0) * scale
+            m = F.conv2d(x, kernel + centre, biases.mean(0), padding=3, groups=dim)
+        else:
+            pooled = x.mean(dim=(2, 3), keepdim=True)  # the estimator's avgpool, taken before the filter's scale
+            if self.freq_filter is not None:
+                pooled = pooled * self.freq_filter.view(1, dim, 1, 1)
+            w = self.noise_estimator[1:](pooled).view(bsz, 3)  # (B, 3), softmax over the three convolutions
+            kernel = torch.einsum("bi,icjkl->bcjkl", w, kernels)  # (B, C, 1, 7, 7): one kernel per sample
+            if scale is not None:
+                kernel = kernel * scale
+            bias = w @ biases  # (B, C)
+            # (B, C, gh, gw) -> (1, B*C, gh, gw): a depth-wise conv over B*C channels applies each sample's kernel
+            m = F.conv2d(
+                x.reshape(1, bsz * dim, gh, gw),
+                (kernel + centre).reshape(bsz * dim, 1, 7, 7),
+                bias.reshape(-1),
+                padding=3,
+                groups=bsz * dim,
+            ).view(bsz, dim, gh, gw)
         eye = torch.eye(dim, dtype=x.dtype, device=x.device).view(dim, dim, 1, 1)
         return F.conv2d(m, self.projector.weight + eye, self.projector.bias)
 
@@ -150,6 +209,7 @@ class Mona(nn.Module):
         init: ``"mona"`` (reference) or ``"zero"`` (zero up-projection, identity at init).
         num_prefix_tokens: leading class/register tokens.
         grid_size: the tower's patch grid, used when it matches the token count (non-square inputs).
+        variant: convolution variant, see :class:`MonaOp`.
     """
 
     def __init__(
@@ -160,6 +220,7 @@ class Mona(nn.Module):
         init: str = "mona",
         num_prefix_tokens: int = 1,
         grid_size: tuple[int, int] | None = None,
+        variant: str = "baseline",
     ) -> None:
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
@@ -168,7 +229,7 @@ class Mona(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
         self.gammax = nn.Parameter(torch.ones(dim))
         self.project1 = nn.Linear(dim, hidden_dim)
-        self.adapter_conv = MonaOp(hidden_dim)
+        self.adapter_conv = MonaOp(hidden_dim, variant)
         self.dropout = nn.Dropout(dropout)
         self.project2 = nn.Linear(hidden_dim, dim)
         if init == "zero":
@@ -225,6 +286,7 @@ class _MonaWrapper(AdapterLayer):
                 config.init,
                 context.num_prefix_tokens,
                 context.grid_size,
+                config.variant,
             ).to(next(base_layer.parameters()))
 
         self.mona_attn = make() if "attn" in config.placements else None
