@@ -59,6 +59,9 @@ CASES = [
     ("mona-mlp", "mona", {}, 4, MonaBlock, False),
     ("mona-attn-blocks", "mona", {"placement": "attn", "blocks": [1, 3]}, 2, MonaBlock, False),
     ("mona-both-zero", "mona", {"placement": "both", "init": "zero"}, 4, MonaBlock, True),
+    ("mona-noise-aware", "mona", {"variant": "noise_aware"}, 4, MonaBlock, False),
+    ("mona-freq-enhanced", "mona", {"variant": "freq_enhanced", "blocks": [2, 3]}, 2, MonaBlock, False),
+    ("mona-hybrid-zero", "mona", {"variant": "hybrid", "init": "zero"}, 4, MonaBlock, True),
 ]
 LORA_CASES = [c for c in CASES if c[1] == "lora"]
 
@@ -253,7 +256,7 @@ def test_lora_rejects_mha_out_proj():
 
 
 # ----------------------------------------------------------------------------------------------- Mona
-def _reference_mona(m: Mona, x: torch.Tensor) -> torch.Tensor:
+def _reference_mona(m: Mona, x: torch.Tensor, variant: str = "baseline") -> torch.Tensor:
     """Yin et al.'s forward (github.com/Leiyi-Hu/mona), with the class token passed around the convolutions."""
     identity = x
     x = m.norm(x) * m.gamma + x * m.gammax
@@ -262,23 +265,37 @@ def _reference_mona(m: Mona, x: torch.Tensor) -> torch.Tensor:
     b, n, c = p.shape
     s = int(n**0.5)
     p = p.reshape(b, s, s, c).permute(0, 3, 1, 2)
-    op = m.adapter_conv
-    p = (op.conv1(p) + op.conv2(p) + op.conv3(p)) / 3.0 + p
-    p = op.projector(p) + p
+    p = _reference_variant_op(m.adapter_conv, p, variant)
     p = p.permute(0, 2, 3, 1).reshape(b, n, c)
     h = torch.cat([cls, p], dim=1)
     return identity + m.project2(m.dropout(F.gelu(h)))
 
 
-def test_mona_matches_reference_formula():
+def _reference_variant_op(op, x, variant):
+    """Qu et al.'s MonaOp variants as written there: FFT filter, softmax weights over the three convolutions."""
+    identity = x
+    if variant in ("freq_enhanced", "hybrid"):
+        h, w = x.shape[-2:]
+        x = torch.fft.irfft2(torch.fft.rfft2(x) * op.freq_filter.view(1, -1, 1, 1), s=(h, w))
+    convs = [op.conv1(x), op.conv2(x), op.conv3(x)]
+    if variant in ("noise_aware", "hybrid"):
+        weights = op.noise_estimator(x)  # (B, 3, 1, 1)
+        x = sum(c * weights[:, i : i + 1] for i, c in enumerate(convs)) + identity
+    else:
+        x = sum(convs) / 3.0 + identity
+    return op.projector(x) + x
+
+
+@pytest.mark.parametrize("variant", ["baseline", "noise_aware", "freq_enhanced", "hybrid"])
+def test_mona_matches_reference_formula(variant):
     torch.manual_seed(0)
-    m = Mona(48, hidden_dim=16).eval()
+    m = Mona(48, hidden_dim=16, variant=variant).eval()
     with torch.no_grad():
         m.gamma.fill_(0.3)  # make the LayerNorm branch visible
         for p in m.adapter_conv.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 1 + 36, 48)
-    torch.testing.assert_close(m(x), _reference_mona(m, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x), _reference_mona(m, x, variant), atol=1e-5, rtol=1e-5)
     # The class token skips the convolutions: changing patch tokens leaves its output unchanged.
     y = x.clone()
     y[:, 1:] += 1.0
@@ -349,6 +366,7 @@ def test_double_injection_refused():
         ("lora", {"attn_targets": ["q", "x"]}, "attn_targets"),
         ("mona", {"placement": "ffn"}, "placement='ffn' must be one of"),
         ("mona", {"init": "xavier"}, "init='xavier'"),
+        ("mona", {"variant": "fractional"}, "variant='fractional' must be one of"),
     ],
 )
 def test_config_errors(name, kwargs, match):
@@ -393,6 +411,12 @@ def lora_file(tmp_path):
 def test_load_into_other_configuration_fails(lora_file, adapter, kwargs, model, match):
     with pytest.raises(ValueError, match=match):
         load_adapters(_encoder(adapter, kwargs, model=model), lora_file)
+
+
+def test_mona_variant_mismatch_fails(tmp_path):
+    save_adapters(_encoder("mona"), tmp_path / "mona.safetensors")
+    with pytest.raises(ValueError, match="variant='baseline' in the file but variant='hybrid'"):
+        load_adapters(_encoder("mona", {"variant": "hybrid"}), tmp_path / "mona.safetensors")
 
 
 def test_load_is_strict_about_keys(lora_file, tmp_path):
