@@ -33,8 +33,17 @@ def test_print_config_resolves_links(capsys):
     out = capsys.readouterr().out
     assert "usclip.tasks.SegmentationTask" in out
     assert "usclip.data.SegmentationDataModule" in out
-    # image_size is written once, under data, and linked into the model
-    assert out.count("image_size: 128") == 2
+    # image_size is written once, under data; the model receives it through the link (see test_configs.py)
+    assert out.count("image_size:") == 1 and "image_size: 128" in out
+
+
+def test_null_overrides_on_the_command_line(tmp_path):
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    args = ["--config", str(demo), f"--data.init_args.root={tmp_path}", "--model.init_args.layers=[1,2]"]
+    args += ["--model.init_args.model_name=usclip-test-vit", "--data.init_args.image_size=64"]
+    cli = main([*args, "--model.init_args.adapter=null", "--model.init_args.pretrained=null"], run=False)
+    assert cli.model.encoder_args["pretrained"] is None and cli.model.encoder_args["adapter"] is None
+    assert not any(p.requires_grad for p in cli.model.encoder.parameters())
 
 
 def _args(conf: Path, tmp_path: Path) -> list[str]:

@@ -19,9 +19,9 @@ def test_shipped_config_instantiates(config: Path, tmp_path: Path):
             "--config",
             str(config),
             # no weights can be downloaded here: the tiny architecture with random weights stands in
-            "--model.init_args.encoder.model_name=usclip-test-vit",
-            "--model.init_args.encoder.pretrained=null",
-            "--model.init_args.encoder.layers=[1,2,3]",
+            "--model.init_args.model_name=usclip-test-vit",
+            "--model.init_args.pretrained=null",
+            "--model.init_args.layers=[1,2,3]",
             "--data.init_args.image_size=64",
             f"--data.init_args.root={tmp_path}",
             f"--trainer.default_root_dir={tmp_path}",

@@ -28,8 +28,9 @@ def weights_file(tmp_path_factory) -> Path:
 
 
 def tiny_task(pretrained: str | None = None, **kw) -> SegmentationTask:
-    enc = {"model_name": "usclip-test-vit", "pretrained": pretrained, "layers": [1, 3]}
-    return SegmentationTask(encoder=enc, image_size=64, embed_dim=8, **kw)
+    return SegmentationTask(
+        model_name="usclip-test-vit", pretrained=pretrained, layers=[1, 3], image_size=64, embed_dim=8, **kw
+    )
 
 
 def fit(task: SegmentationTask, root: Path, tmp_path: Path, steps: int = 3) -> L.Trainer:
@@ -84,9 +85,7 @@ def test_checkpoint_without_frozen_backbone(weights_file, tmp_path):
     torch.manual_seed(2)
     torch.save(open_clip.create_model("usclip-test-vit").state_dict(), other)
     with pytest.raises(RuntimeError, match="different frozen backbone"):
-        SegmentationTask.load_from_checkpoint(
-            ckpt, map_location="cpu", encoder={**task.encoder_args, "pretrained": str(other)}
-        )
+        SegmentationTask.load_from_checkpoint(ckpt, map_location="cpu", pretrained=str(other))
 
 
 def test_random_backbone_is_kept_in_checkpoint(tmp_path):

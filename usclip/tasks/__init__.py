@@ -1,6 +1,6 @@
 """Lightning tasks."""
 
-from usclip.tasks.base import BaseTask, EncoderArgs
+from usclip.tasks.base import BaseTask
 from usclip.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "EncoderArgs", "SegmentationTask"]
+__all__ = ["BaseTask", "SegmentationTask"]

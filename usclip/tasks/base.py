@@ -1,6 +1,6 @@
 """BaseTask: the LightningModule shared by the segmentation and classification tasks.
 
-``__init__`` saves hyperparameters, then calls ``configure_model``, ``configure_losses`` and ``configure_metrics``
+``__init__`` saves hyperparameters, then calls ``configure_models``, ``configure_losses`` and ``configure_metrics``
 (the torchgeo trainer pattern). Images arrive in [0, 1] and are normalised here, on the device, with the
 encoder's own mean and std. Only trainable parameters (adapters and head) go to the optimiser: AdamW with the
 paper's betas (0.9, 0.95) and weight decay 1e-2, and a cosine schedule with optional linear warm-up.
@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -24,25 +24,21 @@ from usclip.models import CLIPEncoder
 log = logging.getLogger(__name__)
 
 
-class EncoderArgs(TypedDict, total=False):
-    """Arguments of :class:`usclip.models.CLIPEncoder`, as written under ``model.init_args.encoder`` in YAML."""
-
-    model_name: str
-    pretrained: str | None
-    adapter: Literal["mona", "lora"] | None
-    adapter_kwargs: dict[str, Any] | None
-    adapter_checkpoint: str | None
-    layers: list[int]
-    quick_gelu: bool | None
-    allow_unsafe_torchscript: bool
-    grad_checkpointing: bool
-
-
 class BaseTask(L.LightningModule):
     """Common training logic; subclasses define the head, the loss and the metrics.
 
     Args:
-        encoder: :class:`usclip.models.CLIPEncoder` arguments (model, weights, adapter, blocks).
+        model_name: open_clip model config (``ViT-B-16``) or ``hf-hub:org/repo``.
+        pretrained: open_clip tag (``openai``, ``metaclip_400m``), a local checkpoint file, an ``hf-hub:`` id, or
+            ``null`` for random weights.
+        layers: 0-based encoder blocks whose patch features feed the head (the paper: 3, 6, 9).
+        adapter: ``mona``, ``lora`` or ``null`` (frozen encoder, head only).
+        adapter_kwargs: fields of the adapter's config (:class:`usclip.adapters.MonaConfig` /
+            :class:`usclip.adapters.LoraConfig`).
+        adapter_checkpoint: adapter-only file to start from (e.g. from caption fine-tuning).
+        quick_gelu: force QuickGELU on or off; ``null`` follows the weights.
+        allow_unsafe_torchscript: allow an OpenAI TorchScript ``.pt`` file (loading it can execute code).
+        grad_checkpointing: recompute encoder activations in the backward pass to save memory.
         num_classes: output classes (linked from the DataModule by the CLI).
         image_size: input side length (linked from the DataModule by the CLI).
         embed_dim: width each selected block is projected to before fusion (512, CLIP ViT-B/16's embedding width).
@@ -63,7 +59,15 @@ class BaseTask(L.LightningModule):
 
     def __init__(
         self,
-        encoder: EncoderArgs | None = None,
+        model_name: str = "ViT-B-16",
+        pretrained: str | None = None,
+        layers: list[int] | tuple[int, ...] = (3, 6, 9),
+        adapter: Literal["mona", "lora"] | None = None,
+        adapter_kwargs: dict[str, Any] | None = None,
+        adapter_checkpoint: str | None = None,
+        quick_gelu: bool | None = None,
+        allow_unsafe_torchscript: bool = False,
+        grad_checkpointing: bool = False,
         num_classes: int = 2,
         image_size: int = 224,
         embed_dim: int = 512,
@@ -81,14 +85,29 @@ class BaseTask(L.LightningModule):
                 f"num_classes must be at least 2 (background/benign and lesion/malignant), got {num_classes}"
             )
         self.save_hyperparameters()
-        self.encoder_args: dict[str, Any] = dict(encoder or {})
-        self.configure_model()
+        #: the :class:`CLIPEncoder` arguments among the hyperparameters
+        self.encoder_args: dict[str, Any] = {
+            "model_name": model_name,
+            "pretrained": pretrained,
+            "layers": list(layers),
+            "adapter": adapter,
+            "adapter_kwargs": adapter_kwargs,
+            "adapter_checkpoint": adapter_checkpoint,
+            "quick_gelu": quick_gelu,
+            "allow_unsafe_torchscript": allow_unsafe_torchscript,
+            "grad_checkpointing": grad_checkpointing,
+        }
+        self.configure_models()
         self.configure_losses()
         self.configure_metrics()
 
     # ----------------------------------------------------------------- construction
-    def configure_model(self) -> None:
-        """Build the encoder (frozen, with adapters) and the head."""
+    def configure_models(self) -> None:
+        """Build the encoder (frozen, with adapters) and the head.
+
+        Named ``configure_models`` (as in torchgeo), not ``configure_model``: Lightning calls a hook of that name at
+        the start of ``fit``, which would rebuild the encoder and discard loaded or random-initialised weights.
+        """
         self.encoder = CLIPEncoder(image_size=self.hparams["image_size"], **self.encoder_args)
         self.pixel_mean: torch.Tensor
         self.pixel_std: torch.Tensor

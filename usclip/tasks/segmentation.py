@@ -16,7 +16,7 @@ from usclip.data.datasets import load_grayscale
 from usclip.data.splits import write_text_atomic
 from usclip.metrics import SegmentationMetrics
 from usclip.models.heads import SegmentationHead
-from usclip.tasks.base import BaseTask, EncoderArgs
+from usclip.tasks.base import BaseTask
 from usclip.visualize import overlay, save_png
 
 log = logging.getLogger(__name__)
@@ -31,55 +31,18 @@ class SegmentationTask(BaseTask):
     masks at each image's original size and overlays.
 
     Args:
-        encoder: :class:`usclip.models.CLIPEncoder` arguments (model, weights, adapter, blocks).
-        num_classes: output classes including background (linked from the DataModule).
-        image_size: input side length (linked from the DataModule).
-        embed_dim: projection width of each selected block (512 for ViT-B/16).
-        fusion: ``concat`` (the paper) or ``sum``.
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the cross-entropy term.
         num_overlays: test images written as overlay pictures.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps.
-        early_stopping_patience: validation epochs without improvement before stopping; ``None`` never stops.
-        save_frozen_backbone: see :class:`BaseTask`.
+        **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
+            ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
     """
 
     monitor = "val_dice"
     monitor_mode: Literal["min", "max"] = "max"
 
-    def __init__(
-        self,
-        encoder: EncoderArgs | None = None,
-        num_classes: int = 2,
-        image_size: int = 224,
-        embed_dim: int = 512,
-        fusion: Literal["concat", "sum"] = "concat",
-        lambda_dice: float = 1.0,
-        lambda_ce: float = 1.0,
-        num_overlays: int = 8,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-2,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 0,
-        early_stopping_patience: int | None = None,
-        save_frozen_backbone: bool | None = None,
-    ) -> None:
-        super().__init__(
-            encoder=encoder,
-            num_classes=num_classes,
-            image_size=image_size,
-            embed_dim=embed_dim,
-            fusion=fusion,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            warmup_steps=warmup_steps,
-            early_stopping_patience=early_stopping_patience,
-            save_frozen_backbone=save_frozen_backbone,
-        )
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, num_overlays: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
 
     def build_head(self) -> nn.Module:  # noqa: D102
         return SegmentationHead(
