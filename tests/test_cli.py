@@ -58,6 +58,8 @@ def _args(conf: Path, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("conf", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_fit_validate_test_predict(conf: Path, tmp_path: Path):
+    segmentation = conf.stem.startswith("segmentation")
+    monitor = "val_dice" if segmentation else "val_auc"
     cli = main(["fit", *_args(conf, tmp_path)])
     run = Path(cli.trainer.log_dir)
     assert run == tmp_path / "runs" / conf.stem / "version_0"
@@ -69,26 +71,39 @@ def test_fit_validate_test_predict(conf: Path, tmp_path: Path):
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["val"]) & set(splits["test"])
 
     cli = main(["validate", *_args(conf, tmp_path), f"--ckpt_path={best}"])
-    assert 0.0 <= float(cli.trainer.callback_metrics["val_dice"]) <= 1.0
+    assert 0.0 <= float(cli.trainer.callback_metrics[monitor]) <= 1.0
 
     # A different split seed on the command line must not change the test set: the checkpoint carries the split.
     cli = main(["test", *_args(conf, tmp_path), f"--ckpt_path={best}", "--data.init_args.split_seed=123"])
     test_run = Path(cli.trainer.log_dir)
     assert read_split_file(test_run / "splits" / "test.txt") == splits["test"]
     metrics = json.loads((test_run / "results" / "test_metrics.json").read_text())
-    assert 0.0 <= metrics["dice"] <= 1.0 and metrics["num_images"] == len(splits["test"])
-    with (test_run / "results" / "test_per_image.csv").open() as f:
+    assert metrics["num_images"] == len(splits["test"])
+    table = "test_per_image.csv" if segmentation else "test_predictions.csv"
+    with (test_run / "results" / table).open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["id"] for r in rows) == splits["test"]
-    assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(metrics["dice"], abs=1e-5)
-    assert len(list((test_run / "overlays").glob("*.png"))) == 2
+    if segmentation:
+        assert 0.0 <= metrics["dice"] <= 1.0
+        assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(metrics["dice"], abs=1e-5)
+        assert len(list((test_run / "overlays").glob("*.png"))) == 2
+    else:
+        probs = np.array([[float(r["prob_benign"]), float(r["prob_malignant"])] for r in rows])
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        labels = np.array([int(r["label"]) for r in rows])
+        assert metrics["acc"] == pytest.approx(np.mean((probs[:, 1] >= 0.5) == labels), abs=1e-6)
 
     images = tmp_path / "data" / "images"
     cli = main(["predict", *_args(conf, tmp_path), f"--ckpt_path={best}", f"--data.init_args.predict_root={images}"])
     pred_dir = Path(cli.trainer.log_dir) / "predictions"
-    masks = sorted((pred_dir / "masks").glob("*.png"))
-    assert len(masks) == 24
-    with Image.open(masks[0]) as m, Image.open(images / masks[0].name) as im:
-        assert m.size == im.size  # masks come back at the original size
-        assert set(np.unique(np.asarray(m))) <= {0, 255}
-    assert len(list((pred_dir / "overlays").glob("*.png"))) == 24
+    if segmentation:
+        masks = sorted((pred_dir / "masks").glob("*.png"))
+        assert len(masks) == 24
+        with Image.open(masks[0]) as m, Image.open(images / masks[0].name) as im:
+            assert m.size == im.size  # masks come back at the original size
+            assert set(np.unique(np.asarray(m))) <= {0, 255}
+        assert len(list((pred_dir / "overlays").glob("*.png"))) == 24
+    else:
+        with (pred_dir / "probabilities.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 24 and set(rows[0]) == {"id", "prediction", "prob_benign", "prob_malignant"}

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from usclip.models import CLIPEncoder
+from usclip.models.baselines import TimmEncoder, build_native_model
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class BaseTask(L.LightningModule):
         quick_gelu: force QuickGELU on or off; ``null`` follows the weights.
         allow_unsafe_torchscript: allow an OpenAI TorchScript ``.pt`` file (loading it can execute code).
         grad_checkpointing: recompute encoder activations in the backward pass to save memory.
+        head: ``paper``: the frozen encoder (CLIP, or a ``timm:<name>`` backbone such as DINOv2) under the paper's
+            head; ``native``: a whole baseline model trained end to end with its own decoder or classifier
+            (``smp:Unet/resnet34`` for segmentation, ``timm:resnet18`` for classification).
         num_classes: output classes (linked from the DataModule by the CLI).
         image_size: input side length (linked from the DataModule by the CLI).
         embed_dim: width each selected block is projected to before fusion (512, CLIP ViT-B/16's embedding width).
@@ -53,6 +57,8 @@ class BaseTask(L.LightningModule):
             their source and checked against a fingerprint instead, so checkpoints hold adapters and head only.
     """
 
+    #: what the task predicts (selects native baseline models)
+    task: Literal["segmentation", "classification"] = "segmentation"
     #: metric name that selects the best checkpoint, and its direction
     monitor: str = "val_loss"
     monitor_mode: Literal["min", "max"] = "min"
@@ -68,6 +74,7 @@ class BaseTask(L.LightningModule):
         quick_gelu: bool | None = None,
         allow_unsafe_torchscript: bool = False,
         grad_checkpointing: bool = False,
+        head: Literal["paper", "native"] = "paper",
         num_classes: int = 2,
         image_size: int = 224,
         embed_dim: int = 512,
@@ -103,31 +110,48 @@ class BaseTask(L.LightningModule):
 
     # ----------------------------------------------------------------- construction
     def configure_models(self) -> None:
-        """Build the encoder (frozen, with adapters) and the head.
+        """Build the encoder (frozen, with adapters) and the head, or a whole native baseline model.
 
         Named ``configure_models`` (as in torchgeo), not ``configure_model``: Lightning calls a hook of that name at
         the start of ``fit``, which would rebuild the encoder and discard loaded or random-initialised weights.
         """
-        self.encoder = CLIPEncoder(image_size=self.hparams["image_size"], **self.encoder_args)
+        args = self.encoder_args
+        name, size = args["model_name"], self.hparams["image_size"]
+        self.encoder: CLIPEncoder | TimmEncoder | None = None
+        self.net: nn.Module | None = None
+        adapted = args["adapter"] is not None or args["adapter_checkpoint"] is not None
+        if adapted and (self.hparams["head"] == "native" or name.startswith("timm:")):
+            raise ValueError(
+                f"adapter={args['adapter']!r} is for CLIP encoders under the paper's head; model_name={name!r} "
+                f"with head={self.hparams['head']!r} takes no adapter (set adapter: null)"
+            )
+        if self.hparams["head"] == "native":
+            self.net, mean, std = build_native_model(self.task, name, self.hparams["num_classes"], args["pretrained"])
+        else:
+            if name.startswith("timm:"):
+                self.encoder = TimmEncoder(name.removeprefix("timm:"), args["pretrained"], args["layers"], size)
+            else:
+                self.encoder = CLIPEncoder(image_size=size, **args)
+            mean, std = self.encoder.image_mean, self.encoder.image_std
+            self.head = self.build_head(self.encoder.out_channels)
         self.pixel_mean: torch.Tensor
         self.pixel_std: torch.Tensor
-        self.register_buffer("pixel_mean", torch.tensor(self.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(self.encoder.image_std).view(1, 3, 1, 1), persistent=False)
-        self.head = self.build_head()
-        n_head = sum(p.numel() for p in self.head.parameters())
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.parameters())
         log.info(
-            "%s: head %s params; trainable %s of %s (%.2f%%)",
+            "%s(%s, head=%s): trainable %s of %s parameters (%.2f%%)",
             type(self).__name__,
-            f"{n_head:,}",
+            name,
+            self.hparams["head"],
             f"{n_train:,}",
             f"{n_all:,}",
             100.0 * n_train / max(n_all, 1),
         )
 
-    def build_head(self) -> nn.Module:
-        """Return the task head; implemented by subclasses."""
+    def build_head(self, in_channels: list[int]) -> nn.Module:
+        """Return the task head over feature maps with ``in_channels``; implemented by subclasses."""
         raise NotImplementedError
 
     def configure_losses(self) -> None:
@@ -143,9 +167,13 @@ class BaseTask(L.LightningModule):
         """Normalise ``[0, 1]`` images with the encoder's mean and std."""
         return (images - self.pixel_mean) / self.pixel_std
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder features of ``[0, 1]`` images ``(B, 3, H, W)``."""
-        return self.encoder(self.normalize(images))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for ``[0, 1]`` images ``(B, 3, H, W)``: ``(B, K, H, W)`` (segmentation) or ``(B, K)``."""
+        x = self.normalize(images)
+        if self.net is not None:
+            return self.net(x)
+        assert self.encoder is not None
+        return self.head(self.encoder(x), size=images.shape[-2:])
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:

@@ -44,9 +44,9 @@ class SegmentationTask(BaseTask):
     def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, num_overlays: int = 8, **kwargs: Any) -> None:
         super().__init__(**kwargs)
 
-    def build_head(self) -> nn.Module:  # noqa: D102
+    def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
         return SegmentationHead(
-            self.encoder.out_channels, self.hparams["num_classes"], self.hparams["embed_dim"], self.hparams["fusion"]
+            in_channels, self.hparams["num_classes"], self.hparams["embed_dim"], self.hparams["fusion"]
         )
 
     def configure_losses(self) -> None:  # noqa: D102
@@ -60,10 +60,6 @@ class SegmentationTask(BaseTask):
     def configure_metrics(self) -> None:  # noqa: D102
         self.val_metrics = SegmentationMetrics()
         self.test_metrics = SegmentationMetrics()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, H, W)`` for ``[0, 1]`` images ``(B, 3, H, W)``."""
-        return self.head(self.features(images), size=images.shape[-2:])
 
     def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), mask.unsqueeze(1))

@@ -1,0 +1,131 @@
+"""ClassificationTask: benign/malignant (or any label) classification with the paper's pooling head and focal loss."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from monai.losses import FocalLoss
+from torch import nn
+
+from usclip.data.splits import write_text_atomic
+from usclip.metrics import build_classification_metrics
+from usclip.models.heads import ClassificationHead
+from usclip.tasks.base import BaseTask
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationTask(BaseTask):
+    """Classify the lesion with a frozen CLIP encoder, adapters and the paper's head (1x1 conv, up-sampling, pooling).
+
+    Metrics (val and test): accuracy, AUC, sensitivity, specificity and F1; the best checkpoint has the highest
+    ``val_auc``. ``usclip test`` writes ``results/test_metrics.json`` and ``results/test_predictions.csv`` (one row
+    per image: id, label, class probabilities); ``usclip predict`` writes ``predictions/probabilities.csv``.
+
+    Args:
+        gamma: focal-loss focusing parameter (0 gives cross-entropy).
+        alpha: focal-loss weight of the positive class for two classes; ``None`` weighs classes equally.
+        **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
+            ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
+    """
+
+    task: Literal["segmentation", "classification"] = "classification"
+    monitor = "val_auc"
+    monitor_mode: Literal["min", "max"] = "max"
+
+    def __init__(self, gamma: float = 2.0, alpha: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+    def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
+        return ClassificationHead(
+            in_channels, self.hparams["num_classes"], self.hparams["embed_dim"], self.hparams["fusion"]
+        )
+
+    def configure_losses(self) -> None:  # noqa: D102
+        alpha = self.hparams["alpha"]
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (weight of the positive class) or null, got {alpha}")
+        self.criterion = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=self.hparams["gamma"], alpha=alpha)
+
+    def configure_metrics(self) -> None:  # noqa: D102
+        metrics = build_classification_metrics(self.hparams["num_classes"])
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+
+    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits.float(), label.view(-1, 1))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        loss = self._loss(self(batch["image"]), batch["label"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        self.log(f"{stage}_loss", self._loss(logits, batch["label"]), batch_size=logits.shape[0])
+        probs = logits.float().softmax(1)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(probs, batch["label"])
+        return probs
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:  # noqa: D102
+        self._test_rows: list[list[Any]] = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        probs = self._eval_step(batch, "test").cpu()
+        for j, image_id in enumerate(batch["id"]):
+            self._test_rows.append([image_id, int(batch["label"][j]), *(float(p) for p in probs[j])])
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        values = {k: float(v) for k, v in self.test_metrics.compute().items()}
+        self.log_dict(values)
+        self.test_metrics.reset()
+        out = self.run_dir
+        if out is None or not self.trainer.is_global_zero:
+            return
+        header = ["id", "label", *self._probability_columns()]
+        lines = [",".join(header)] + [",".join(str(v) for v in row) for row in self._test_rows]
+        write_text_atomic(out / "results" / "test_predictions.csv", "\n".join(lines) + "\n")
+        summary = {k.removeprefix("test_"): v for k, v in values.items()} | {"num_images": len(self._test_rows)}
+        write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
+        log.info("test results written to %s", out / "results")
+
+    def _probability_columns(self) -> list[str]:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        names = getattr(datamodule, "label_names", None)
+        if not names or len(names) != self.hparams["num_classes"]:
+            names = [str(i) for i in range(self.hparams["num_classes"])]
+        return [f"prob_{n}" for n in names]
+
+    def on_predict_epoch_start(self) -> None:  # noqa: D102
+        out = self.run_dir
+        self._predict_csv: Path | None = None
+        if out is not None:
+            self._predict_csv = out / "predictions" / "probabilities.csv"
+            self._predict_csv.parent.mkdir(parents=True, exist_ok=True)
+            with self._predict_csv.open("w", newline="") as f:
+                csv.writer(f).writerow(["id", "prediction", *self._probability_columns()])
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Append class probabilities to ``<run dir>/predictions/probabilities.csv`` (streamed, flat memory)."""
+        probs = self(batch["image"]).float().softmax(1).cpu()
+        rows = [
+            {"id": image_id, "prediction": int(probs[j].argmax()), "probs": probs[j].tolist()}
+            for j, image_id in enumerate(batch["id"])
+        ]
+        if self._predict_csv is not None:
+            with self._predict_csv.open("a", newline="") as f:
+                csv.writer(f).writerows([r["id"], r["prediction"], *r["probs"]] for r in rows)
+        return rows
