@@ -12,9 +12,10 @@ device-resident surface distance):
    ``binary_erosion`` default, which is what MONAI's ``get_mask_edges`` uses).
 2. The boundary pixels of every image are gathered with one ``nonzero`` and padded into a
    (B, 2, L, 2) coordinate tensor. Boundaries are short (a lesion at 224 x 224 has a few hundred boundary
-   pixels), so the exact nearest-boundary distance is a brute-force minimum over all pairs: one batched
-   matrix product of augmented coordinates per group of similar-sized images (exact integer arithmetic
-   in float32 when no spacing is given), reduced along both axes to get both directions at once.
+   pixels), so the exact nearest-boundary distance is a brute-force minimum over all pairs: batched
+   matrix products of augmented integer coordinates per group of similar-sized images (exact integer
+   arithmetic in float32; a spacing scales the per-axis terms), reduced along both axes to get both
+   directions at once.
 3. The percentile per image and direction is ``torch.nanquantile`` over the NaN-padded rows, which is
    ``torch.quantile`` (what MONAI calls) on the real values; the mean is a float64 sum.
 
@@ -49,7 +50,7 @@ SpacingLike = float | Sequence[float] | Tensor | None
 _EMPTY_POLICIES = ("worst", "nan")
 # Upper bound on the (queries x W) elements held at once by the nearest-boundary search (16 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 22
-# Largest side for which float32 squared distances (and the padding's) stay exact integers below 2**24.
+# Largest side for which float32 squared distances from 2-D integer coordinates stay exact (below 2**24).
 _MAX_EXACT_SIZE = 1024
 
 
@@ -177,18 +178,25 @@ def boundaries(masks: Tensor) -> Tensor:
         Bool tensor (B, H, W).
     """
     m, _ = _check_masks(masks, masks)
+    return _padded_boundaries(m)[:, 1:-1, 1:-1]
+
+
+def _padded_boundaries(m: Tensor) -> Tensor:
+    """Boundaries of bool masks (B, H, W), returned zero-padded by one pixel: bool (B, H+2, W+2), contiguous.
+
+    The erosion runs on the flattened padded batch, where the four neighbours are contiguous shifted slices
+    (about twice as fast as strided 2-D slices); the padding itself is background, so it is never boundary.
+    """
     b, h, w = m.shape
-    # Erode on the flattened, zero-padded batch so that the four neighbours are contiguous shifted slices
-    # (about twice as fast as strided 2-D slices); values computed on the padding are discarded.
     flat = torch.nn.functional.pad(m.view(torch.uint8), (1, 1, 1, 1)).view(-1)  # (B * (H+2) * (W+2),)
     row = w + 2
     first, n = row + 1, flat.numel() - 2 * row - 2
     eroded = flat[first : first + n] & flat[first - 1 : first - 1 + n]
     for offset in (1, -row, row):
         eroded &= flat[first + offset : first + offset + n]
-    full = torch.zeros_like(flat)
-    full[first : first + n] = eroded
-    return m ^ full.view(b, h + 2, w + 2)[:, 1:-1, 1:-1].view(torch.bool)
+    edge = flat.clone()
+    edge[first : first + n] ^= eroded  # eroded is a subset of the mask
+    return edge.view(torch.bool).view(b, h + 2, w + 2)
 
 
 def _plan_chunks(sizes: list[list[int]], budget: int) -> list[list[int]]:
@@ -220,49 +228,78 @@ def _plan_chunks(sizes: list[list[int]], budget: int) -> list[list[int]]:
     return chunks
 
 
-def _nearest(src: Tensor, dst: Tensor, budget: int) -> tuple[Tensor, Tensor]:
-    """Distance from each point of ``src`` to the nearest point of ``dst`` and back, in blocks of rows.
-
-    Squared distances come from one batched matrix product of augmented coordinates,
-    ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``. For integer pixel coordinates in float32 every term is an integer
-    below 2**24, so the result is exact (``torch.cdist``'s direct mode is not: it is off by up to 1e-2 in the
-    squared distance); the square root is taken after the minimum.
+def _augment(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """Augmented coordinates whose batched product is the squared distance ``|a|^2 + |b|^2 - 2 a.b``.
 
     Args:
-        src: point coordinates (C, N, 2).
-        dst: point coordinates (C, M, 2).
+        src: coordinates (C, N, k).
+        dst: coordinates (C, M, k).
+
+    Returns:
+        (C, N, k + 2) and (C, k + 2, M).
+    """
+    ones_src = src.new_ones((*src.shape[:-1], 1))
+    ones_dst = dst.new_ones((*dst.shape[:-1], 1))
+    src_aug = torch.cat([-2.0 * src, (src * src).sum(-1, keepdim=True), ones_src], dim=-1)
+    dst_aug = torch.cat([dst, ones_dst, (dst * dst).sum(-1, keepdim=True)], dim=-1)
+    return src_aug, dst_aug.transpose(1, 2)
+
+
+def _nearest(src: Tensor, dst: Tensor, ratio: Tensor | None, budget: int) -> tuple[Tensor, Tensor]:
+    """Squared distance from each point of ``src`` to the nearest point of ``dst`` and back, in blocks of rows.
+
+    Squared distances come from batched matrix products of augmented integer pixel coordinates. Every term is
+    an integer below 2**24, so float32 is exact (``torch.cdist`` is not: its direct mode is off by up to 1e-2
+    in the squared distance, its matrix-product mode loses more with non-integer coordinates). Anisotropic
+    spacing is applied as ``ratio * dy**2 + dx**2`` on the exact per-axis products (units of the column
+    spacing squared), so coincident points still give exactly 0.
+
+    Args:
+        src: integer pixel coordinates (C, N, 2), (row, column).
+        dst: integer pixel coordinates (C, M, 2).
+        ratio: per-image ``(row_spacing / col_spacing) ** 2`` (C,), or ``None`` for isotropic pixels.
         budget: element budget of one block of the (C, rows, M) distance matrix.
 
     Returns:
-        Distances (C, N) from ``src`` to ``dst`` and (C, M) from ``dst`` to ``src``.
+        Minimum squared distances (C, N) from ``src`` to ``dst`` and (C, M) from ``dst`` to ``src``.
     """
     c, n, _ = src.shape
     m = dst.shape[1]
-    ones = src.new_ones(())
-    src_aug = torch.cat([-2.0 * src, (src * src).sum(-1, keepdim=True), ones.expand(c, n, 1)], dim=-1)  # (C, N, 4)
-    dst_aug = torch.cat([dst, ones.expand(c, m, 1), (dst * dst).sum(-1, keepdim=True)], dim=-1)  # (C, M, 4)
-    dst_aug = dst_aug.transpose(1, 2)  # (C, 4, M)
+    if ratio is None:
+        both_src, both_dst = _augment(src, dst)
+    else:
+        row_src, row_dst = _augment(src[..., :1], dst[..., :1])
+        col_src, col_dst = _augment(src[..., 1:], dst[..., 1:])
+        row_scale = ratio.to(src.dtype).view(c, 1, 1)
     step = max(1, budget // (c * m))
     to_dst: list[Tensor] = []
     to_src: Tensor | None = None
     for start in range(0, n, step):
-        d2 = torch.bmm(src_aug[:, start : start + step], dst_aug)  # (C, rows, M) squared distances
+        rows = slice(start, start + step)
+        if ratio is None:
+            d2 = torch.bmm(both_src[:, rows], both_dst)  # (C, rows, M)
+        else:
+            d2 = torch.bmm(row_src[:, rows], row_dst).mul_(row_scale).baddbmm_(col_src[:, rows], col_dst)
         to_dst.append(d2.amin(dim=2))
         block = d2.amin(dim=1)
         to_src = block if to_src is None else torch.minimum(to_src, block)
     assert to_src is not None  # n > 0 for every planned chunk
-    return _sqrt(torch.cat(to_dst, dim=1)), _sqrt(to_src)
+    return torch.cat(to_dst, dim=1), to_src
 
 
-def _sqrt(squared: Tensor) -> Tensor:
-    """Square root of squared distances, taken in float64 where available.
+def _sqrt(squared: Tensor, scale: Tensor) -> Tensor:
+    """``sqrt(squared * scale)`` per image, taken in float64 where available, returned as float32.
 
     torch's float32 CPU ``sqrt`` is not always correctly rounded (``sqrt(545)`` comes out one ulp low), while
     MONAI's distances are float64 square roots rounded to float32; this matches them bit for bit.
+
+    Args:
+        squared: squared distances (C, N).
+        scale: per-image factor (C,), the squared column spacing.
     """
     if squared.device.type != "mps":
-        squared = squared.double()
-    return squared.clamp_min(0).sqrt().float()
+        squared, scale = squared.double(), scale.double()
+    return (squared.clamp_min(0) * scale.view(-1, 1)).sqrt().float()
 
 
 def surface_distances(
@@ -311,8 +348,8 @@ def surface_distances(
     sp = spacing_tensor(spacing, b, device)  # (B, 2): row, column spacing
     diagonal = torch.hypot(h * sp[:, 0], w * sp[:, 1])  # (B,)
 
-    edges = boundaries(torch.stack((p, t), dim=1).view(b * 2, h, w)).view(b, 2, h, w)  # 0: pred, 1: target
-    qb, qc, qi, qx = edges.nonzero(as_tuple=True)  # sorted by image, then mask
+    edges = _padded_boundaries(torch.stack((p, t), dim=1).view(b * 2, h, w))  # (2B, H+2, W+2), 0: pred, 1: target
+    qb, qc, qi, qx = edges.view(b, 2, h + 2, w + 2).nonzero(as_tuple=True)  # sorted by image, then mask
     segment = qb * 2 + qc
     flat_counts = torch.bincount(segment, minlength=2 * b)
     counts = flat_counts.view(b, 2)  # boundary pixels; 0 only for an empty mask
@@ -320,14 +357,18 @@ def surface_distances(
     sizes = counts.tolist()
     longest = max([1, *(max(s) for s in sizes)])
 
-    # Boundary coordinates in spacing units, padded per (image, mask): (B, 2, L, 2). Padding sits at
-    # (-2 diagonal, -2 diagonal), farther from every pixel than any two pixels are from each other.
+    # Integer boundary coordinates, padded per (image, mask): (B, 2, L, 2). Padding sits at
+    # (-2 diagonal, -2 diagonal) pixels, farther from every pixel than any two pixels are from each other.
     pos = torch.arange(qb.shape[0], device=device) - (flat_counts.cumsum(0) - flat_counts)[segment]
-    # float32 is exact for integer pixel coordinates; spacings need float64 (not available on MPS).
-    exact = spacing is None and max(h, w) <= _MAX_EXACT_SIZE
-    dtype = torch.float32 if exact or device.type == "mps" else torch.float64
-    coords = (-2.0 * diagonal).to(dtype).view(b, 1, 1, 1).expand(b, 2, longest, 2).clone()
-    coords[qb, qc, pos] = torch.stack((qi, qx), dim=1).to(dtype) * sp.to(dtype)[qb]
+    # float32 products of integer coordinates are exact up to _MAX_EXACT_SIZE (2D) or twice that per axis.
+    separable = max(h, w) > _MAX_EXACT_SIZE or not (spacing is None or isinstance(spacing, int | float))
+    big = max(h, w) > 2 * _MAX_EXACT_SIZE and device.type != "mps"
+    dtype = torch.float64 if big else torch.float32
+    pad = -2.0 * math.hypot(h, w)
+    coords = torch.full((b, 2, longest, 2), pad, device=device, dtype=dtype)
+    coords[qb, qc, pos] = torch.stack((qi, qx), dim=1).to(dtype) - 1.0  # undo the padding offset
+    ratio = (sp[:, 0] / sp[:, 1]) ** 2  # (B,) row spacing relative to column spacing, squared
+    col2 = sp[:, 1] ** 2  # (B,) squared column spacing: the unit of the squared distances
 
     # Nearest-boundary distances, padded with NaN: (B, 2, L); [:, 0] prediction -> target, [:, 1] back.
     dist = torch.full((b, 2, longest), math.nan, device=device)
@@ -335,9 +376,11 @@ def surface_distances(
         n = max(sizes[i][0] for i in chunk)
         m = max(sizes[i][1] for i in chunk)
         idx = torch.tensor(chunk, device=device)
-        to_target, to_pred = _nearest(coords[idx, 0, :n], coords[idx, 1, :m], _CHUNK_ELEMENTS)
-        dist[idx, 0, :n] = to_target
-        dist[idx, 1, :m] = to_pred
+        to_target, to_pred = _nearest(
+            coords[idx, 0, :n], coords[idx, 1, :m], ratio[idx] if separable else None, _CHUNK_ELEMENTS
+        )
+        dist[idx, 0, :n] = _sqrt(to_target, col2[idx])
+        dist[idx, 1, :m] = _sqrt(to_pred, col2[idx])
     valid = torch.arange(longest, device=device) < counts.unsqueeze(-1)  # (B, 2, L)
     dist = torch.where(valid, dist, math.nan)  # padding inside a chunk holds distances to the padding
 

@@ -20,7 +20,15 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from usclip.metrics.functional import EmptyPolicy, SpacingLike, dice, iou, spacing_tensor, surface_distances
+from usclip.metrics.functional import (
+    EmptyPolicy,
+    SpacingLike,
+    _check_masks,
+    dice,
+    iou,
+    spacing_tensor,
+    surface_distances,
+)
 
 __all__ = ["SEGMENTATION_METRICS", "SegmentationMetricName", "SegmentationMetrics"]
 
@@ -34,9 +42,9 @@ _FLAGS = ("empty_pred", "empty_target")
 class SegmentationMetrics(Metric):
     """Dice, IoU, HD95 and ASD per image, reduced to mean and standard deviation over images.
 
-    Every image is kept as one scalar per metric (states are lists concatenated across processes, so DDP
-    gathers every image), which gives the per-image table (:meth:`per_image`, :meth:`write_csv`) and exact
-    means over the whole test set.
+    Every image is kept as one scalar per metric and nothing else (states are per-image columns reduced
+    with ``"cat"``, so DDP gathers every image), which gives the per-image table (:meth:`per_image`,
+    :meth:`write_csv`) and exact means over the whole test set.
 
     Empty masks follow an explicit policy: both empty -> Dice = IoU = 1 and distances 0; exactly one empty
     -> Dice = IoU = 0 and distances = the image diagonal (in spacing units). ``compute()`` reports how many
@@ -96,9 +104,12 @@ class SegmentationMetrics(Metric):
         self.drop_nonfinite = drop_nonfinite
         self.percentile = percentile
         self.symmetric = symmetric
-        self.add_state("index", default=[], dist_reduce_fx="cat")
+        # One growing tensor per column rather than a list of per-batch tensors: a few long-lived allocations
+        # instead of one per batch, which otherwise pin glibc heap pages between large temporaries and make
+        # the resident size creep over a long test. Copying the column on each update costs O(images).
+        self.add_state("index", default=torch.zeros(0, dtype=torch.long), dist_reduce_fx="cat")
         for name in (*include, *_FLAGS):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+            self.add_state(name, default=torch.zeros(0), dist_reduce_fx="cat")
 
     def update(self, preds: Tensor, target: Tensor, index: Tensor | None = None, spacing: SpacingLike = None) -> None:
         """Add a batch of images.
@@ -116,9 +127,10 @@ class SegmentationMetrics(Metric):
         Raises:
             ValueError: on masks of the wrong shape or dtype, or an ``index`` that is not (B,) integers.
         """
-        batch = preds.shape[0] if preds.ndim > 0 else 0
+        _check_masks(preds, target)
+        batch = preds.shape[0]
         if index is None:
-            seen = sum(int(t.numel()) for t in self._column_list("index"))
+            seen = self._column("index").numel()
             index = torch.arange(seen, seen + batch, device=preds.device)
         elif not isinstance(index, Tensor) or index.shape != (batch,) or index.is_floating_point():
             raise ValueError(
@@ -141,21 +153,15 @@ class SegmentationMetrics(Metric):
         # The masks are validated by now. Flags are stored as float 0/1: bool does not gather on every backend.
         values["empty_pred"] = (~preds.bool().flatten(1).any(dim=1)).float()
         values["empty_target"] = (~target.bool().flatten(1).any(dim=1)).float()
-        self._column_list("index").append(index.detach().to(device=preds.device, dtype=torch.long))
-        for name in (*self.include, *_FLAGS):
-            self._column_list(name).append(values[name].detach())
-
-    def _column_list(self, name: str) -> list[Tensor]:
-        """One list state (a tensor once synchronised across processes, hence the wrap)."""
-        state = getattr(self, name)
-        return state if isinstance(state, list) else [state]
+        values["index"] = index.detach().long()
+        for name in ("index", *self.include, *_FLAGS):
+            column = self._column(name)
+            setattr(self, name, torch.cat([column, values[name].detach().to(column)]))
 
     def _column(self, name: str) -> Tensor:
-        """One state as a flat tensor (empty before the first update)."""
-        parts = self._column_list(name)
-        if not parts:
-            return torch.zeros(0, dtype=torch.long if name == "index" else torch.float32, device=self.device)
-        return dim_zero_cat(parts)
+        """One state as a flat tensor; the list a synchronisation may leave is concatenated."""
+        state = getattr(self, name)
+        return dim_zero_cat(state) if isinstance(state, list) else state
 
     def compute(self) -> dict[str, Tensor]:
         """Reduce over every image seen.

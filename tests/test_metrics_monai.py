@@ -1,0 +1,220 @@
+"""usclip.metrics against MONAI on pairs built from the real BUSI and DDTI masks.
+
+Targets are real masks resized to 224 x 224 (nearest); predictions are shifted, eroded, dilated, noisy,
+partly or wholly empty versions of them. Where both masks are non-empty, Dice, IoU, HD95 and ASD must equal
+MONAI's within 1e-4; elsewhere they must follow the empty-mask policy, and MONAI's value must be one the
+"nan" policy marks as non-finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+)
+from PIL import Image
+
+from usclip.metrics import SegmentationMetrics, dice, iou, surface_distances
+
+pytestmark = pytest.mark.realdata
+
+SIZE = 224
+MASKS_PER_DATASET = 100
+KINDS = (
+    "shift",
+    "erode",
+    "dilate",
+    "noise",
+    "partial",
+    "shift_dilate",
+    "identical",
+    "empty_pred",
+    "empty_target",
+    "both_empty",
+)
+PAIRS_PER_MASK = 3
+TOL = 1e-4
+
+
+@contextlib.contextmanager
+def _monai_settings() -> Iterator[None]:
+    """One torch thread and no warnings while MONAI runs.
+
+    MONAI loops over images with many tiny tensor ops, where intra-op threads only add overhead (and stall
+    when another process holds a core); it also warns for every empty mask.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load_masks(root: Path, dataset: str, count: int) -> torch.Tensor:
+    files = sorted((root / dataset / "masks").glob("*.png"))
+    assert len(files) >= count, f"expected at least {count} masks in {root / dataset / 'masks'}"
+    picked = files[:: len(files) // count][:count]
+    out = []
+    for path in picked:
+        mask = torch.from_numpy(np.array(Image.open(path)) > 0).float()[None, None]
+        out.append(F.interpolate(mask, size=(SIZE, SIZE), mode="nearest")[0, 0] > 0)
+    return torch.stack(out)
+
+
+def _shift(m: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    out = torch.zeros_like(m)
+    h, w = m.shape
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = m[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def _dilate_once(m: torch.Tensor) -> torch.Tensor:
+    """Dilate masks (N, H, W) by a 3x3 square: OR of shifted copies (max_pool2d is slow on CPU)."""
+    p = F.pad(m, (1, 1, 1, 1))
+    rows = p[:, :-2] | p[:, 1:-1] | p[:, 2:]  # (N, H, W + 2)
+    return rows[:, :, :-2] | rows[:, :, 1:-1] | rows[:, :, 2:]
+
+
+def _dilations(m: torch.Tensor, radii: int) -> dict[int, torch.Tensor]:
+    """{r: m dilated by a (2r+1) square} for r = 1..radii."""
+    out, x = {}, m
+    for r in range(1, radii + 1):
+        x = out[r] = _dilate_once(x)
+    return out
+
+
+def _perturb(
+    i: int, kind: str, targets: torch.Tensor, dilated: dict, eroded: dict, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, target) for target mask ``i``; ``dilated`` / ``eroded`` hold the batch per radius."""
+
+    def rint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    m = targets[i]
+    empty = torch.zeros_like(m)
+    if kind == "shift":
+        return _shift(m, rint(-10, 10), rint(-10, 10)), m
+    if kind == "erode":
+        return eroded[rint(1, 4)][i], m  # may erase a thin mask entirely: an empty prediction
+    if kind == "dilate":
+        return dilated[rint(1, 5)][i], m
+    if kind == "noise":
+        return m ^ (torch.rand(m.shape, generator=g) < 0.01), m
+    if kind == "partial":
+        keep = torch.arange(SIZE)[None, :] < rint(0, SIZE)
+        return m & keep, m
+    if kind == "shift_dilate":
+        return _shift(dilated[rint(1, 3)][i], rint(-20, 20), rint(-20, 20)), m
+    if kind == "identical":
+        return m.clone(), m
+    if kind == "empty_pred":
+        return empty, m
+    if kind == "empty_target":
+        return m, empty
+    if kind == "both_empty":
+        return empty, empty
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def pairs(shared_data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = torch.cat([_load_masks(shared_data, name, MASKS_PER_DATASET) for name in ("BUSI", "DDTI")])
+    g = torch.Generator().manual_seed(0)
+    dilated = _dilations(targets, 5)
+    eroded = {r: ~x for r, x in _dilations(~targets, 4).items()}  # outside the image counts as foreground
+    preds, refs = [], []
+    for i in range(targets.shape[0]):
+        for j in range(PAIRS_PER_MASK):
+            kind = KINDS[(i * PAIRS_PER_MASK + j) % len(KINDS)]
+            p, t = _perturb(i, kind, targets, dilated, eroded, g)
+            preds.append(p)
+            refs.append(t)
+    return torch.stack(preds), torch.stack(refs)
+
+
+@pytest.fixture(scope="module")
+def monai_values(pairs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p, t = (x[:, None].float() for x in pairs)  # MONAI wants (B, C, H, W)
+    with _monai_settings():
+        return {
+            "dice": compute_dice(p, t, include_background=True)[:, 0],
+            "iou": compute_iou(p, t, include_background=True)[:, 0],
+            "hd95": compute_hausdorff_distance(p, t, percentile=95)[:, 0],
+            "asd": compute_average_surface_distance(p, t, symmetric=True)[:, 0],
+        }
+
+
+def test_equals_monai_where_both_masks_are_non_empty(pairs, monai_values):
+    p, t = pairs
+    assert p.shape[0] >= 500
+    ours = {"dice": dice(p, t), "iou": iou(p, t)}
+    ours["hd95"], ours["asd"] = surface_distances(p, t)
+    both = p.flatten(1).any(1) & t.flatten(1).any(1)
+    assert int(both.sum()) >= 400
+    for name, values in ours.items():
+        diff = (values[both] - monai_values[name][both]).abs()
+        assert diff.max().item() <= TOL, f"{name}: max |ours - MONAI| = {diff.max().item():.3g}"
+
+
+def test_empty_masks_follow_policy_where_monai_is_not_finite(pairs, monai_values):
+    p, t = pairs
+    empty_p, empty_t = ~p.flatten(1).any(1), ~t.flatten(1).any(1)
+    both, one = empty_p & empty_t, empty_p ^ empty_t
+    assert int(both.sum()) > 0 and int((empty_p & ~empty_t).sum()) > 0 and int((empty_t & ~empty_p).sum()) > 0
+    hd, asd_ = surface_distances(p, t)
+    diagonal = math.hypot(SIZE, SIZE)
+    assert torch.all(hd[both] == 0) and torch.all(asd_[both] == 0)
+    assert torch.allclose(hd[one], torch.full_like(hd[one], diagonal))
+    assert torch.allclose(asd_[one], torch.full_like(asd_[one], diagonal))
+    assert torch.all(dice(p, t)[both] == 1) and torch.all(dice(p, t)[one] == 0)
+    assert torch.all(iou(p, t)[both] == 1) and torch.all(iou(p, t)[one] == 0)
+    # MONAI's distances are NaN / inf exactly where the "nan" policy gives NaN.
+    nan_hd, nan_asd = surface_distances(p, t, empty="nan")
+    for name, ours in (("hd95", nan_hd), ("asd", nan_asd)):
+        assert torch.equal(~torch.isfinite(monai_values[name]), torch.isnan(ours)), name
+
+
+def test_drop_nonfinite_reproduces_monai_then_drop(pairs, monai_values):
+    p, t = pairs
+    metric = SegmentationMetrics(drop_nonfinite=True)
+    for start in range(0, p.shape[0], 64):
+        metric.update(p[start : start + 64], t[start : start + 64])
+    out = metric.compute()
+    for name in ("hd95", "asd"):
+        reference = monai_values[name][torch.isfinite(monai_values[name])].double()
+        assert out[name].item() == pytest.approx(reference.mean().item(), abs=TOL)
+        assert out[f"{name}_std"].item() == pytest.approx(reference.std(correction=0).item(), abs=TOL)
+    assert out["empty_preds"].item() == int((~p.flatten(1).any(1)).sum())
+
+
+def test_equals_monai_with_anisotropic_spacing(pairs):
+    p, t = pairs
+    both = (p.flatten(1).any(1) & t.flatten(1).any(1)).nonzero()[:, 0][:60]
+    p, t = p[both], t[both]
+    spacing = (0.6, 0.9)  # (row, column), MONAI's order
+    with _monai_settings():
+        ref_hd = compute_hausdorff_distance(p[:, None].float(), t[:, None].float(), percentile=95, spacing=spacing)
+        ref_asd = compute_average_surface_distance(
+            p[:, None].float(), t[:, None].float(), symmetric=True, spacing=spacing
+        )
+    hd, asd_ = surface_distances(p, t, spacing=spacing)
+    assert (hd - ref_hd[:, 0]).abs().max().item() <= TOL
+    assert (asd_ - ref_asd[:, 0]).abs().max().item() <= TOL
