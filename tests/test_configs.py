@@ -1,4 +1,8 @@
-"""Every shipped YAML under configs/ parses and instantiates (tiny encoder, synthetic root, run=False)."""
+"""Every shipped YAML under configs/ parses and instantiates with run=False.
+
+Weights cannot be downloaded here, so each run swaps in a small architecture of the same family with random
+weights (the tiny open_clip ViT, timm's test ViT) and a synthetic-data root; everything else comes from the YAML.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,46 @@ from pathlib import Path
 import pytest
 
 from usclip.cli import main
-from usclip.tasks import BaseTask
+from usclip.tasks import BaseTask, ClassificationTask
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+TOP = sorted(CONFIG_DIR.glob("*.yaml"))
+OVERLAYS = sorted((CONFIG_DIR / "adapters").glob("*.yaml")) + sorted((CONFIG_DIR / "baselines").glob("*.yaml"))
+TINY_CLIP = ["--model.init_args.model_name=usclip-test-vit", "--model.init_args.layers=[1,2,3]"]
+#: per overlay: the base config it extends and the small stand-in for its weights
+OVERLAY_CASES = {
+    "unet": ("busi_seg", []),
+    "resnet18": ("busi_cls", []),
+    "dinov2": ("busi_seg", ["--model.init_args.model_name=timm:test_vit", "--model.init_args.layers=[0,1]"]),
+}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.name) for c in CONFIGS])
-def test_shipped_config_instantiates(config: Path, tmp_path: Path):
-    cli = main(
-        [
-            "--config",
-            str(config),
-            # no weights can be downloaded here: the tiny architecture with random weights stands in
-            "--model.init_args.model_name=usclip-test-vit",
-            "--model.init_args.pretrained=null",
-            "--model.init_args.layers=[1,2,3]",
-            "--data.init_args.image_size=64",
-            f"--data.init_args.root={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        run=False,
-    )
-    assert isinstance(cli.model, BaseTask)
-    assert cli.model.hparams.image_size == 64
-    assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+def _instantiate(configs: list[Path], overrides: list[str], tmp_path: Path) -> BaseTask:
+    args = [a for c in configs for a in ("--config", str(c))]
+    args += ["--model.init_args.pretrained=null", "--data.init_args.image_size=64"]
+    args += [f"--data.init_args.root={tmp_path}", f"--trainer.default_root_dir={tmp_path}", *overrides]
+    cli = main(args, run=False)
+    assert cli.model.hparams["image_size"] == 64  # linked from data
+    assert cli.model.hparams["num_classes"] == cli.datamodule.num_classes
     assert any(p.requires_grad for p in cli.model.parameters())
+    return cli.model
+
+
+@pytest.mark.parametrize("config", TOP, ids=[c.name for c in TOP])
+def test_shipped_config_instantiates(config: Path, tmp_path: Path):
+    model = _instantiate([config], TINY_CLIP, tmp_path)
+    if config.stem != "demo":  # the paper's settings
+        assert model.hparams["lr"] == pytest.approx(1e-4) and tuple(model.hparams["betas"]) == (0.9, 0.95)
+        assert model.encoder_args["adapter"] == "mona"
+    assert isinstance(model, ClassificationTask) == config.stem.endswith("_cls")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[f"{o.parent.name}/{o.name}" for o in OVERLAYS])
+def test_overlay_config_instantiates(overlay: Path, tmp_path: Path):
+    base, overrides = OVERLAY_CASES.get(overlay.stem, ("busi_seg", TINY_CLIP))
+    model = _instantiate([CONFIG_DIR / f"{base}.yaml", overlay], overrides, tmp_path)
+    if overlay.parent.name == "adapters":
+        expected = None if overlay.stem == "none" else overlay.stem
+        assert model.encoder_args["adapter"] == expected
+    if overlay.stem in ("unet", "resnet18"):
+        assert model.hparams["head"] == "native" and all(p.requires_grad for p in model.parameters())
