@@ -353,3 +353,10 @@ def test_roc_curve_binary_and_multiclass():
     assert isinstance(fprs, list) and len(fprs) == 3 and len(tprs) == 3
     with pytest.raises(ValueError, match="num_classes"):
         build_classification_metrics(1)
+
+
+def test_empty_batch_gives_empty_results():
+    none = torch.zeros(0, 5, 7, dtype=torch.bool)
+    result = surface_distances(none, none)
+    assert result.hd.shape == (0,) and result.asd.shape == (0,)
+    assert dice(none, none).shape == (0,)

@@ -48,7 +48,7 @@ EmptyPolicy = Literal["worst", "nan"]
 SpacingLike = float | Sequence[float] | Tensor | None
 
 _EMPTY_POLICIES = ("worst", "nan")
-# Upper bound on the (queries x W) elements held at once by the nearest-boundary search (16 MiB in float32).
+# Upper bound on the elements of one block of pairwise squared distances (images x rows x columns; 16 MiB).
 _CHUNK_ELEMENTS = 1 << 22
 # Largest side for which float32 squared distances from 2-D integer coordinates stay exact (below 2**24).
 _MAX_EXACT_SIZE = 1024
@@ -346,6 +346,8 @@ def surface_distances(
     b, h, w = p.shape
     device = p.device
     sp = spacing_tensor(spacing, b, device)  # (B, 2): row, column spacing
+    if b == 0:
+        return SurfaceDistances(torch.zeros(0, device=device), torch.zeros(0, device=device))
     diagonal = torch.hypot(h * sp[:, 0], w * sp[:, 1])  # (B,)
 
     edges = _padded_boundaries(torch.stack((p, t), dim=1).view(b * 2, h, w))  # (2B, H+2, W+2), 0: pred, 1: target
