@@ -70,10 +70,11 @@ class SegmentationHead(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-class ClassificationHead(nn.Module):
+class ClassificationHead(SegmentationHead):
     """Fused features -> 1x1 conv (class activation maps) -> bilinear up-sampling -> adaptive average pooling.
 
-    No MLP, as in the paper. ``forward(..., return_cam=True)`` also returns the up-sampled class activation maps.
+    The segmentation head's maps, pooled: no MLP, as in the paper. ``forward(..., return_cam=True)`` also returns
+    the up-sampled class activation maps.
 
     Args:
         in_channels: channels of each encoder feature map.
@@ -85,15 +86,13 @@ class ClassificationHead(nn.Module):
     def __init__(
         self, in_channels: Sequence[int], num_classes: int = 2, embed_dim: int = 512, fusion: Fusion = "concat"
     ) -> None:
-        super().__init__()
-        self.reduce = FeatureReducer(in_channels, embed_dim, fusion)
-        self.classifier = nn.Conv2d(self.reduce.out_channels, num_classes, kernel_size=1)
+        super().__init__(in_channels, num_classes, embed_dim, fusion)
         self.pool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, features: Sequence[torch.Tensor], size: tuple[int, int], return_cam: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, num_classes)``; with ``return_cam`` also the maps ``(B, num_classes, *size)``."""
-        cam = F.interpolate(self.classifier(self.reduce(features)), size=size, mode="bilinear", align_corners=False)
+        cam = super().forward(features, size)
         logits = self.pool(cam).flatten(1)  # (B, K, 1, 1) -> (B, K)
         return (logits, cam) if return_cam else logits
