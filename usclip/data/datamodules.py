@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from usclip.data.datasets import FolderDataset, encode_labels, list_images, read_csv_column
-from usclip.data.splits import SPLITS, read_split_file, split_ids, write_splits
+from usclip.data.cache import SampleCache
+from usclip.data.crop import CROP_MODES, CropMode
+from usclip.data.datasets import FolderDataset, encode_labels
+from usclip.data.layouts import LAYOUTS, DatasetIndex, Layout, index_dataset, index_folder
+from usclip.data.splits import (
+    SPLITS,
+    groups_across_splits,
+    read_split_file,
+    split_ids,
+    subsample_ids,
+    validate_split_files,
+    write_splits,
+)
 from usclip.data.transforms import DEFAULT_AUGMENTATIONS, build_transform
 
 log = logging.getLogger(__name__)
@@ -42,7 +52,11 @@ class SyntheticSpec:
 
 
 class BaseDataModule(L.LightningDataModule):
-    """Ultrasound images in the generic folder layout (``images/``, ``masks/``, ``labels.csv``, ``groups.csv``).
+    """Ultrasound images in the generic folder layout or the original BUSI release (see docs/data.md).
+
+    Images are read as grayscale, cropped to the scan area (``crop``), resized to ``image_size`` (area
+    interpolation; masks nearest) and repeated to three channels; the task normalises them with the encoder's own
+    mean and std.
 
     Args:
         root: dataset folder. May be ``None`` for a test-only run on ``test_root``.
@@ -51,13 +65,22 @@ class BaseDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         split_fractions: train, val and test fractions when no split files exist (8:1:1 in the paper).
         split_seed: seed of the split (independent of the training seed).
-        train_fraction: use only this seeded share of the training split (few-shot runs); 1.0 uses all.
+        train_fraction: use only this seeded, label-stratified share of the training split (few-shot runs:
+            0.01 ... 0.5); 1.0 uses all. The validation and test splits are unchanged.
         augmentations: train-time albumentations as ``{class name: kwargs}``; ``{}`` switches them off.
         label_names: class names in index order; inferred from ``labels.csv`` when ``None``.
-        test_root: an external test set (same layout) used for ``test`` instead of the held-out split.
-        predict_root: a folder of images (``images/`` or the images themselves) for ``predict``.
+        test_root: an external test set (same layouts) used for ``test`` instead of the held-out split; it is
+            never split or trained on.
+        predict_root: a folder of images (``images/`` or the images themselves) for ``predict``; ``None``
+            predicts the held-out test split (or ``test_root``).
         synthetic: generate a synthetic dataset into ``root`` first (demo and tests).
         seed: seed of the augmentation pipeline.
+        layout: ``folder`` (generic), ``busi`` (the original release: ``benign/``, ``malignant/``) or ``auto``.
+        crop: ``auto`` crops each image to its detected scan area (DICOM: the file's ultrasound region),
+            ``boxes`` to the boxes in ``boxes.csv`` (``id,x0,y0,x1,y1``), ``none`` keeps the whole image.
+            Samples carry ``crop_box`` so that predictions map back to the original image.
+        cache_mb: memory budget (MB) of each worker's cache of decoded and cropped images; 0 switches it off.
+        cache_dir: also cache decoded and cropped images as ``.npz`` files here (shared by workers and runs).
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
@@ -79,12 +102,22 @@ class BaseDataModule(L.LightningDataModule):
         predict_root: str | None = None,
         synthetic: SyntheticSpec | None = None,
         seed: int | None = 0,
+        layout: Layout = "auto",
+        crop: CropMode = "auto",
+        cache_mb: float = 1024.0,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+        if crop not in CROP_MODES:
+            raise ValueError(f"data.crop must be one of {CROP_MODES}, got {crop!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+        if cache_mb < 0:
+            raise ValueError(f"data.cache_mb must be >= 0 (0 switches the memory cache off), got {cache_mb}")
         if root is None and synthetic is not None:
             raise ValueError("synthetic data needs a root folder to be written to; set data.root")
         self.save_hyperparameters(ignore=["synthetic"])
@@ -98,8 +131,12 @@ class BaseDataModule(L.LightningDataModule):
         self.synthetic = synthetic
         self.seed = seed
         self.label_names = label_names
+        self.layout = layout
+        self.crop: CropMode = crop
+        self.cache = SampleCache(cache_mb, cache_dir) if cache_mb > 0 or cache_dir else None
         self.splits: dict[str, list[str]] = {}
         self._labels: dict[str, int] | None = None
+        self._index: DatasetIndex | None = None
 
     # ----------------------------------------------------------------- preparation
     def prepare_data(self) -> None:
@@ -109,13 +146,13 @@ class BaseDataModule(L.LightningDataModule):
 
             write_synthetic_dataset(self.root, **asdict(self.synthetic))
 
-    def _read_labels(self, root: Path) -> dict[str, int] | None:
-        path = root / "labels.csv"
-        if not path.is_file():
+    def _encode_labels(self, index: DatasetIndex) -> dict[str, int] | None:
+        source = index.root / "labels.csv" if index.layout == "folder" else index.root
+        if not index.labels:
             if self.requires_labels:
-                raise FileNotFoundError(f"{path} is required for classification (header: id,label)")
+                raise FileNotFoundError(f"{source} is required for classification (header: id,label)")
             return None
-        labels, names = encode_labels(read_csv_column(path, "label"), self.label_names)
+        labels, names = encode_labels(index.labels, self.label_names, source=source)
         if self.label_names is None:
             self.label_names = names
         return labels
@@ -126,31 +163,46 @@ class BaseDataModule(L.LightningDataModule):
         return 2 if not self.requires_labels else len(self.label_names or ("0", "1"))
 
     def _make_splits(self) -> dict[str, list[str]]:
-        assert self.root is not None
-        ids = sorted(list_images(self.root / "images"))
-        predefined = {s: self.root / f"{s}.txt" for s in SPLITS if (self.root / f"{s}.txt").is_file()}
+        assert self.root is not None and self._index is not None
+        index = self._index
+        ids = index.ids
+        files = {s: self.root / f"{s}.txt" for s in SPLITS if (self.root / f"{s}.txt").is_file()}
+        predefined = {s: read_split_file(p) for s, p in files.items()}
+        validate_split_files(predefined, files, ids)
         if len(predefined) == 3:
-            return {s: read_split_file(p) for s, p in predefined.items()}
-        groups_path = self.root / "groups.csv"
-        groups = read_csv_column(groups_path, "group") if groups_path.is_file() else None
-        fractions = list(self.hparams["split_fractions"])
-        held: list[str] = []
-        if "test" in predefined:  # predefined test set; the rest split train:val in the remaining proportion
-            held = read_split_file(predefined["test"])
-            unknown = sorted(set(held) - set(ids))
-            if unknown:
-                raise ValueError(f"{predefined['test']} names ids without an image: {unknown[:5]}")
-            ids = [i for i in ids if i not in set(held)]
-            fractions[2] = 0.0
-        splits = split_ids(ids, fractions, seed=self.hparams["split_seed"], groups=groups, labels=self._labels)
-        if held:
-            splits["test"] = sorted(held)
+            unused = len(ids) - sum(len(v) for v in predefined.values())
+            if unused:
+                log.warning("%d images of %s are in none of the split files and are not used", unused, self.root)
+            splits = predefined
+        elif predefined and set(predefined) != {"test"}:
+            raise ValueError(
+                f"{self.root}: found split files {sorted(p.name for p in files.values())}; give all three "
+                "(train.txt, val.txt, test.txt), test.txt alone (the rest is split train:val), or none"
+            )
+        else:
+            fractions = list(self.hparams["split_fractions"])
+            held = predefined.get("test", [])
+            if held:  # predefined test set; the rest split train:val in the remaining proportion
+                ids = [i for i in ids if i not in set(held)]
+                fractions[2] = 0.0
+            groups = index.groups or None
+            splits = split_ids(ids, fractions, seed=self.hparams["split_seed"], groups=groups, labels=self._labels)
+            if held:
+                splits["test"] = sorted(held)
+        crossing = groups_across_splits(splits, index.groups)
+        if crossing:
+            log.warning(
+                "%d groups of groups.csv span several splits (e.g. %s); duplicates may leak between them",
+                len(crossing),
+                dict(list(crossing.items())[:3]),
+            )
         return splits
 
     def setup(self, stage: str) -> None:
         """Read labels and fix the split (unless a checkpoint already carried one)."""
         if self.root is not None:
-            self._labels = self._read_labels(self.root)
+            self._index = index_dataset(self.root, self.layout, masks=self.requires_masks)
+            self._labels = self._encode_labels(self._index)
             if not self.splits:
                 self.splits = self._make_splits()
                 self._subsample_train()
@@ -162,10 +214,8 @@ class BaseDataModule(L.LightningDataModule):
         frac = self.hparams["train_fraction"]
         if frac < 1.0:
             train = self.splits["train"]
-            rng = np.random.default_rng(self.hparams["split_seed"])
-            keep = max(1, round(frac * len(train)))
-            self.splits["train"] = sorted(rng.choice(train, size=keep, replace=False).tolist())
-            log.info("train_fraction=%s: using %d of %d training images", frac, keep, len(train))
+            self.splits["train"] = subsample_ids(train, frac, seed=self.hparams["split_seed"], labels=self._labels)
+            log.info("train_fraction=%s: using %d of %d training images", frac, len(self.splits["train"]), len(train))
 
     def _write_split_files(self) -> None:
         trainer = getattr(self, "trainer", None)
@@ -185,25 +235,49 @@ class BaseDataModule(L.LightningDataModule):
         self._write_split_files()
 
     # ----------------------------------------------------------------- datasets and loaders
-    def _dataset(self, split: str) -> Dataset:
-        train = split == "train"
+    def _folder_dataset(
+        self,
+        index: DatasetIndex,
+        ids: list[str],
+        labels: dict[str, int] | None,
+        train: bool = False,
+        masks: bool = True,
+    ) -> Dataset:
         transform = build_transform(self.image_size, self.augmentations if train else None, seed=self.seed)
-        if split == "test" and self.test_root is not None:
-            labels = self._read_labels(self.test_root)
-            ids = sorted(list_images(self.test_root / "images"))
-            return FolderDataset(self.test_root, ids, labels, transform, with_masks=self.requires_masks)
-        if split == "predict":
-            if self.predict_root is None:
-                raise ValueError("predict needs data.predict_root: a folder of images (or with an images/ folder)")
+        if labels is not None and not self.requires_labels and any(i not in labels for i in ids):
+            log.warning("%s: some images have no label; samples are served without labels", index.root)
+            labels = None
+        return FolderDataset(
+            index.root,
+            ids,
+            labels,
+            transform,
+            with_masks=masks,
+            crop=self.crop,
+            index=index,
+            cache=self.cache,
+        )
+
+    def _dataset(self, split: str) -> Dataset:
+        if split == "predict" and self.predict_root is not None:
             image_dir = "images" if (self.predict_root / "images").is_dir() else "."  # or a bare folder of images
-            ids = sorted(list_images(self.predict_root / image_dir))
-            return FolderDataset(self.predict_root, ids, None, transform, with_masks=False, image_dir=image_dir)
-        if self.root is None:
-            raise ValueError(f"data.root is required for the {split!r} split")
-        ids = self.splits.get(split) or []
+            index = index_folder(self.predict_root, image_dir, masks=False)
+            return self._folder_dataset(index, index.ids, None, masks=False)
+        if split in ("test", "predict") and self.test_root is not None:
+            test = split == "test"
+            index = index_dataset(self.test_root, self.layout, masks=self.requires_masks and test)
+            return self._folder_dataset(index, index.ids, self._encode_labels(index) if test else None, masks=test)
+        if self.root is None or self._index is None:
+            raise ValueError(f"data.root is required for the {split!r} split (or data.test_root for test/predict)")
+        name = "test" if split == "predict" else split
+        ids = self.splits.get(name) or []
         if not ids:
-            raise ValueError(f"the {split!r} split of {self.root} is empty; check split_fractions or the split files")
-        return FolderDataset(self.root, ids, self._labels, transform, with_masks=self.requires_masks)
+            raise ValueError(f"the {name!r} split of {self.root} is empty; check split_fractions or the split files")
+        predict = split == "predict"
+        labels = None if predict else self._labels
+        return self._folder_dataset(
+            self._index, ids, labels, train=split == "train", masks=self.requires_masks and not predict
+        )
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         return DataLoader(

@@ -1,83 +1,71 @@
-"""Datasets over the generic ultrasound folder layout.
+"""Datasets over an indexed ultrasound folder (generic layout or BUSI release; see ``usclip.data.layouts``).
 
-Layout (see ``docs/data.md``)::
+Samples are dicts:
 
-    root/images/<id>.png        grayscale or RGB image
-    root/masks/<id>.png         lesion mask, same stem (0 = background, > 0 = lesion); optional
-    root/labels.csv             id,label   (label: class name or integer); optional
-    root/groups.csv             id,group   (duplicates, patients: kept on one side of a split); optional
-    root/{train,val,test}.txt   predefined split files; optional
+- ``image``: float32, 3 x H x W in [0, 1] (grayscale repeated to CLIP's three channels);
+- ``mask``: int64, H x W in {0, 1}, where masks exist;
+- ``label``: int64, where labels exist;
+- ``id`` (str), ``index`` (int64, position in the dataset);
+- ``orig_size``: int64 ``[H, W]`` of the file on disk;
+- ``crop_box``: int64 ``[x0, y0, x1, y1]`` of the crop in the original image (end exclusive), so that a
+  prediction maps back with :func:`usclip.data.crop.paste_back`;
+- ``spacing``: float32 ``[row, column]`` pixel spacing of the original image in millimetres (DICOM), NaN when
+  unknown.
 
-Samples are dicts: ``image`` (float32, 3 x H x W in [0, 1]), ``mask`` (int64, H x W in {0, 1}) where masks exist,
-``label`` (int64) where labels exist, ``id`` (str), ``index`` (int64, position in the dataset) and
-``orig_size`` (int64, [H, W] of the file on disk).
-Normalisation with the encoder's mean and std happens in the model, on the device.
+Normalisation with the encoder's mean and std happens in the task, on the device: the data does not know the
+model.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from usclip.data.cache import DecodedSample, SampleCache, file_key
+from usclip.data.crop import CROP_MODES, CropMode, check_box, crop_box_for
+from usclip.data.imageio import _note_once, load_grayscale, read_image, read_mask
+from usclip.data.layouts import IMAGE_SUFFIXES, DatasetIndex, index_folder, list_images, read_csv_column
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "FolderDataset",
+    "decode_sample",
+    "encode_labels",
+    "list_images",
+    "load_grayscale",
+    "read_csv_column",
+]
 
 
-def list_images(folder: str | Path) -> dict[str, Path]:
-    """Map stem -> path for the image files in ``folder`` (sorted by stem).
-
-    Raises:
-        FileNotFoundError: if ``folder`` does not exist or holds no image file.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return files
-
-
-def read_csv_column(path: str | Path, column: str) -> dict[str, str]:
-    """Read ``id -> column`` from a CSV file with a header row holding ``id`` and ``column``.
-
-    Raises:
-        ValueError: if the header lacks ``id`` or ``column``.
-    """
-    path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "id" not in fields or column not in fields:
-            raise ValueError(f"{path}: expected a header with columns 'id' and {column!r}, got {fields}")
-        return {row["id"]: row[column] for row in reader}
-
-
-def encode_labels(raw: dict[str, str], label_names: Sequence[str] | None) -> tuple[dict[str, int], list[str]]:
+def encode_labels(
+    raw: Mapping[str, str], label_names: Sequence[str] | None, source: str | Path = "labels.csv"
+) -> tuple[dict[str, int], list[str]]:
     """Turn raw label strings into class indices.
 
     Args:
         raw: id -> label as written in ``labels.csv`` (a class name or an integer).
         label_names: class names in index order; ``None`` infers them (sorted names, or integers as given).
+        source: where the labels come from, for error messages.
 
     Returns:
         ``(id -> index, label_names)``.
 
     Raises:
-        ValueError: if a label is not one of ``label_names``.
+        ValueError: if a label is not one of ``label_names`` (naming the ids that carry it).
     """
     values = sorted(set(raw.values()))
     if label_names is None:
-        if all(v.lstrip("-").isdigit() for v in values):
+        if values and all(v.lstrip("-").isdigit() for v in values):
+            if min(int(v) for v in values) < 0:
+                raise ValueError(f"{source}: integer labels must be >= 0, got {values}")
             n = max(int(v) for v in values) + 1
             return {k: int(v) for k, v in raw.items()}, [str(i) for i in range(n)]
         label_names = values
@@ -85,76 +73,169 @@ def encode_labels(raw: dict[str, str], label_names: Sequence[str] | None) -> tup
     lookup = {n: i for i, n in enumerate(names)} | {str(i): i for i in range(len(names))}
     unknown = sorted(set(values) - set(lookup))
     if unknown:
-        raise ValueError(f"labels {unknown} are not among label_names={names}; fix labels.csv or label_names")
+        ids = sorted(k for k, v in raw.items() if v in unknown)
+        raise ValueError(
+            f"{source}: labels {unknown} (ids {ids[:5]}) are not among label_names={names}; "
+            "fix the CSV or set data.label_names"
+        )
     return {k: lookup[v] for k, v in raw.items()}, names
 
 
-def load_grayscale(path: Path) -> np.ndarray:
-    """Load an image file as an H x W uint8 array (RGB is converted to luminance)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
+def decode_sample(
+    image_path: Path,
+    mask_paths: Sequence[Path] | None = None,
+    crop: CropMode = "none",
+    box: tuple[int, int, int, int] | None = None,
+) -> DecodedSample:
+    """Read an image (and its merged mask) and crop both to the scan area.
+
+    Args:
+        image_path: the image file.
+        mask_paths: its mask file(s), OR-merged; ``None`` for no mask.
+        crop: ``auto`` finds the scan area (DICOM: the file's ultrasound region), ``boxes`` uses ``box``,
+            ``none`` keeps the whole image.
+        box: the crop box for ``crop="boxes"``.
+
+    Raises:
+        ImageReadError: for unreadable images and bad masks (see ``usclip.data.imageio``).
+        ValueError: for a box outside the image.
+    """
+    spacing = None
+    region = None
+    if image_path.suffix.lower() == ".dcm":
+        from usclip.data.dicom import read_dicom
+
+        dcm = read_dicom(image_path)
+        image, spacing, region = dcm.image, dcm.spacing, dcm.region
+    else:
+        image = read_image(image_path)
+    mask = read_mask(mask_paths, image.shape) if mask_paths else None
+    if crop == "boxes":
+        if box is None:
+            raise KeyError(f"{image_path}: crop='boxes' but there is no box for this image in boxes.csv")
+        crop_box = check_box(box, image.shape, str(image_path))
+    elif crop == "auto" and region is not None:
+        crop_box = region
+    else:
+        crop_box = crop_box_for(image, crop, where=str(image_path))
+    x0, y0, x1, y1 = crop_box
+    if mask is not None:
+        cropped = mask[y0:y1, x0:x1]
+        lost = int(mask.sum()) - int(cropped.sum())
+        if lost:
+            _note_once(
+                "lost",
+                image_path,
+                "%s: %d lesion pixels of the mask lie outside the crop box %s and are dropped (check the crop, "
+                "or use crop='none')",
+                image_path,
+                lost,
+                crop_box,
+                level=logging.WARNING,
+            )
+        mask = np.ascontiguousarray(cropped)
+    return DecodedSample(
+        image=np.ascontiguousarray(image[y0:y1, x0:x1]),
+        mask=mask,
+        box=crop_box,
+        orig_size=(int(image.shape[0]), int(image.shape[1])),
+        spacing=spacing,
+    )
 
 
 class FolderDataset(Dataset):
-    """Images (and masks, labels) of the generic folder layout, for a given list of ids.
+    """Images (and masks, labels) of an indexed dataset folder, for a given list of ids.
 
     Args:
-        root: dataset folder holding ``images/`` (and optionally ``masks/``).
-        ids: the sample ids (file stems) to serve, in order.
+        root: dataset folder (generic layout: ``images/``, optionally ``masks/``).
+        ids: the sample ids to serve, in order.
         labels: id -> class index; ``None`` for no labels.
-        transform: an albumentations-style callable ``f(image=..., mask=...) -> dict`` applied to the uint8 arrays.
-        with_masks: read ``masks/<id>.*``; a missing mask file is an error.
+        transform: an albumentations-style callable ``f(image=..., mask=...) -> dict`` applied to the uint8 crops.
+        with_masks: serve masks; an id without a mask file is an error.
         image_dir: image subfolder of ``root`` (``"."`` for a bare folder of images).
+        crop: ``auto`` (find the scan area), ``boxes`` (``boxes.csv``) or ``none``.
+        index: a prepared :class:`DatasetIndex` (e.g. of the BUSI release); ``None`` indexes ``root``.
+        cache: cache of decoded and cropped arrays; ``None`` decodes every time.
+
+    Raises:
+        FileNotFoundError: if an id has no image or (``with_masks``) no mask, naming the ids and folder.
+        KeyError: if ``crop="boxes"`` and an id has no row in ``boxes.csv``.
+        ValueError: if an id has no label, or ``crop`` is unknown.
     """
 
     def __init__(
         self,
         root: str | Path,
         ids: Sequence[str],
-        labels: dict[str, int] | None = None,
+        labels: Mapping[str, int] | None = None,
         transform: Callable[..., dict[str, Any]] | None = None,
         with_masks: bool = True,
         image_dir: str = "images",
+        crop: CropMode = "none",
+        index: DatasetIndex | None = None,
+        cache: SampleCache | None = None,
     ) -> None:
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
         self.root = Path(root)
         self.ids = list(ids)
-        images = list_images(self.root / image_dir)
-        missing = [i for i in self.ids if i not in images]
+        self.index = index if index is not None else index_folder(self.root, image_dir, masks=with_masks)
+        image_folder = self.root / image_dir if index is None else self.root
+        missing = [i for i in self.ids if i not in self.index.images]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} ids have no image in {self.root / image_dir}: {missing[:5]}")
-        self.image_paths = [images[i] for i in self.ids]
-        self.mask_paths: list[Path] | None = None
+            raise FileNotFoundError(f"{len(missing)} ids have no image in {image_folder}: {missing[:5]}")
+        self.image_paths = [self.index.images[i] for i in self.ids]
+        self.mask_paths: list[tuple[Path, ...]] | None = None
         if with_masks:
-            masks = list_images(self.root / "masks")
-            missing = [i for i in self.ids if i not in masks]
+            missing = [i for i in self.ids if i not in self.index.masks]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} ids have no mask in {self.root / 'masks'}: {missing[:5]}")
-            self.mask_paths = [masks[i] for i in self.ids]
+                where = self.root / "masks" if self.index.layout == "folder" else self.root
+                raise FileNotFoundError(f"{len(missing)} ids have no mask in {where}: {missing[:5]}")
+            self.mask_paths = [self.index.masks[i] for i in self.ids]
+        if crop == "boxes":
+            missing = [i for i in self.ids if i not in self.index.boxes]
+            if missing:
+                raise KeyError(
+                    f"crop='boxes' but {self.root / 'boxes.csv'} has no box for {len(missing)} ids: {missing[:5]}; "
+                    "add them (id,x0,y0,x1,y1) or use crop='auto'"
+                )
         if labels is not None:
             missing = [i for i in self.ids if i not in labels]
             if missing:
                 raise ValueError(f"{len(missing)} ids have no label in {self.root / 'labels.csv'}: {missing[:5]}")
         self.labels = labels
         self.transform = transform
+        self.crop: CropMode = crop
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def decoded(self, index: int) -> DecodedSample:
+        """The decoded and cropped arrays of sample ``index`` (from the cache when there is one)."""
+        image_path = self.image_paths[index]
+        masks = self.mask_paths[index] if self.mask_paths is not None else None
+        box = self.index.boxes.get(self.ids[index]) if self.crop == "boxes" else None
+
+        def load() -> DecodedSample:
+            return decode_sample(image_path, masks, self.crop, box)
+
+        if self.cache is None:
+            return load()
+        return self.cache.get(file_key([image_path, *(masks or ())], self.crop, box), load)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_grayscale(self.image_paths[index])
+        d = self.decoded(index)
         sample: dict[str, Any] = {
             "id": self.ids[index],
             "index": torch.tensor(index),
-            "orig_size": torch.tensor(image.shape[:2]),
+            "orig_size": torch.tensor(d.orig_size),
+            "crop_box": torch.tensor(d.box, dtype=torch.int64),
+            "spacing": torch.tensor(d.spacing if d.spacing is not None else (float("nan"),) * 2, dtype=torch.float32),
         }
-        arrays: dict[str, np.ndarray] = {"image": image}
-        if self.mask_paths is not None:
-            mask = load_grayscale(self.mask_paths[index])
-            if mask.shape != image.shape:
-                raise ValueError(
-                    f"mask {self.mask_paths[index]} is {mask.shape[::-1]} but image is {image.shape[::-1]} (W x H)"
-                )
-            arrays["mask"] = (mask > 0).astype(np.uint8)
+        arrays: dict[str, np.ndarray] = {"image": d.image}
+        if d.mask is not None:
+            arrays["mask"] = d.mask
         if self.transform is not None:
             arrays = self.transform(**arrays)
         # (H, W) uint8 -> (3, H, W) float in [0, 1]; grayscale is repeated to CLIP's three channels.

@@ -81,6 +81,46 @@ def split_ids(
     return {s: sorted(v) for s, v in out.items()}
 
 
+def subsample_ids(
+    ids: Sequence[str], fraction: float, seed: int = 0, labels: Mapping[str, int] | None = None
+) -> list[str]:
+    """A seeded, label-stratified share of ``ids`` (few-shot training on 1 % ... 50 % of the training split).
+
+    The total is ``round(fraction * len(ids))`` (at least 1); it is shared among labels by largest remainder,
+    so each label keeps its proportion, and every label keeps at least one id when the total allows.
+
+    Raises:
+        ValueError: if ``fraction`` is not in (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0 or not ids:
+        return sorted(ids)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for i in sorted(ids):
+        strata[labels.get(i, -1) if labels else -1].append(i)
+    keys = sorted(strata)
+    total = max(1, round(fraction * len(ids)))
+    exact = np.array([fraction * len(strata[k]) for k in keys])
+    take = np.floor(exact).astype(int)
+    if total >= len(keys):
+        take = np.maximum(take, 1)
+    order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    j = 0
+    while take.sum() < total:
+        k = order[j % len(keys)]
+        if take[k] < len(strata[keys[k]]):
+            take[k] += 1
+        j += 1
+    while take.sum() > total:  # the minimum of one per label overshot: trim the largest strata
+        take[int(np.argmax(take))] -= 1
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for k, n in zip(keys, take, strict=True):
+        out += rng.choice(strata[k], size=int(n), replace=False).tolist()
+    return sorted(out)
+
+
 def read_split_file(path: str | Path) -> list[str]:
     """Ids listed in a split file (one per line; blank lines and ``#`` comments ignored)."""
     lines = Path(path).read_text().splitlines()
@@ -107,3 +147,40 @@ def write_splits(splits: Mapping[str, Sequence[str]], directory: str | Path) -> 
     for name, ids in splits.items():
         write_text_atomic(directory / f"{name}.txt", "".join(f"{i}\n" for i in ids))
     return directory
+
+
+def validate_split_files(splits: Mapping[str, Sequence[str]], files: Mapping[str, Path], ids: Sequence[str]) -> None:
+    """Check predefined split files against the dataset: every id exists and no id is in two splits.
+
+    Args:
+        splits: split name -> ids read from its file.
+        files: split name -> the file, for messages.
+        ids: the dataset's ids.
+
+    Raises:
+        ValueError: naming the split file and the ids that have no image or appear twice.
+    """
+    known = set(ids)
+    seen: dict[str, str] = {}
+    for name, members in splits.items():
+        unknown = [i for i in members if i not in known]
+        if unknown:
+            raise ValueError(
+                f"{files[name]}: {len(unknown)} ids have no image in the dataset: {unknown[:5]}; "
+                "remove them from the split file or add the images"
+            )
+        for i in members:
+            if i in seen:
+                where = "twice" if seen[i] == name else f"in {files[seen[i]]} too"
+                raise ValueError(f"{files[name]}: id {i!r} is listed {where}; an id belongs to one split")
+            seen[i] = name
+
+
+def groups_across_splits(splits: Mapping[str, Sequence[str]], groups: Mapping[str, str]) -> dict[str, list[str]]:
+    """Groups whose members lie in more than one split: group -> the splits it spans (empty when none)."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for name, members in splits.items():
+        for i in members:
+            if i in groups:
+                where[groups[i]].add(name)
+    return {g: sorted(s) for g, s in sorted(where.items()) if len(s) > 1}

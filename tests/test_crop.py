@@ -1,0 +1,114 @@
+"""Scan-area cropping on synthetic scans with known boxes, and mapping predictions back to the original image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from usclip.data import SegmentationDataModule
+from usclip.data.crop import check_box, find_scan_box, paste_back, read_boxes_csv
+from usclip.data.synthetic import generate_sample, write_synthetic_dataset
+
+# (seed, size): sector and linear scans at realistic screen sizes; text strokes at 64 px are as wide as the gaps
+# between text and scan, so tiny screens are out of scope.
+CASES = [(seed, size) for seed in range(6) for size in (128, 256, (200, 300))] + [(6, 512), (7, 512)]
+
+
+@pytest.mark.parametrize(("seed", "size"), CASES)
+def test_box_contains_scan_area_and_excludes_text(seed, size):
+    sample = generate_sample(seed, seed % 2, size)
+    x0, y0, x1, y1 = find_scan_box(sample.image)
+    tx0, ty0, tx1, ty1 = sample.box
+    # the whole scan area is inside the crop ...
+    assert x0 <= tx0 and y0 <= ty0 and x1 >= tx1 and y1 >= ty1, (sample.box, (x0, y0, x1, y1))
+    # ... and the text band above it, the grey bar and the depth ticks beside it are not (they start >= 2 px away)
+    assert y0 >= ty0 - 1 and x0 >= tx0 - 1 and x1 <= tx1 + 1 and y1 <= ty1 + 1, (sample.box, (x0, y0, x1, y1))
+    ui = sample.image.copy()
+    ui[ty0:ty1, tx0:tx1] = 0
+    assert ui[:ty0].any()  # the screen does carry a text band above the scan area ...
+    assert not ui[y0:y1, x0:x1].any()  # ... and no mark of the screen is in the crop
+
+
+def test_box_of_blank_and_full_images():
+    assert find_scan_box(np.zeros((100, 80), np.uint8)) == (0, 0, 80, 100)
+    speckle = np.random.default_rng(0).integers(30, 255, (90, 120), dtype=np.uint8)
+    assert find_scan_box(speckle) == (0, 0, 120, 90)
+    framed = np.zeros((100, 140), np.uint8)
+    framed[10:90, 20:130] = speckle[:80, :110]
+    assert find_scan_box(framed) == (20, 10, 130, 90)
+    rgb = np.repeat(framed[..., None], 3, axis=2)
+    assert find_scan_box(rgb) == (20, 10, 130, 90)
+
+
+def test_box_rejects_non_uint8():
+    with pytest.raises(ValueError, match=r"uint8.*float"):
+        find_scan_box(np.zeros((50, 50), np.float32))
+
+
+def test_check_box_and_boxes_csv(tmp_path):
+    assert check_box((1, 2, 10, 20), (20, 10), "x") == (1, 2, 10, 20)
+    with pytest.raises(ValueError, match=r"img\.png: crop box \(0, 0, 11, 20\) does not fit the 10x20 image"):
+        check_box((0, 0, 11, 20), (20, 10), "img.png")
+    p = tmp_path / "boxes.csv"
+    p.write_text("id,x0,y0,x1,y1\na,1,2,3,4\n")
+    assert read_boxes_csv(p) == {"a": (1, 2, 3, 4)}
+    p.write_text("id,x0,y0,x1,y1\na,1,2,3,4\na,1,2,3,x\n")
+    with pytest.raises(ValueError, match=r"boxes\.csv, line 3: box values must be integers"):
+        read_boxes_csv(p)
+    p.write_text("id,x0,y0,x1,y1\na,1,2,3,4\na,1,2,3,5\n")
+    with pytest.raises(ValueError, match=r"line 3: id 'a' appears twice"):
+        read_boxes_csv(p)
+    p.write_text("id,left,top\n")
+    with pytest.raises(ValueError, match=r"boxes\.csv: expected a header with columns \['id', 'x0'"):
+        read_boxes_csv(p)
+
+
+def test_paste_back_places_crop_prediction():
+    # a 2-class logit map on an 8x8 model grid, for a crop of 16 x 24 (W x H) at (5, 3) in a 40 x 30 image
+    logits = torch.zeros(2, 8, 8)
+    logits[1, 2:4, 4:8] = 5.0  # lesion in the right half of rows 2-3
+    out = paste_back(logits, torch.tensor([5, 3, 21, 27]), torch.tensor([30, 40]))
+    assert out.shape == (2, 30, 40)
+    mask = out.argmax(0)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    # rows 2-3 of 8 -> 6..11 of 24 (+3); columns 4-7 of 8 -> 8..15 of 16 (+5); bilinear edges may add a pixel
+    assert ys.min().item() in (8, 9) and ys.max().item() in (14, 15)
+    assert xs.min().item() in (12, 13) and xs.max().item() == 20
+    assert not mask[:3].any() and not mask[:, :5].any() and not mask[:, 21:].any()
+
+
+def test_paste_back_nearest_round_trip():
+    orig = torch.zeros(30, 40, dtype=torch.long)
+    orig[10:18, 12:20] = 1
+    box = (4, 6, 36, 30)  # 32 x 24 crop -> model 16 x 12 (exact factor 2)
+    crop = orig[6:30, 4:36]
+    small = crop[::2, ::2]
+    back = paste_back(small, box, (30, 40), mode="nearest")
+    assert back.dtype == torch.long and torch.equal(back, orig)
+    assert torch.equal(paste_back(small.float(), box, (30, 40), mode="nearest", fill=-1.0)[:6], -torch.ones(6, 40))
+    with pytest.raises(ValueError, match="does not fit"):
+        paste_back(small, (0, 0, 50, 30), (30, 40))
+    with pytest.raises(ValueError, match="prediction must be"):
+        paste_back(torch.zeros(1, 2, 4, 4), box, (30, 40))
+
+
+def test_datamodule_crop_modes_on_synthetic(tmp_path):
+    write_synthetic_dataset(tmp_path, num_samples=6, size=128, seed=3)
+    boxes = read_boxes_csv(tmp_path / "boxes.csv")
+    for crop in ("boxes", "auto", "none"):
+        dm = SegmentationDataModule(
+            str(tmp_path), image_size=32, batch_size=6, crop=crop, split_fractions=(1, 0, 0), augmentations={}
+        )
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["image"].shape == (6, 3, 32, 32) and batch["crop_box"].dtype == torch.int64
+        for sid, box in zip(batch["id"], batch["crop_box"].tolist(), strict=True):
+            if crop == "boxes":
+                assert tuple(box) == boxes[sid]
+            elif crop == "none":
+                assert box == [0, 0, 128, 128]
+            else:
+                t = boxes[sid]
+                assert box[0] <= t[0] and box[1] <= t[1] and box[2] >= t[2] and box[3] >= t[3]
+                assert box[0] >= t[0] - 1 and box[1] >= t[1] - 1 and box[2] <= t[2] + 1 and box[3] <= t[3] + 1
