@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 from PIL import Image
 
 from usclip.data import ClassificationDataModule, SegmentationDataModule
+from usclip.data.cache import SampleCache
 from usclip.data.datasets import FolderDataset, encode_labels, read_csv_column
-from usclip.data.splits import read_split_file, split_ids, write_splits
+from usclip.data.layouts import index_busi_release, index_dataset
+from usclip.data.splits import read_split_file, split_ids, subsample_ids, write_splits
 from usclip.data.transforms import build_augmentations, build_transform
 
 
@@ -163,3 +166,142 @@ def test_bad_arguments_are_named():
         SegmentationDataModule("x", train_fraction=0.0)
     with pytest.raises(ValueError, match="root"):
         SegmentationDataModule(None).setup("fit")
+
+
+# ------------------------------------------------------------------ layouts: BUSI release == generic folder
+def make_busi_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """The same 5 tiny BUSI-like cases written in the release layout (RGB, split masks) and the generic layout."""
+    rng = np.random.default_rng(3)
+    release, generic = tmp_path / "Dataset_BUSI_with_GT", tmp_path / "generic"
+    (generic / "images").mkdir(parents=True)
+    (generic / "masks").mkdir()
+    rows = ["id,label"]
+    cases = [("benign", 1, 1), ("benign", 2, 3), ("benign", 10, 1), ("malignant", 1, 2), ("malignant", 7, 1)]
+    for cls, n, parts in cases:
+        gray = rng.integers(20, 255, (24, 30), dtype=np.uint8)
+        masks = []
+        for k in range(parts):
+            m = np.zeros((24, 30), np.uint8)
+            m[2 + 6 * k : 6 + 6 * k, 3 + k : 12 + k] = 255
+            masks.append(m)
+        folder = release / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(folder / f"{cls} ({n}).png")
+        for k, m in enumerate(masks):
+            suffix = "_mask" if k == 0 else f"_mask_{k}"
+            Image.fromarray(m > 0).save(folder / f"{cls} ({n}){suffix}.png")  # 1-bit, as released
+        sid = f"{cls}_{n:03d}"
+        Image.fromarray(gray).save(generic / "images" / f"{sid}.png")
+        Image.fromarray(np.maximum.reduce(masks)).save(generic / "masks" / f"{sid}.png")
+        rows.append(f"{sid},{cls}")
+    (generic / "labels.csv").write_text("\n".join(rows) + "\n")
+    (release / "normal").mkdir()
+    Image.fromarray(np.zeros((24, 30), np.uint8)).save(release / "normal" / "normal (1).png")
+    Image.fromarray(np.zeros((24, 30), bool)).save(release / "normal" / "normal (1)_mask.png")
+    return release, generic
+
+
+def test_busi_release_reader_equals_generic_reader(tmp_path):
+    release, generic = make_busi_pair(tmp_path)
+    a, b = index_dataset(release), index_dataset(generic)
+    assert a.layout == "busi" and b.layout == "folder"
+    assert a.ids == b.ids == ["benign_001", "benign_002", "benign_010", "malignant_001", "malignant_007"]
+    assert a.labels == b.labels and len(a.masks["benign_002"]) == 3
+    assert [p.name for p in a.masks["benign_002"]] == [
+        "benign (2)_mask.png",
+        "benign (2)_mask_1.png",
+        "benign (2)_mask_2.png",
+    ]
+    labels, _ = encode_labels(a.labels, None)
+    ds_a = FolderDataset(release, a.ids, labels, build_transform(16), index=a)
+    ds_b = FolderDataset(generic, b.ids, labels, build_transform(16), index=b)
+    for i in range(len(a.ids)):
+        sa, sb = ds_a[i], ds_b[i]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):  # spacing is NaN (unknown) in both
+                torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, equal_nan=True)
+            else:
+                assert sa[key] == sb[key]
+    # normal/ only on request; the DataModule reads the release directly
+    assert "normal_001" in index_busi_release(release, include_normal=True).ids
+    dm = ClassificationDataModule(str(release), image_size=16, split_fractions=(0.6, 0.2, 0.2))
+    dm.setup("fit")
+    assert dm.label_names == ["benign", "malignant"] and sum(len(v) for v in dm.splits.values()) == 5
+
+
+def test_busi_release_bad_names(tmp_path):
+    release, _ = make_busi_pair(tmp_path)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(release / "benign" / "benign 3.png")
+    with pytest.raises(ValueError, match=r"benign 3\.png: not a BUSI release file name; expected 'benign \(N\)\.png'"):
+        index_busi_release(release)
+    (release / "benign" / "benign 3.png").unlink()
+    (release / "malignant" / "malignant (7)_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 images have no '_mask' file: \['malignant \(7\)\.png'\]"):
+        index_busi_release(release)
+
+
+# ------------------------------------------------------------------ few-shot, predict, external test, cache
+def test_subsample_ids_is_stratified_and_seeded():
+    ids = [f"x{i:03d}" for i in range(200)]
+    labels = {i: int(int(i[1:]) < 50) for i in ids}  # 25 % positive
+    for fraction, expected in [(0.01, 2), (0.1, 20), (0.5, 100)]:
+        sub = subsample_ids(ids, fraction, seed=0, labels=labels)
+        assert len(sub) == expected and set(sub) <= set(ids)
+        assert sum(labels[i] for i in sub) == max(1, round(expected * 0.25))
+        assert subsample_ids(ids, fraction, seed=0, labels=labels) == sub
+    assert subsample_ids(ids, 0.1, seed=1, labels=labels) != subsample_ids(ids, 0.1, seed=0, labels=labels)
+    assert subsample_ids(ids, 1.0) == ids
+    with pytest.raises(ValueError, match="train_fraction"):
+        subsample_ids(ids, 0.0)
+
+
+def test_predict_defaults_to_the_held_out_test_split(tmp_path):
+    root = make_folder(tmp_path / "d", n=20)
+    dm = SegmentationDataModule(str(root), image_size=32, batch_size=8)
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert sorted(batch["id"]) == dm.splits["test"] and "mask" not in batch
+
+
+def test_external_test_set_without_root(tmp_path):
+    train_root = make_folder(tmp_path / "train", n=20)
+    external = make_folder(tmp_path / "external", n=6)
+    fitted = ClassificationDataModule(str(train_root), image_size=32)
+    fitted.setup("fit")
+    dm = ClassificationDataModule(None, image_size=32, test_root=str(external), batch_size=6)
+    dm.load_state_dict(fitted.state_dict())  # as `usclip test --ckpt_path` does
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["id"] == [f"s{i:02d}" for i in range(6)]
+    assert batch["label"].tolist() == [1, 0, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match=r"data\.root is required for 'fit'"):
+        dm.setup("fit")
+
+
+def test_partial_split_files_are_rejected(tmp_path):
+    root = make_folder(tmp_path / "d", n=6)
+    (root / "train.txt").write_text("s00\n")
+    with pytest.raises(ValueError, match=r"found split files \['train\.txt'\]; give all three"):
+        SegmentationDataModule(str(root)).setup("fit")
+
+
+def test_memory_and_disk_cache(tmp_path):
+    root = make_folder(tmp_path / "d", n=4)
+    cache = SampleCache(max_mb=16, directory=tmp_path / "cache")
+    ds = FolderDataset(root, ["s00", "s01"], transform=build_transform(16), crop="auto", cache=cache)
+    first = ds[0]
+    assert (cache.misses, cache.hits) == (1, 0) and len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+    again = ds[0]
+    assert (cache.misses, cache.hits) == (1, 1) and torch.equal(first["image"], again["image"])
+    # a fresh process-level cache reads the disk entry; a changed file is decoded again
+    fresh = SampleCache(max_mb=0, directory=tmp_path / "cache")
+    ds2 = FolderDataset(root, ["s00", "s01"], transform=build_transform(16), crop="auto", cache=fresh)
+    assert torch.equal(ds2[0]["image"], first["image"]) and (fresh.hits, fresh.misses) == (1, 0)
+    Image.fromarray(np.full((40, 50), 7, np.uint8)).save(root / "images" / "s00.png")
+    os.utime(root / "images" / "s00.png", ns=(1, 1))
+    assert float(ds2[0]["image"].max()) == pytest.approx(7 / 255) and fresh.misses == 1
+    # the memory level is bounded
+    small = SampleCache(max_mb=3000 / 2**20)  # room for one 40 x 50 image + mask (4000 bytes) is not there
+    FolderDataset(root, ["s00", "s01"], cache=small)[0]
+    assert len(small) == 0

@@ -49,6 +49,21 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return (padded | (1 - flood))[1:-1, 1:-1]
 
 
+def _aligned(other: np.ndarray, main: np.ndarray, min_area: float) -> bool:
+    """Whether a component continues the main one across a dark band.
+
+    It does when it is as wide and in the same columns (a deep region below a black cyst or shadow), or as tall
+    and in the same rows (a second pane of a dual view).
+    """
+    if other[cv2.CC_STAT_AREA] < min_area:
+        return False
+    for pos, size in ((cv2.CC_STAT_LEFT, cv2.CC_STAT_WIDTH), (cv2.CC_STAT_TOP, cv2.CC_STAT_HEIGHT)):
+        lo, hi = max(other[pos], main[pos]), min(other[pos] + other[size], main[pos] + main[size])
+        if other[size] >= 0.5 * main[size] and hi - lo >= 0.8 * other[size]:
+            return True
+    return False
+
+
 def find_scan_box(image: np.ndarray, threshold: int = 8, min_area: float = 0.05) -> Box:
     """Bounding box of the scan area: the largest bright, speckled region, without the UI around it.
 
@@ -60,7 +75,9 @@ def find_scan_box(image: np.ndarray, threshold: int = 8, min_area: float = 0.05)
        dark speckle, and keeps the straight or curved edges of the scan area;
     2. pixels brighter than ``threshold`` are foreground; enclosed dark regions (cysts, shadows) are filled;
     3. a morphological opening (about ``s/50``) detaches what is left of labels, bars and ticks;
-    4. the largest connected component is the scan area (below ``min_area`` of the image: nothing found);
+    4. the largest connected component is the scan area (below ``min_area`` of the image: nothing found),
+       joined by components that continue it beyond a black band (a deep region under a cyst or a shadow that
+       spans the image: as wide and in the same columns; a second pane: as tall and in the same rows);
     5. the component is regrown inside the unfiltered foreground for as many pixels as steps 1 and 3 may
        have eaten (fan tips, thin edges), which does not cross the gap that separates marks from the scan.
 
@@ -87,10 +104,13 @@ def find_scan_box(image: np.ndarray, threshold: int = 8, min_area: float = 0.05)
     fg = _fill_holes((cv2.medianBlur(gray, k_med) > threshold).astype(np.uint8))
     fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k_open, k_open)))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
-    if n <= 1 or stats[1:, cv2.CC_STAT_AREA].max() < min_area * h * w:
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if n <= 1 or areas.max() < min_area * h * w:
         log.debug("find_scan_box: no scan area found in a %dx%d image; keeping the whole image", w, h)
         return (0, 0, w, h)
-    region = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    main = 1 + int(np.argmax(areas))
+    keep = [main] + [c for c in range(1, n) if c != main and _aligned(stats[c], stats[main], min_area * h * w)]
+    region = np.isin(labels, keep).astype(np.uint8)
     # Regrow the component inside the raw foreground (geodesic dilation) to recover what the filters ate: fan
     # tips, and deep rows as dark as the screen's noise (twice the median of the pixels away from the component:
     # 0 on a clean black screen; text is too sparse to move the median). Marks that are not connected to the

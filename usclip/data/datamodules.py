@@ -265,8 +265,9 @@ class BaseDataModule(L.LightningDataModule):
             return self._folder_dataset(index, index.ids, None, masks=False)
         if split in ("test", "predict") and self.test_root is not None:
             test = split == "test"
-            index = index_dataset(self.test_root, self.layout, masks=self.requires_masks and test)
-            return self._folder_dataset(index, index.ids, self._encode_labels(index) if test else None, masks=test)
+            masks = self.requires_masks and test
+            index = index_dataset(self.test_root, self.layout, masks=masks)
+            return self._folder_dataset(index, index.ids, self._encode_labels(index) if test else None, masks=masks)
         if self.root is None or self._index is None:
             raise ValueError(f"data.root is required for the {split!r} split (or data.test_root for test/predict)")
         name = "test" if split == "predict" else split

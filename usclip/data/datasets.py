@@ -239,10 +239,10 @@ class FolderDataset(Dataset):
         if self.transform is not None:
             arrays = self.transform(**arrays)
         # (H, W) uint8 -> (3, H, W) float in [0, 1]; grayscale is repeated to CLIP's three channels.
-        img = torch.from_numpy(np.ascontiguousarray(arrays["image"])).float().div_(255.0)
+        img = torch.tensor(arrays["image"], dtype=torch.float32).div_(255.0)  # a copy: cached arrays stay intact
         sample["image"] = img.unsqueeze(0).expand(3, -1, -1).contiguous()
         if "mask" in arrays:
-            sample["mask"] = torch.from_numpy(np.ascontiguousarray(arrays["mask"])).long()
+            sample["mask"] = torch.tensor(arrays["mask"], dtype=torch.long)
         if self.labels is not None:
             sample["label"] = torch.tensor(self.labels[self.ids[index]], dtype=torch.long)
         return sample

@@ -71,8 +71,13 @@ class DatasetIndex:
         return sorted(self.images)
 
 
-def list_images(folder: str | Path) -> dict[str, Path]:
+def list_images(folder: str | Path, duplicates: list[tuple[Path, Path]] | None = None) -> dict[str, Path]:
     """Map stem -> path for the image files in ``folder`` (sorted by stem).
+
+    Args:
+        folder: the folder.
+        duplicates: when given, files sharing a stem are appended here (the first one is kept) instead of
+            raising; ``usclip data check`` uses it to report every problem at once.
 
     Raises:
         FileNotFoundError: if ``folder`` does not exist or holds no image file.
@@ -86,6 +91,9 @@ def list_images(folder: str | Path) -> dict[str, Path]:
         if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
             continue
         if p.stem in files:
+            if duplicates is not None:
+                duplicates.append((files[p.stem], p))
+                continue
             raise ValueError(
                 f"duplicate id {p.stem!r} in {folder}: {files[p.stem].name} and {p.name}; "
                 "ids are file stems, so keep one of the two files"
@@ -134,21 +142,27 @@ def _read_extras(root: Path, ids: set[str]) -> tuple[dict[str, str], dict[str, s
     return found[0], found[1], found[2]
 
 
-def index_folder(root: str | Path, image_dir: str = "images", masks: bool = True) -> DatasetIndex:
+def index_folder(
+    root: str | Path,
+    image_dir: str = "images",
+    masks: bool = True,
+    duplicates: list[tuple[Path, Path]] | None = None,
+) -> DatasetIndex:
     """Index the generic layout (``images/``, ``masks/``, ``labels.csv``, ``groups.csv``, ``boxes.csv``).
 
     Args:
         root: dataset folder.
         image_dir: image subfolder (``"."`` for a bare folder of images).
         masks: read ``masks/`` when it exists (a missing mask file is reported by the dataset, by id).
+        duplicates: collect files sharing a stem here instead of raising (see :func:`list_images`).
 
     Raises:
         FileNotFoundError: if the image folder is missing or empty.
         ValueError: on duplicate ids or malformed CSV files.
     """
     root = Path(root)
-    images = list_images(root / image_dir)
-    mask_files = list_images(root / "masks") if masks and (root / "masks").is_dir() else {}
+    images = list_images(root / image_dir, duplicates)
+    mask_files = list_images(root / "masks", duplicates) if masks and (root / "masks").is_dir() else {}
     labels, groups, boxes = _read_extras(root, set(images))
     extra = sorted(set(mask_files) - set(images))
     if extra:

@@ -1,0 +1,310 @@
+"""``usclip data check``: validate a dataset folder and summarise it (counts, sizes, masks, labels, problems).
+
+Every file is read the way training reads it (``usclip.data.imageio``), so a dataset that passes the check does
+not fail halfway through an epoch. Problems carry a severity: ``error`` (training would fail or be wrong),
+``warning`` (probably a mistake: fixed on the fly or worth a look) and ``note`` (a logged, harmless conversion).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from usclip.data.crop import CropMode, check_box, crop_box_for
+from usclip.data.imageio import ImageReadError, binarise_mask, read_image
+from usclip.data.layouts import DatasetIndex, detect_layout, index_busi_release, index_folder, read_csv_column
+from usclip.data.splits import SPLITS, groups_across_splits, read_split_file
+
+log = logging.getLogger(__name__)
+
+Severity = Literal["error", "warning", "note"]
+
+
+@dataclass
+class Problem:
+    """One finding: ``severity``, the file (or folder) concerned and what is wrong, with the fix."""
+
+    severity: Severity
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():8s}{self.path}: {self.message}"
+
+
+@dataclass
+class DatasetReport:
+    """Summary of a dataset folder; :meth:`format` renders it for the terminal."""
+
+    root: Path
+    layout: str = "?"
+    num_images: int = 0
+    sizes: Counter = field(default_factory=Counter)  # (W, H) -> count
+    num_masks: int = 0
+    coverage: list[float] = field(default_factory=list)  # lesion share of each mask
+    labels: Counter = field(default_factory=Counter)
+    num_groups: int = 0
+    multi_groups: int = 0
+    largest_group: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+    crop_removed: list[float] = field(default_factory=list)  # share of pixels the crop removes
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        """The problems of severity ``error``."""
+        return [p for p in self.problems if p.severity == "error"]
+
+    def add(self, severity: Severity, path: str | Path, message: str) -> None:
+        """Record a problem."""
+        self.problems.append(Problem(severity, str(path), message))
+
+    def format(self, max_problems: int = 200) -> str:
+        """The report as text: one summary block, then every problem (errors first)."""
+        lines = [f"dataset {self.root} (layout: {self.layout})", f"  images: {self.num_images}"]
+        if self.sizes:
+            ws = [w for (w, _), n in self.sizes.items() for _ in range(n)]
+            hs = [h for (_, h), n in self.sizes.items() for _ in range(n)]
+            common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in self.sizes.most_common(3))
+            ranges = f"width {min(ws)}-{max(ws)}, height {min(hs)}-{max(hs)}"
+            lines.append(f"  sizes (W x H): {ranges}; most common {common}")
+        if self.num_masks:
+            c = np.array(self.coverage) * 100
+            empty = int((c == 0).sum())
+            lines.append(
+                f"  masks: {self.num_masks}; lesion coverage mean {c.mean():.1f} %, median {np.median(c):.1f} %, "
+                f"min {c.min():.2f} %, max {c.max():.1f} %; empty {empty}"
+            )
+        else:
+            lines.append("  masks: none")
+        if self.labels:
+            total = sum(self.labels.values())
+            parts = ", ".join(f"{k} {n} ({100 * n / total:.1f} %)" for k, n in sorted(self.labels.items()))
+            lines.append(f"  labels: {parts}")
+        else:
+            lines.append("  labels: none")
+        if self.num_groups:
+            multi = f"{self.multi_groups} with more than one image, largest {self.largest_group}"
+            lines.append(f"  groups: {self.num_groups} ({multi})")
+        splits = ", ".join(f"{k} {n}" for k, n in self.splits.items()) or "none (a seeded split is made at fit time)"
+        lines.append(f"  split files: {splits}")
+        if self.crop_removed:
+            r = np.array(self.crop_removed) * 100
+            lines.append(
+                f"  auto crop: removes {r.mean():.1f} % of the pixels on average (median {np.median(r):.1f} %, "
+                f"max {r.max():.1f} %)"
+            )
+        order = {"error": 0, "warning": 1, "note": 2}
+        problems = sorted(self.problems, key=lambda p: (order[p.severity], p.path))
+        counts = Counter(p.severity for p in problems)
+        lines.append(
+            f"problems: {counts['error']} errors, {counts['warning']} warnings, {counts['note']} notes"
+            if problems
+            else "problems: none"
+        )
+        lines += [f"  {p}" for p in problems[:max_problems]]
+        if len(problems) > max_problems:
+            lines.append(f"  ... and {len(problems) - max_problems} more")
+        return "\n".join(lines)
+
+
+def _index(root: Path, layout: str, report: DatasetReport) -> DatasetIndex | None:
+    layout = detect_layout(root) if layout == "auto" else layout
+    report.layout = layout
+    duplicates: list[tuple[Path, Path]] = []
+    try:
+        index = index_busi_release(root) if layout == "busi" else index_folder(root, duplicates=duplicates)
+    except (FileNotFoundError, ValueError) as err:
+        report.add("error", root, str(err))
+        return None
+    for first, second in duplicates:
+        report.add(
+            "error",
+            second,
+            f"duplicate id {second.stem!r}: {first.name} has the same stem; ids are file stems, keep one file",
+        )
+    if layout == "folder":
+        for name, column in (("labels.csv", "label"), ("groups.csv", "group")):
+            path = root / name
+            if path.is_file():
+                extra = sorted(set(read_csv_column(path, column)) - set(index.images))
+                if extra:
+                    report.add("warning", path, f"{len(extra)} ids have no image: {extra[:5]}")
+        if (root / "masks").is_dir():
+            extra = sorted({p.stem for p in (root / "masks").iterdir()} - set(index.images))
+            if extra:
+                report.add("warning", root / "masks", f"{len(extra)} masks have no image: {extra[:5]}")
+    return index
+
+
+def _peek_mode(path: Path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            return str(im.mode)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_mask(files: tuple[Path, ...], shape: tuple[int, int], report: DatasetReport) -> np.ndarray | None:
+    merged: np.ndarray | None = None
+    for p in files:
+        try:
+            raw = read_image(p)
+        except (OSError, ValueError) as err:
+            report.add("error", p, str(err).removeprefix(f"{p}: "))
+            return None
+        if raw.shape != shape:
+            report.add(
+                "error",
+                p,
+                f"mask is {raw.shape[1]}x{raw.shape[0]} but its image is {shape[1]}x{shape[0]} (W x H); "
+                "masks must have the image's size",
+            )
+            return None
+        values = np.unique(raw)
+        try:
+            m = binarise_mask(raw, p)
+        except ImageReadError as err:
+            report.add("error", p, str(err).removeprefix(f"{p}: "))
+            return None
+        if len(values) > 2:
+            half = (int(values[-1]) + 1) // 2
+            report.add("warning", p, f"mask has {len(values)} grey levels (anti-aliased); thresholded at {half}")
+        elif len(values) == 2 and values[1] != 255:
+            report.add("note", p, f"mask stored as 0/{values[1]}; read as binary (non-zero = lesion)")
+        merged = m if merged is None else np.maximum(merged, m)
+    return merged
+
+
+def check_dataset(
+    root: str | Path,
+    layout: str = "auto",
+    crop: CropMode = "auto",
+    label_names: list[str] | None = None,
+) -> DatasetReport:
+    """Read every file of a dataset folder and collect counts, statistics and problems.
+
+    Args:
+        root: the dataset folder (generic layout or BUSI release).
+        layout: ``auto``, ``folder`` or ``busi``.
+        crop: crop mode whose effect is reported (``auto``: the share of pixels the scan-area crop removes, and
+            masks that reach outside it).
+        label_names: the expected class names; other labels are errors. ``None`` accepts any label.
+
+    Returns:
+        The report; ``report.errors`` is empty when training can use the folder as it is.
+    """
+    root = Path(root)
+    report = DatasetReport(root=root)
+    if not root.is_dir():
+        report.add("error", root, "folder does not exist")
+        return report
+    index = _index(root, layout, report)
+    if index is None:
+        return report
+    report.num_images = len(index.images)
+    for sid in index.ids:
+        path = index.images[sid]
+        try:
+            image = read_image(path)
+        except (OSError, ValueError) as err:
+            report.add("error", path, str(err).removeprefix(f"{path}: "))
+            continue
+        mode = _peek_mode(path)
+        if mode in ("RGBA", "LA", "PA"):
+            report.add("note", path, f"{mode} image: composited onto black and converted to grayscale")
+        elif mode is not None and mode.startswith("I"):
+            report.add("note", path, f"{mode} (16-bit) image: scaled to 8 bits")
+        report.sizes[(image.shape[1], image.shape[0])] += 1
+        mask = None
+        if sid in index.masks:
+            mask = _check_mask(index.masks[sid], image.shape, report)
+            if mask is not None:
+                report.num_masks += 1
+                report.coverage.append(float(mask.mean()))
+                if not mask.any():
+                    report.add("note", index.masks[sid][0], "empty mask (no lesion)")
+        elif index.masks or (root / "masks").is_dir():
+            report.add("error", path, "has no mask file (expected masks/<id>.png with the same stem)")
+        box = None
+        if sid in index.boxes:
+            try:
+                box = check_box(index.boxes[sid], image.shape, f"boxes.csv row {sid}")
+            except ValueError as err:
+                report.add("error", root / "boxes.csv", str(err))
+        if crop != "none" and (box is not None or crop == "auto"):
+            box = box if crop == "boxes" and box is not None else crop_box_for(image, "auto")
+            x0, y0, x1, y1 = box
+            report.crop_removed.append(1.0 - (x1 - x0) * (y1 - y0) / image.size)
+            if mask is not None and mask.sum() > mask[y0:y1, x0:x1].sum():
+                lost = int(mask.sum() - mask[y0:y1, x0:x1].sum())
+                report.add("warning", path, f"{lost} lesion pixels lie outside the {crop} crop box {box}")
+    _check_labels(index, report, label_names)
+    _check_groups_and_splits(index, report)
+    return report
+
+
+def _check_labels(index: DatasetIndex, report: DatasetReport, label_names: list[str] | None) -> None:
+    if not index.labels:
+        return
+    source = index.root / "labels.csv" if index.layout == "folder" else index.root
+    report.labels = Counter(index.labels.values())
+    missing = sorted(set(index.images) - set(index.labels))
+    if missing:
+        report.add("error", source, f"{len(missing)} images have no label: {missing[:5]}")
+    empty = sorted(k for k, v in index.labels.items() if not v)
+    if empty:
+        report.add("error", source, f"{len(empty)} ids have an empty label: {empty[:5]}")
+    if label_names is not None:
+        allowed = set(label_names) | {str(i) for i in range(len(label_names))}
+        for name in sorted(set(index.labels.values()) - allowed):
+            ids = sorted(k for k, v in index.labels.items() if v == name)
+            report.add("error", source, f"unknown label {name!r} (ids {ids[:5]}); expected one of {list(label_names)}")
+
+
+def _check_groups_and_splits(index: DatasetIndex, report: DatasetReport) -> None:
+    root = index.root
+    if index.groups:
+        sizes = Counter(index.groups.values())
+        report.num_groups = len(sizes) + len(set(index.images) - set(index.groups))
+        report.multi_groups = sum(1 for n in sizes.values() if n > 1)
+        report.largest_group = max(sizes.values())
+        if index.labels:
+            members: dict[str, set[str]] = {}
+            for sid, g in index.groups.items():
+                members.setdefault(g, set()).add(index.labels.get(sid, ""))
+            mixed = sorted(g for g, labels in members.items() if len(labels - {""}) > 1)
+            if mixed:
+                report.add(
+                    "warning",
+                    root / "groups.csv",
+                    f"{len(mixed)} groups hold images with different labels ({mixed[:5]}); the same scan labelled "
+                    "twice? Splits keep them on one side and stratify by the group's majority label",
+                )
+    files = {s: root / f"{s}.txt" for s in SPLITS if (root / f"{s}.txt").is_file()}
+    splits = {s: read_split_file(p) for s, p in files.items()}
+    seen: dict[str, str] = {}
+    for name, ids in splits.items():
+        report.splits[name] = len(ids)
+        unknown = [i for i in ids if i not in index.images]
+        if unknown:
+            report.add("error", files[name], f"{len(unknown)} ids have no image: {unknown[:5]}")
+        for i in ids:
+            if i in seen:
+                report.add("error", files[name], f"id {i!r} is also listed in {seen[i]}.txt")
+            seen[i] = name
+    if splits and set(splits) not in ({"test"}, set(SPLITS)):
+        report.add("error", root, f"split files {sorted(files)}: give all three, test.txt alone, or none")
+    crossing = groups_across_splits(splits, index.groups)
+    if crossing:
+        report.add(
+            "warning",
+            root / "groups.csv",
+            f"{len(crossing)} groups span several split files (e.g. {dict(list(crossing.items())[:3])}): leakage",
+        )
