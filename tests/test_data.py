@@ -13,6 +13,7 @@ from PIL import Image
 
 from usclip.data import ClassificationDataModule, SegmentationDataModule
 from usclip.data.cache import SampleCache
+from usclip.data.captions import CaptionDataset, CaptionPair, read_captions
 from usclip.data.datasets import FolderDataset, encode_labels, read_csv_column
 from usclip.data.layouts import index_busi_release, index_dataset
 from usclip.data.splits import read_split_file, split_ids, subsample_ids, write_splits
@@ -305,3 +306,64 @@ def test_memory_and_disk_cache(tmp_path):
     small = SampleCache(max_mb=3000 / 2**20)  # room for one 40 x 50 image + mask (4000 bytes) is not there
     FolderDataset(root, ["s00", "s01"], cache=small)[0]
     assert len(small) == 0
+
+
+# ------------------------------------------------------------------ captions
+def test_read_captions_csv_jsonl_and_ids(tmp_path):
+    root = make_folder(tmp_path / "d", n=3)
+    (root / "pairs.csv").write_text('image,caption\nimages/s00.png,"A hypoechoic, oval mass."\nimages/s01.png,Cyst.\n')
+    pairs = read_captions(root / "pairs.csv")
+    assert pairs == [
+        CaptionPair(root / "images" / "s00.png", "A hypoechoic, oval mass."),
+        CaptionPair(root / "images" / "s01.png", "Cyst."),
+    ]
+    lines = [
+        '{"image_path": "%s", "text": "Abs path."}' % (root / "images" / "s02.png"),
+        "",
+        '{"path": "images/s00.png", "caption": "Rel."}',
+    ]
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    assert [(p.image.name, p.caption) for p in read_captions(root / "pairs.jsonl")] == [
+        ("s02.png", "Abs path."),
+        ("s00.png", "Rel."),
+    ]
+    (root / "captions.csv").write_text(
+        "id,caption,label\ns01,Benign findings.,benign\n"
+    )  # the BUSI captions.csv layout
+    assert read_captions(root / "captions.csv") == [CaptionPair(root / "images" / "s01.png", "Benign findings.")]
+    ds = CaptionDataset(read_captions(root / "pairs.csv"), build_transform(16), crop="none")
+    s = ds[0]
+    assert (
+        s["image"].shape == (3, 16, 16)
+        and s["caption"] == "A hypoechoic, oval mass."
+        and s["crop_box"].tolist() == [0, 0, 50, 40]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error", "match"),
+    [
+        ("a.csv", "file,label\nimages/s00.png,x\n", ValueError, r"a\.csv, line 2: expected an image column"),
+        ("a.csv", "image,caption\nimages/s00.png,  \n", ValueError, r"a\.csv, line 2: empty caption"),
+        (
+            "a.csv",
+            "image,caption\nimages/nope.png,x\n",
+            FileNotFoundError,
+            r"a\.csv, line 2: image .*nope\.png does not exist",
+        ),
+        ("a.csv", "id,caption\nzz,x\n", FileNotFoundError, r"a\.csv, line 2: id 'zz' has no image"),
+        (
+            "a.jsonl",
+            '{"image": "images/s00.png", "caption": "x"}\n{oops\n',
+            ValueError,
+            r"a\.jsonl, line 2: not valid JSON",
+        ),
+        ("a.jsonl", '["images/s00.png", "x"]\n', ValueError, r"a\.jsonl, line 1: expected a JSON object, got list"),
+        ("a.txt", "", ValueError, r"a\.txt: captions must be a \.csv or \.jsonl file"),
+    ],
+)
+def test_read_captions_errors(tmp_path, name, text, error, match):
+    root = make_folder(tmp_path / "d", n=1)
+    (root / name).write_text(text)
+    with pytest.raises(error, match=match):
+        read_captions(root / name)

@@ -1,0 +1,85 @@
+"""Near-duplicate finder: pairs, union-find groups, groups.csv, precision and recall."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from usclip.data.duplicates import (
+    DuplicatePair,
+    find_duplicates,
+    group_ids,
+    group_pairs,
+    precision_recall,
+    write_groups_csv,
+    write_pairs_csv,
+)
+from usclip.data.synthetic import generate_sample
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """4 distinct synthetic scans and 4 near-duplicates: gain change, noise, caliper marks, 3-pixel shift."""
+    folder = tmp_path_factory.mktemp("dups")
+    paths = {}
+    bases = [generate_sample(seed, seed % 2, 160).image for seed in range(4)]
+    for k, img in enumerate(bases):
+        paths[f"a{k}"] = folder / f"a{k}.png"
+        Image.fromarray(img).save(paths[f"a{k}"])
+    rng = np.random.default_rng(0)
+    variants = {
+        "b0": np.clip(bases[0].astype(np.float32) * 1.15 + 5, 0, 255).astype(np.uint8),  # gain
+        "b1": np.clip(bases[1] + rng.normal(0, 6, bases[1].shape), 0, 255).astype(np.uint8),  # noise
+        "b2": bases[2].copy(),
+        "c2": np.roll(bases[2], 3, axis=1),  # probe moved a little: a duplicate of b2 and a2
+    }
+    cv2.drawMarker(variants["b2"], (80, 90), 255, cv2.MARKER_CROSS, 9)  # calipers
+    cv2.drawMarker(variants["b2"], (100, 90), 255, cv2.MARKER_CROSS, 9)
+    for name, img in variants.items():
+        paths[name] = folder / f"{name}.png"
+        Image.fromarray(img).save(paths[name])
+    return paths
+
+
+def test_finds_near_duplicates_and_nothing_else(scans):
+    pairs = find_duplicates(scans)
+    found = {(p.id_a, p.id_b) for p in pairs}
+    assert {("a0", "b0"), ("a1", "b1"), ("a2", "b2")} <= found
+    assert all(a[1] == b[1] for a, b in found)  # never two different base scans
+    assert all(-1.0 <= p.ncc <= 1.0 + 1e-6 and 0 <= p.hamming <= 256 for p in pairs)
+    assert [p.ncc for p in pairs] == sorted((p.ncc for p in pairs), reverse=True)
+    groups = group_ids(scans, pairs)
+    assert groups["a2"] == groups["b2"] == groups["c2"]
+    assert len({groups["a0"], groups["a1"], groups["a2"], groups["a3"]}) == 4
+    # thresholds that accept nothing
+    assert find_duplicates(scans, ncc_threshold=1.01, hash_distance=-1, screen_threshold=1.01) == []
+
+
+def test_group_ids_is_transitive_and_named_in_id_order():
+    groups = group_ids(["e", "d", "c", "b", "a"], [("a", "c"), DuplicatePair("c", "e", 0.99, 1)])
+    assert groups == {"a": "g0000", "b": "g0001", "c": "g0000", "d": "g0002", "e": "g0000"}
+    assert group_pairs(groups) == {("a", "c"), ("a", "e"), ("c", "e")}
+
+
+def test_precision_recall():
+    found = {("a", "b"), ("c", "d")}
+    reference = {("a", "b"), ("e", "f"), ("g", "h"), ("i", "j")}
+    assert precision_recall(found, reference) == (0.5, 0.25)
+    assert precision_recall(set(), set()) == (1.0, 1.0)
+
+
+def test_groups_csv_never_overwritten_by_default(tmp_path):
+    path = write_groups_csv({"b": "g1", "a": "g0"}, tmp_path / "groups.csv")
+    assert path.read_text() == "id,group\na,g0\nb,g1\n"
+    with pytest.raises(FileExistsError, match=r"groups\.csv exists; pass --overwrite"):
+        write_groups_csv({"a": "g9"}, path)
+    write_groups_csv({"a": "g9"}, path, overwrite=True)
+    assert path.read_text() == "id,group\na,g9\n"
+    pairs = tmp_path / "pairs.csv"
+    write_pairs_csv([DuplicatePair("a", "b", 0.951234, 3)], pairs)
+    with pairs.open() as f:
+        assert list(csv.DictReader(f)) == [{"id_a": "a", "id_b": "b", "ncc32": "0.9512", "ahash16_hamming": "3"}]

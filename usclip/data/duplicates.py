@@ -1,0 +1,175 @@
+"""Near-duplicate images: repeated scans of one lesion that a random split would spread over train and test.
+
+Each image is cropped to its scan area (so that identical screen layouts do not look alike), then reduced to two
+signatures:
+
+- a 32 x 32 area-downscaled thumbnail, compared by normalised cross-correlation (NCC, Pearson correlation of the
+  pixels), which tolerates gain and contrast changes;
+- a 16 x 16 average hash (aHash: bit = pixel above the thumbnail's mean), compared by Hamming distance, which
+  tolerates small shifts and overlays such as calipers.
+
+A pair is a duplicate when NCC >= ``ncc_threshold`` or the Hamming distance <= ``hash_distance`` (the rule used to
+build ``../shared/data/BUSI/groups.csv``), or when the whole screens are nearly identical (NCC of the uncropped
+thumbnails >= ``screen_threshold``: two crops of one scan can end at different depths when the deepest rows are
+almost black). Comparing crops matters: on DDTI, different nodules recorded with the same screen layout reach
+NCC 0.85-0.95 on the whole screen but 0.56-0.83 on the scan areas. Duplicates are joined into groups by
+union-find (connected components), written as ``groups.csv`` (``id,group``), which the splits keep on one side.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from usclip.data.crop import find_scan_box
+from usclip.data.imageio import read_image
+from usclip.data.splits import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    """Two ids that look like the same scan, with the scores that say so."""
+
+    id_a: str
+    id_b: str
+    ncc: float
+    hamming: int
+
+
+def signatures(image: np.ndarray, crop: bool = True, size: int = 32, hash_size: int = 16) -> tuple[np.ndarray, ...]:
+    """Signatures of one image: NCC vectors of the crop and of the whole screen, aHash bits of the crop.
+
+    Returns:
+        ``(ncc, ncc_screen, ahash)``: two zero-mean, unit-norm vectors of ``size**2`` values (the scan-area crop
+        and the uncropped image) and ``hash_size**2`` booleans.
+    """
+
+    def ncc_vector(a: np.ndarray) -> np.ndarray:
+        small = cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+        small -= small.mean()
+        return small / max(float(np.linalg.norm(small)), 1e-6)
+
+    screen = ncc_vector(image)
+    if crop:
+        x0, y0, x1, y1 = find_scan_box(image)
+        image = image[y0:y1, x0:x1]
+    tiny = cv2.resize(image, (hash_size, hash_size), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    return ncc_vector(image) if crop else screen, screen, tiny > tiny.mean()
+
+
+def find_duplicates(
+    images: Mapping[str, Path],
+    ncc_threshold: float = 0.93,
+    hash_distance: int = 6,
+    screen_threshold: float = 0.98,
+    crop: bool = True,
+    block: int = 1024,
+) -> list[DuplicatePair]:
+    """All pairs of near-duplicate images.
+
+    Args:
+        images: id -> image file.
+        ncc_threshold: NCC of the 32 x 32 scan-area thumbnails at or above which a pair is a duplicate.
+        hash_distance: aHash Hamming distance (of 256 bits) at or below which a pair is a duplicate; -1 disables.
+        screen_threshold: NCC of the uncropped thumbnails at or above which a pair is a duplicate; above 1
+            disables.
+        crop: compare the scan areas (recommended) rather than the whole screens.
+        block: rows compared at once (memory grows with ``block x len(images)``).
+
+    Returns:
+        The pairs, ``id_a < id_b``, sorted by decreasing NCC (of the crops).
+    """
+    ids = sorted(images)
+    if len(ids) < 2:
+        return []
+    sigs = [signatures(read_image(images[i]), crop) for i in ids]
+    v = np.stack([s[0] for s in sigs])  # (N, 1024)
+    w = np.stack([s[1] for s in sigs])  # (N, 1024)
+    b = np.stack([s[2] for s in sigs]).astype(np.float32)  # (N, 256)
+    pairs: list[DuplicatePair] = []
+    for start in range(0, len(ids), block):
+        stop = min(start + block, len(ids))
+        ncc = v[start:stop] @ v.T  # (n, N)
+        ham = b[start:stop] @ (1 - b).T + (1 - b[start:stop]) @ b.T  # bits that differ
+        hit = (ncc >= ncc_threshold) | (ham <= hash_distance) | (w[start:stop] @ w.T >= screen_threshold)
+        rows, cols = np.nonzero(hit)
+        for r, c in zip(rows, cols, strict=True):
+            i = start + int(r)
+            if int(c) > i:
+                pairs.append(DuplicatePair(ids[i], ids[int(c)], float(ncc[r, c]), round(float(ham[r, c]))))
+    pairs.sort(key=lambda p: (-p.ncc, p.id_a, p.id_b))
+    log.info("%d duplicate pairs among %d images", len(pairs), len(ids))
+    return pairs
+
+
+def group_ids(ids: Iterable[str], pairs: Iterable[DuplicatePair | tuple[str, str]]) -> dict[str, str]:
+    """Connected components of the duplicate pairs (union-find): id -> group ``g0000`` ... in order of ids."""
+    parent = {i: i for i in sorted(ids)}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        a, b = (p.id_a, p.id_b) if isinstance(p, DuplicatePair) else p
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    names: dict[str, str] = {}
+    out = {}
+    for i in parent:
+        root = find(i)
+        names.setdefault(root, f"g{len(names):04d}")
+        out[i] = names[root]
+    return out
+
+
+def group_pairs(groups: Mapping[str, str]) -> set[tuple[str, str]]:
+    """Every pair of ids that share a group (``a < b``): the pairs a group-aware split keeps together."""
+    members: dict[str, list[str]] = {}
+    for i, g in groups.items():
+        members.setdefault(g, []).append(i)
+    return {(a, b) for m in members.values() for a, b in combinations(sorted(m), 2)}
+
+
+def precision_recall(found: set[tuple[str, str]], reference: set[tuple[str, str]]) -> tuple[float, float]:
+    """Precision and recall of ``found`` pairs against ``reference`` pairs (1.0 when a set is empty)."""
+    hits = len(found & reference)
+    precision = hits / len(found) if found else 1.0
+    recall = hits / len(reference) if reference else 1.0
+    return precision, recall
+
+
+def write_groups_csv(groups: Mapping[str, str], path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``id,group`` rows (sorted by id).
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    write_text_atomic(path, "id,group\n" + "".join(f"{i},{g}\n" for i, g in sorted(groups.items())))
+    return path
+
+
+def write_pairs_csv(pairs: Sequence[DuplicatePair], path: str | Path) -> Path:
+    """Write the pairs as ``id_a,id_b,ncc32,ahash16_hamming`` (the columns of the shared ``duplicates.csv``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id_a", "id_b", "ncc32", "ahash16_hamming"])
+        w.writerows([p.id_a, p.id_b, f"{p.ncc:.4f}", p.hamming] for p in pairs)
+    return path
