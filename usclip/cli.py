@@ -1,10 +1,13 @@
 """The ``usclip`` command: a thin LightningCLI shell over the library (no logic, no defaults here).
 
 ``usclip fit|validate|test|predict --config configs/<name>.yaml``; the YAML's ``class_path`` picks the task and the
-DataModule (subclass mode for both, like torchgeo's CLI).
+DataModule (subclass mode for both, like torchgeo's CLI). ``usclip data ...`` (dataset tools) is routed to
+``usclip.commands.data`` before LightningCLI sees the arguments.
 """
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -20,14 +23,26 @@ class UsclipCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
+DATA_EPILOG = "dataset tools: usclip data check ROOT | usclip data duplicates ROOT (see usclip data --help)"
+
+
 def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
-    """Run the ``usclip`` command line (``args=None`` reads ``sys.argv``; ``run=False`` only instantiates)."""
+    """Run the ``usclip`` command line (``args=None`` reads ``sys.argv``; ``run=False`` only instantiates).
+
+    ``usclip data ...`` exits (``SystemExit`` with its exit code), as ``--help`` does.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["data"]:
+        from usclip.commands.data import main as data_main
+
+        raise SystemExit(data_main(argv[1:]))
     return UsclipCLI(
         BaseTask,
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": DATA_EPILOG},
         args=args,
         run=run,
     )

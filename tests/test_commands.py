@@ -1,0 +1,90 @@
+"""``usclip data check`` and ``usclip data duplicates`` through the real entry point (``usclip.cli.main``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from usclip.cli import main
+from usclip.data.synthetic import generate_sample
+
+
+def run(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return int(exc.value.code or 0)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """5 synthetic scans, one of them saved twice with a gain change (a near-duplicate pair)."""
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = ["id,label"]
+    for k in range(4):
+        s = generate_sample(k, k % 2, 128)
+        Image.fromarray(s.image).save(root / "images" / f"x{k}.png")
+        Image.fromarray(s.mask).save(root / "masks" / f"x{k}.png")
+        rows.append(f"x{k},{['benign', 'malignant'][k % 2]}")
+    s = generate_sample(0, 0, 128)
+    Image.fromarray(np.clip(s.image * 1.1, 0, 255).astype(np.uint8)).save(root / "images" / "x4.png")
+    Image.fromarray(s.mask).save(root / "masks" / "x4.png")
+    rows.append("x4,malignant")  # same scan as x0, other label
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_help_mentions_data_command(capsys):
+    assert run(["--help"]) == 0
+    assert "usclip data check ROOT" in capsys.readouterr().out
+    assert run(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "check" in out and "duplicates" in out
+    assert run(["data"]) == 2  # argparse: a subcommand is required
+    assert "required" in capsys.readouterr().err
+
+
+def test_data_check_reports_counts_and_problems(dataset, capsys):
+    assert run(["data", "check", str(dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "images: 5" in out and "masks: 5" in out and "benign 2 (40.0 %), malignant 3 (60.0 %)" in out
+    assert "auto crop: removes" in out and "problems: none" in out
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(dataset / "masks" / "x1.png")
+    (dataset / "images" / "x2.png").write_bytes(b"\x89PNG broken")
+    assert run(["data", "check", str(dataset), "--labels", "benign"]) == 1
+    out = capsys.readouterr().out
+    assert "problems: 3 errors" in out
+    assert "x1.png: mask is 10x10 but its image is 128x128" in out
+    assert "x2.png: cannot read the image" in out
+    assert "unknown label 'malignant'" in out
+
+
+def test_data_duplicates_writes_groups_and_never_overwrites(dataset, capsys):
+    assert run(["data", "duplicates", str(dataset), "--pairs", str(dataset / "pairs.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "5 images: 1 duplicate pairs, 1 groups with more than one image (2 images, largest 2)" in out
+    assert "1 groups hold images with different labels" in out
+    text = (dataset / "groups.csv").read_text()
+    assert text == "id,group\nx0,g0000\nx1,g0001\nx2,g0002\nx3,g0003\nx4,g0000\n"
+    assert (dataset / "pairs.csv").read_text().startswith("id_a,id_b,ncc32,ahash16_hamming\nx0,x4,")
+    # an existing groups.csv is kept unless --overwrite
+    (dataset / "groups.csv").write_text("id,group\nx0,a\nx1,a\n")
+    assert run(["data", "duplicates", str(dataset)]) == 1
+    assert "groups.csv exists; pass --overwrite" in capsys.readouterr().err
+    assert (dataset / "groups.csv").read_text() == "id,group\nx0,a\nx1,a\n"
+    out_file = dataset / "new_groups.csv"
+    assert (
+        run(["data", "duplicates", str(dataset), "--output", str(out_file), "--reference", str(dataset / "groups.csv")])
+        == 0
+    )
+    # found {x0,x4}; reference {x0,x1}: no pair in common
+    assert "pair precision 0.000, recall 0.000" in capsys.readouterr().out
+    assert run(["data", "duplicates", str(dataset), "--overwrite"]) == 0
+    assert (dataset / "groups.csv").read_text() == text
+
+
+def test_data_duplicates_on_a_missing_folder(tmp_path, capsys):
+    assert run(["data", "duplicates", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Commands of the ``usclip`` program that are not LightningCLI subcommands (argparse; logic in the library)."""
