@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from usclip.cli import main
+from usclip.data.crop import find_scan_box
 from usclip.data.splits import read_split_file
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -101,7 +102,11 @@ def test_fit_validate_test_predict(conf: Path, tmp_path: Path):
         assert len(masks) == 24
         with Image.open(masks[0]) as m, Image.open(images / masks[0].name) as im:
             assert m.size == im.size  # masks come back at the original size
-            assert set(np.unique(np.asarray(m))) <= {0, 255}
+            mask = np.asarray(m).copy()
+            assert set(np.unique(mask)) <= {0, 255}
+            x0, y0, x1, y1 = find_scan_box(np.asarray(im.convert("L")))
+            mask[y0:y1, x0:x1] = 0
+            assert not mask.any()  # nothing predicted outside the scan area the model saw
         assert len(list((pred_dir / "overlays").glob("*.png"))) == 24
     else:
         with (pred_dir / "probabilities.csv").open() as f:

@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
+from usclip.data.crop import paste_back
 from usclip.data.datasets import load_grayscale
 from usclip.data.splits import write_text_atomic
 from usclip.metrics import SegmentationMetrics
@@ -134,9 +134,11 @@ class SegmentationTask(BaseTask):
         dataset = self.trainer.predict_dataloaders.dataset  # type: ignore[union-attr]
         for j in range(logits.shape[0]):
             h, w = (int(v) for v in batch["orig_size"][j])
-            # resize the logits, not the hard mask, back to the file's size: smoother boundaries
-            full = F.interpolate(logits[j : j + 1].float(), size=(h, w), mode="bilinear", align_corners=False)
-            mask = (full.argmax(1)[0] > 0).cpu().numpy()
+            box = batch["crop_box"][j] if "crop_box" in batch else (0, 0, w, h)
+            # map the logits, not the hard mask, back through crop and resize: smoother boundaries; outside the
+            # crop both logits are 0 and argmax picks background
+            full = paste_back(logits[j].float(), box, (h, w), mode="bilinear")
+            mask = (full.argmax(0) > 0).cpu().numpy()
             results.append({"id": batch["id"][j], "size": (h, w), "lesion_pixels": int(mask.sum())})
             if out is not None:
                 save_png((mask * 255).astype(np.uint8), out / "predictions" / "masks" / f"{batch['id'][j]}.png")
