@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -367,3 +368,92 @@ def test_read_captions_errors(tmp_path, name, text, error, match):
     (root / name).write_text(text)
     with pytest.raises(error, match=match):
         read_captions(root / name)
+
+
+# ------------------------------------------------------------------ ultrasound DICOM
+def write_us_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    regions: list[tuple[tuple[int, int, int, int], int, float]],
+    photometric: str = "MONOCHROME2",
+    bits: int = 8,
+) -> Path:
+    """Write an uncompressed US DICOM; regions are ((x0, y0, x1, y1) inclusive, data type, cm per pixel)."""
+    pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = (8, 8, 7) if bits == 8 else (16, bits, bits - 1)
+    ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    items = []
+    for (x0, y0, x1, y1), data_type, delta in regions:
+        r = Dataset()
+        r.RegionSpatialFormat, r.RegionDataType, r.RegionFlags = 1, data_type, 0
+        r.RegionLocationMinX0, r.RegionLocationMinY0, r.RegionLocationMaxX1, r.RegionLocationMaxY1 = x0, y0, x1, y1
+        r.PhysicalUnitsXDirection = r.PhysicalUnitsYDirection = 3  # cm
+        r.PhysicalDeltaX, r.PhysicalDeltaY = delta, 2 * delta
+        items.append(r)
+    ds.SequenceOfUltrasoundRegions = items
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_region_crop_and_spacing(tmp_path):
+    from usclip.data.crop import resized_spacing
+    from usclip.data.dicom import read_dicom
+
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    pixels = np.zeros((60, 80), np.uint8)
+    pixels[10:50, 20:70] = 120  # the scan region, without speckle: auto detection alone would also work ...
+    pixels[2:6, 2:30] = 255  # ... but burnt-in text next to it must not matter: the region is exact
+    mask = np.zeros((60, 80), np.uint8)
+    mask[20:30, 30:40] = 255
+    # a spectral Doppler strip (data type 3) is larger but not tissue: the tissue region wins
+    regions = [((20, 10, 69, 49), 1, 0.01), ((0, 50, 79, 59), 3, 0.05)]
+    write_us_dicom(root / "images" / "u1.dcm", pixels, regions)
+    Image.fromarray(mask).save(root / "masks" / "u1.png")
+    d = read_dicom(root / "images" / "u1.dcm")
+    assert d.region == (20, 10, 70, 50) and d.spacing == pytest.approx((0.2, 0.1))
+    assert np.array_equal(d.image, pixels)
+    s = FolderDataset(root, ["u1"], transform=build_transform(20), crop="auto")[0]
+    assert s["crop_box"].tolist() == [20, 10, 70, 50] and s["orig_size"].tolist() == [60, 80]
+    assert s["spacing"].tolist() == pytest.approx([0.2, 0.1])
+    assert int(s["mask"].sum()) == 5 * 4  # 10 x 10 lesion; crop 50 x 40 (W x H) -> 20 x 20: rows / 2, cols / 2.5
+    assert resized_spacing(s["spacing"], s["crop_box"], 20) == pytest.approx((0.2 * 40 / 20, 0.1 * 50 / 20))
+    assert FolderDataset(root, ["u1"], crop="none")[0]["crop_box"].tolist() == [0, 0, 80, 60]
+
+
+def test_dicom_monochrome1_and_16_bit(tmp_path):
+    from usclip.data.dicom import read_dicom
+
+    pixels = np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 21  # up to 4011: 12-bit data
+    write_us_dicom(tmp_path / "a.dcm", pixels, [((0, 0, 15, 11), 1, 0.02)], bits=12)
+    d = read_dicom(tmp_path / "a.dcm")
+    assert d.image.dtype == np.uint8 and d.image[0, 0] == 0 and d.image[-1, -1] == round(4011 * 255 / 4095)
+    write_us_dicom(tmp_path / "b.dcm", np.full((8, 8), 10, np.uint8), [], photometric="MONOCHROME1")
+    d = read_dicom(tmp_path / "b.dcm")
+    assert (d.image == 245).all() and d.region is None and d.spacing is None
+
+
+def test_dicom_errors(tmp_path, monkeypatch):
+    pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
+    from usclip.data.dicom import read_dicom
+    from usclip.data.imageio import ImageReadError
+
+    (tmp_path / "bad.dcm").write_bytes(b"not a dicom file at all")
+    with pytest.raises(ImageReadError, match=r"bad\.dcm: not a readable DICOM file"):
+        read_dicom(tmp_path / "bad.dcm")
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if pydicom were not installed
+    with pytest.raises(ImportError, match=r"pip install 'usclip\[dicom\]'"):
+        read_dicom(tmp_path / "bad.dcm")

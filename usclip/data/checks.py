@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from usclip.data.crop import CropMode, check_box, crop_box_for
+from usclip.data.crop import Box, CropMode, check_box, crop_box_for
 from usclip.data.imageio import ImageReadError, binarise_mask, read_image
 from usclip.data.layouts import DatasetIndex, detect_layout, index_busi_release, index_folder, read_csv_column
 from usclip.data.splits import SPLITS, groups_across_splits, read_split_file
@@ -232,14 +232,22 @@ def check_dataset(
                     report.add("note", index.masks[sid][0], "empty mask (no lesion)")
         elif index.masks or (root / "masks").is_dir():
             report.add("error", path, "has no mask file (expected masks/<id>.png with the same stem)")
-        box = None
+        box: Box | None = None
         if sid in index.boxes:
             try:
                 box = check_box(index.boxes[sid], image.shape, f"boxes.csv row {sid}")
             except ValueError as err:
                 report.add("error", root / "boxes.csv", str(err))
+        elif crop == "boxes":
+            report.add("error", root / "boxes.csv", f"no box for id {sid!r} (needed by crop='boxes')")
         if crop != "none" and (box is not None or crop == "auto"):
-            box = box if crop == "boxes" and box is not None else crop_box_for(image, "auto")
+            if crop == "auto" and path.suffix.lower() == ".dcm":
+                from usclip.data.dicom import read_dicom
+
+                box = read_dicom(path).region or crop_box_for(image, "auto")
+            elif crop == "auto":
+                box = crop_box_for(image, "auto")
+            assert box is not None
             x0, y0, x1, y1 = box
             report.crop_removed.append(1.0 - (x1 - x0) * (y1 - y0) / image.size)
             if mask is not None and mask.sum() > mask[y0:y1, x0:x1].sum():

@@ -240,3 +240,16 @@ def paste_back(
     canvas = torch.full((x.shape[1], height, width), fill, dtype=x.dtype, device=x.device)
     canvas[:, y0:y1, x0:x1] = x[0]
     return canvas[0] if squeeze else canvas
+
+
+def resized_spacing(
+    spacing: torch.Tensor | tuple[float, float], crop_box: torch.Tensor | tuple[int, ...], image_size: int
+) -> tuple[float, float]:
+    """Pixel spacing at the model's input size, from the original spacing (a sample's ``spacing``, in mm).
+
+    A crop of ``w x h`` pixels resized to ``image_size x image_size`` stretches the spacing by ``h / image_size``
+    in rows and ``w / image_size`` in columns; pass the result to HD95 / ASD for distances in millimetres.
+    """
+    x0, y0, x1, y1 = (int(v) for v in crop_box)
+    sy, sx = (float(v) for v in spacing)
+    return (sy * (y1 - y0) / image_size, sx * (x1 - x0) / image_size)
