@@ -1,9 +1,10 @@
 """LightningDataModules: a base over the generic folder layout, one per task, and the synthetic option.
 
 Splits: predefined ``train.txt``/``val.txt``/``test.txt`` in ``root`` are used when present (a predefined
-``test.txt`` alone is kept and the rest is split into train/val); otherwise a seeded group-aware, label-stratified
-split is made. The split is written to ``<run dir>/splits`` and stored in every checkpoint (``state_dict``), so
-``usclip test``/``predict`` with that checkpoint evaluate exactly the held-out ids.
+``test.txt`` alone is kept and the rest is split 8:2 into train/val, as the paper does for TN3K and micro-US);
+otherwise a seeded group-aware, label-stratified 8:1:1 split is made. The split is written to ``<run dir>/splits``
+and stored in every checkpoint (``state_dict``), so ``usclip test``/``predict`` with that checkpoint evaluate
+exactly the held-out ids.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class BaseDataModule(L.LightningDataModule):
         image_size: side length images are resized to (224 in the paper).
         batch_size: samples per batch (32 in the paper).
         num_workers: DataLoader worker processes.
-        split_fractions: train, val and test fractions when no split files exist (8:1:1 in the paper).
+        split_fractions: train, val and test fractions when no split files exist (8:1:1 in the paper). With a
+            predefined ``test.txt`` alone, the other images are split train : (val + test), i.e. 8:2.
         split_seed: seed of the split (independent of the training seed).
         train_fraction: use only this seeded, label-stratified share of the training split (few-shot runs:
             0.01 ... 0.5); 1.0 uses all. The validation and test splits are unchanged.
@@ -182,9 +184,9 @@ class BaseDataModule(L.LightningDataModule):
         else:
             fractions = list(self.hparams["split_fractions"])
             held = predefined.get("test", [])
-            if held:  # predefined test set; the rest split train:val in the remaining proportion
+            if held:  # predefined test set (TN3K, micro-US): the rest is split train : (val + test), 8:2 for 8:1:1
                 ids = [i for i in ids if i not in set(held)]
-                fractions[2] = 0.0
+                fractions = [fractions[0], fractions[1] + fractions[2], 0.0]
             groups = index.groups or None
             splits = split_ids(ids, fractions, seed=self.hparams["split_seed"], groups=groups, labels=self._labels)
             if held:
