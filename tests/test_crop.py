@@ -112,3 +112,16 @@ def test_datamodule_crop_modes_on_synthetic(tmp_path):
                 t = boxes[sid]
                 assert box[0] <= t[0] and box[1] <= t[1] and box[2] >= t[2] and box[3] >= t[3]
                 assert box[0] >= t[0] - 1 and box[1] >= t[1] - 1 and box[2] <= t[2] + 1 and box[3] <= t[3] + 1
+
+
+def test_boxes_mode_needs_a_box_for_every_id(tmp_path):
+    write_synthetic_dataset(tmp_path, num_samples=4, size=64, seed=1)
+    rows = (tmp_path / "boxes.csv").read_text().splitlines()
+    (tmp_path / "boxes.csv").write_text("\n".join(rows[:-1]) + "\n")  # drop the last id's box
+    missing = rows[-1].split(",")[0]
+    dm = SegmentationDataModule(str(tmp_path), image_size=32, crop="boxes", split_fractions=(1, 0, 0))
+    dm.setup("fit")
+    with pytest.raises(KeyError, match=rf"boxes\.csv has no box for 1 ids: \['{missing}'\]"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match=r"data\.crop must be one of \('auto', 'boxes', 'none'\), got 'exact'"):
+        SegmentationDataModule(str(tmp_path), crop="exact")
