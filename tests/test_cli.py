@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,17 @@ def test_null_overrides_on_the_command_line(tmp_path):
     cli = main([*args, "--model.init_args.adapter=null", "--model.init_args.pretrained=null"], run=False)
     assert cli.model.encoder_args["pretrained"] is None and cli.model.encoder_args["adapter"] is None
     assert not any(p.requires_grad for p in cli.model.encoder.parameters())
+
+
+def test_console_script_exits_zero_after_a_run(tmp_path):
+    # the installed `usclip` script, as a user runs it: success must exit 0 (shell scripts use `set -e`)
+    script = Path(sys.executable).parent / "usclip"
+    conf = CONF_DIR / "segmentation_none.yaml"
+    args = [str(script), "fit", *_args(conf, tmp_path), "--trainer.fast_dev_run=true"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bad = subprocess.run([str(script), "fit", "--config", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "nope.yaml" in bad.stderr
 
 
 def _args(conf: Path, tmp_path: Path) -> list[str]:

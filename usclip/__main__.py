@@ -1,6 +1,6 @@
 """``python -m usclip`` is the ``usclip`` command."""
 
-from usclip.cli import main
+from usclip.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -48,5 +48,14 @@ def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Entry point of the ``usclip`` console script.
+
+    Console scripts call ``sys.exit(entry())``: returning the CLI object from there would print it and exit with
+    status 1 after a successful run, so this wrapper returns nothing.
+    """
     main()
+
+
+if __name__ == "__main__":
+    console_main()
