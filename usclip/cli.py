@@ -1,8 +1,8 @@
 """The ``usclip`` command: a thin LightningCLI shell over the library (no logic, no defaults here).
 
 ``usclip fit|validate|test|predict --config configs/<name>.yaml``; the YAML's ``class_path`` picks the task and the
-DataModule (subclass mode for both, like torchgeo's CLI). ``usclip data ...`` (dataset tools) is routed to
-``usclip.commands.data`` before LightningCLI sees the arguments.
+DataModule (subclass mode for both, like torchgeo's CLI). ``usclip data ...`` (dataset tools) and ``usclip report ...``
+(result tables) are routed to ``usclip.commands`` before LightningCLI sees the arguments.
 """
 
 from __future__ import annotations
@@ -23,19 +23,26 @@ class UsclipCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
-DATA_EPILOG = "dataset tools: usclip data check ROOT | usclip data duplicates ROOT (see usclip data --help)"
+DATA_EPILOG = (
+    "dataset tools: usclip data check ROOT | usclip data duplicates ROOT (see usclip data --help); "
+    "result tables: usclip report RUN_DIR... (see usclip report --help)"
+)
 
 
 def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
     """Run the ``usclip`` command line (``args=None`` reads ``sys.argv``; ``run=False`` only instantiates).
 
-    ``usclip data ...`` exits (``SystemExit`` with its exit code), as ``--help`` does.
+    ``usclip data ...`` and ``usclip report ...`` exit (``SystemExit`` with its exit code), as ``--help`` does.
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["data"]:
         from usclip.commands.data import main as data_main
 
         raise SystemExit(data_main(argv[1:]))
+    if isinstance(argv, list) and argv[:1] == ["report"]:
+        from usclip.commands.report import main as report_main
+
+        raise SystemExit(report_main(argv[1:]))
     return UsclipCLI(
         BaseTask,
         BaseDataModule,

@@ -13,9 +13,10 @@ from monai.losses import FocalLoss
 from torch import nn
 
 from usclip.data.splits import write_text_atomic
-from usclip.metrics import build_classification_metrics
+from usclip.metrics import build_classification_metrics, roc_curve
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
+from usclip.visualize import confusion_matrix, draw_confusion_matrix, draw_roc, save_png
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ class ClassificationTask(BaseTask):
     """Classify the lesion with a frozen CLIP encoder, adapters and the paper's head (1x1 conv, up-sampling, pooling).
 
     Metrics (val and test): accuracy, AUC, sensitivity, specificity and F1; the best checkpoint has the highest
-    ``val_auc``. ``usclip test`` writes ``results/test_metrics.json`` and ``results/test_predictions.csv`` (one row
-    per image: id, label, class probabilities); ``usclip predict`` writes ``predictions/probabilities.csv``.
+    ``val_auc``. ``usclip test`` writes ``results/test_metrics.json``, ``results/test_predictions.csv`` (one row
+    per image: id, label, class probabilities), the confusion matrix (``results/test_confusion_matrix.csv``/``.png``)
+    and the ROC curve (``results/test_roc.png``); ``usclip predict`` writes ``predictions/probabilities.csv``.
 
     Args:
         gamma: focal-loss focusing parameter (0 gives cross-entropy).
@@ -63,6 +65,7 @@ class ClassificationTask(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
         loss = self._loss(self(batch["image"]), batch["label"])
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["image"].shape[0])
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
@@ -100,7 +103,35 @@ class ClassificationTask(BaseTask):
         write_text_atomic(out / "results" / "test_predictions.csv", "\n".join(lines) + "\n")
         summary = {k.removeprefix("test_"): v for k, v in values.items()} | {"num_images": len(self._test_rows)}
         write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
+        self._write_test_figures(out / "results")
         log.info("test results written to %s", out / "results")
+
+    def _write_test_figures(self, results: Path) -> None:
+        """Confusion matrix (``test_confusion_matrix.csv``/``.png``, argmax predictions) and ``test_roc.png``."""
+        if not self._test_rows:
+            return
+        num_classes = self.hparams["num_classes"]
+        names = [c.removeprefix("prob_") for c in self._probability_columns()]
+        labels = torch.tensor([row[1] for row in self._test_rows])
+        probs = torch.tensor([row[2:] for row in self._test_rows], dtype=torch.float32)
+        matrix = confusion_matrix(labels.numpy(), probs.argmax(1).numpy(), num_classes)
+        lines = ["true\\predicted," + ",".join(names)]
+        lines += [",".join([names[i], *(str(int(v)) for v in matrix[i])]) for i in range(num_classes)]
+        write_text_atomic(results / "test_confusion_matrix.csv", "\n".join(lines) + "\n")
+        save_png(draw_confusion_matrix(matrix, names), results / "test_confusion_matrix.png")
+        if len(labels.unique()) < 2:  # a ROC curve needs both positives and negatives
+            log.warning("test set has a single class: no ROC curve written")
+            return
+        fpr, tpr, _ = roc_curve(probs, labels, num_classes)
+        if num_classes == 2:
+            auc = float(torch.trapezoid(tpr, fpr))  # type: ignore[arg-type]
+            curves = [(fpr.numpy(), tpr.numpy(), f"{names[1]} (AUC {auc:.3f})")]  # type: ignore[union-attr]
+        else:
+            curves = [
+                (f.numpy(), t.numpy(), f"{n} vs rest (AUC {float(torch.trapezoid(t, f)):.3f})")
+                for f, t, n in zip(fpr, tpr, names, strict=True)
+            ]
+        save_png(draw_roc(curves, title=f"ROC, {len(labels)} test images"), results / "test_roc.png")
 
     def _probability_columns(self) -> list[str]:
         datamodule = getattr(self._trainer, "datamodule", None)

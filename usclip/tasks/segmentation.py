@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from monai.losses import DiceCELoss
 from torch import nn
 
@@ -40,6 +41,7 @@ class SegmentationTask(BaseTask):
 
     monitor = "val_dice"
     monitor_mode: Literal["min", "max"] = "max"
+    num_val_overlays = 4  # validation images shown in TensorBoard each epoch (first validation batch)
 
     def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, num_overlays: int = 8, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,6 +69,7 @@ class SegmentationTask(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
         loss = self._loss(self(batch["image"]), batch["mask"])
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["image"].shape[0])
         return loss
 
     def _eval_step(self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str) -> torch.Tensor:
@@ -78,7 +81,21 @@ class SegmentationTask(BaseTask):
         return pred
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
-        self._eval_step(batch, self.val_metrics, "val")
+        pred = self._eval_step(batch, self.val_metrics, "val")
+        if batch_idx == 0:
+            self._log_val_overlays(batch, pred)
+
+    def _log_val_overlays(self, batch: dict[str, Any], pred: torch.Tensor) -> None:
+        """The first ``num_val_overlays`` validation images as overlays in TensorBoard, one step per epoch."""
+        if not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
+            return
+        if not self.trainer.is_global_zero:
+            return
+        for j in range(min(self.num_val_overlays, pred.shape[0])):
+            image = (batch["image"][j, 0].float().cpu().numpy() * 255).round().astype(np.uint8)
+            picture = overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy())
+            tag = f"val_overlays/{j}_{batch['id'][j]}"
+            self.logger.experiment.add_image(tag, picture, self.current_epoch, dataformats="HWC")
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
         self._log_metrics(self.val_metrics, "val")

@@ -1,0 +1,57 @@
+"""``usclip report RUN_DIR...``: paper-style tables (mean ± std over seeds) from tested runs.
+
+Each ``RUN_DIR`` is a run directory (``runs/<name>/version_<n>``) or a folder above several; every folder below
+that holds ``config.yaml`` and ``results/test_metrics.json`` counts. The logic lives in :mod:`usclip.reporting`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from usclip.reporting import find_run_dirs, load_run, write_overlay_grids, write_report
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``usclip report`` argument parser."""
+    parser = argparse.ArgumentParser(prog="usclip report", description="Result tables over seeds (docs/reports.md).")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or folders above")
+    parser.add_argument("--output", type=Path, default=Path("report"), help="folder for <task>.md/.csv (report/)")
+    parser.add_argument(
+        "--method-from",
+        choices=("config", "name"),
+        default="config",
+        help="method name from the config (adapter, model/head; default) or the logger name",
+    )
+    parser.add_argument(
+        "--grid-images", type=int, default=4, help="test images in each overlay grid (default: 4; 0: no grid)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also print the library's log messages")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``usclip report`` with ``argv`` (without the leading ``report``); returns the exit code."""
+    args = build_parser().parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        dirs = find_run_dirs(args.run_dirs)
+        runs = [load_run(d, args.method_from) for d in tqdm(dirs, desc="reading runs", unit="run", disable=None)]
+        written = write_report(runs, args.output)
+        grids = write_overlay_grids(runs, args.output, args.grid_images) if args.grid_images > 0 else []
+    except (FileNotFoundError, ValueError) as err:
+        print(f"usclip report: {err}", file=sys.stderr)
+        return 2
+    for task, (md, csv_path, text) in written.items():
+        print(f"## {task} ({sum(r.task == task for r in runs)} runs)\n\n{text}")
+        print(f"wrote {md} and {csv_path}\n")
+    for grid in grids:
+        print(f"wrote {grid}")
+    return 0
