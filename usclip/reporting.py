@@ -248,9 +248,12 @@ def format_markdown(task: str, cells: dict[tuple[str, str], dict[str, Cell]]) ->
                 row.append(f"**{text}**" if rank == 0 else f"_{text}_" if rank == 1 else text)
         lines.append("| " + " | ".join(row) + " |")
     n = sorted({c.n for cs in cells.values() for c in cs.values()})
-    scale = "Dice, IoU, accuracy, AUC, sensitivity, specificity and F1 in %; HD95 and ASD in pixels"
+    units = ", ".join(METRIC_TITLES[m] for m in metrics if m in PERCENT_METRICS) + " in %"
+    if any(m in LOWER_IS_BETTER for m in metrics):
+        units += "; " + ", ".join(METRIC_TITLES[m] for m in metrics if m in LOWER_IS_BETTER) + " in pixels"
+    seeds = f"{'/'.join(map(str, n))} seed{'s' if n != [1] else ''}"
     lines.append("")
-    lines.append(f"Mean ± std over {'/'.join(map(str, n))} seeds; {scale}. **Best**, _second best_.")
+    lines.append(f"Mean ± std over {seeds}; {units}. **Best**, _second best_.")
     return "\n".join(lines) + "\n"
 
 
@@ -290,11 +293,14 @@ def write_report(runs: Sequence[RunResult], out_dir: str | Path) -> dict[str, tu
     return written
 
 
-def write_overlay_grids(runs: Sequence[RunResult], out_dir: str | Path, num_images: int = 4) -> list[Path]:
+def write_overlay_grids(
+    runs: Sequence[RunResult], out_dir: str | Path, num_images: int = 4, min_size: int = 0
+) -> list[Path]:
     """One grid per dataset comparing segmentation methods on the same test images (``overlays_<dataset>.png``).
 
     Rows are test images (the first ``num_images`` ids that every method has in ``<run>/overlays``), columns are
-    methods; each method shows its run with the lowest seed.
+    methods; each method shows its run with the lowest seed. Pictures smaller than ``min_size`` pixels are
+    enlarged (nearest neighbour) to that size.
 
     Returns:
         The grids written (none for a dataset whose methods share no overlay).
@@ -318,6 +324,7 @@ def write_overlay_grids(runs: Sequence[RunResult], out_dir: str | Path, num_imag
                 with Image.open(chosen[m].path / "overlays" / f"{image_id}.png") as im:
                     row.append(np.asarray(im.convert("RGB")))
             cells.append(row)
-        grid = overlay_grid(cells, row_titles=ids, col_titles=methods)
+        size = max(max(c.shape[0] for row in cells for c in row), min_size)
+        grid = overlay_grid(cells, row_titles=ids, col_titles=methods, size=size)
         written.append(save_png(grid, Path(out_dir) / f"overlays_{dataset}.png"))
     return written

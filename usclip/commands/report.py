@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> int:
         dirs = find_run_dirs(args.run_dirs)
         runs = [load_run(d, args.method_from) for d in tqdm(dirs, desc="reading runs", unit="run", disable=None)]
         written = write_report(runs, args.output)
-        grids = write_overlay_grids(runs, args.output, args.grid_images) if args.grid_images > 0 else []
+        grids = write_overlay_grids(runs, args.output, args.grid_images, min_size=160) if args.grid_images > 0 else []
     except (FileNotFoundError, ValueError) as err:
         print(f"usclip report: {err}", file=sys.stderr)
         return 2
