@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from usclip._io import atomic_path
 from usclip.adapters._inject import AdapterLayer, adapter_layers, adapter_state_dict
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,8 @@ def save_adapters(module: nn.Module, path: str | os.PathLike[str]) -> None:
     meta = _metadata(root)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(root).items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     log.info("saved %d %s adapter tensors to %s", len(tensors), meta["adapter"], path)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from usclip._io import atomic_path
 from usclip.data.crop import Box
 
 log = logging.getLogger(__name__)
@@ -145,11 +145,8 @@ class SampleCache:
         }
         if value.mask is not None:
             arrays["mask"] = value.mask
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".npz.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with atomic_path(path) as tmp, tmp.open("wb") as f:
                 np.savez(f, **arrays)  # type: ignore[arg-type]
-            os.replace(tmp, path)
         except OSError as err:  # a full or read-only disk slows the pipeline down but must not stop it
-            Path(tmp).unlink(missing_ok=True)
             log.warning("cannot write cache entry %s (%s); continuing without it", path, err)

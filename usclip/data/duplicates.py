@@ -28,9 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from usclip._io import write_text_atomic
 from usclip.data.crop import find_scan_box
 from usclip.data.imageio import read_image
-from usclip.data.splits import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ than an 8:1:1 split with fixed fractions, so the small greedy assignment below i
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from usclip._io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +125,6 @@ def read_split_file(path: str | Path) -> list[str]:
     """Ids listed in a split file (one per line; blank lines and ``#`` comments ignored)."""
     lines = Path(path).read_text().splitlines()
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_splits(splits: Mapping[str, Sequence[str]], directory: str | Path) -> Path:

@@ -24,7 +24,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Literal
 
 import cv2
 import numpy as np
+
+from usclip._io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -546,9 +547,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_synthetic_dataset(

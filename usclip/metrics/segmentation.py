@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from usclip._io import atomic_path
 from usclip.metrics.functional import (
     EmptyPolicy,
     SpacingLike,
@@ -231,21 +231,14 @@ class SegmentationMetrics(Metric):
         header += [*self.include, *_FLAGS]
         columns = [table[name].tolist() for name in (*self.include, *_FLAGS)]
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(header)
-                for row, sample in enumerate(index):
-                    cells: list[object] = [sample, *([names[row]] if ids is not None else [])]
-                    cells += [int(col[row]) if isinstance(col[row], bool) else col[row] for col in columns]
-                    writer.writerow(cells)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for row, sample in enumerate(index):
+                cells: list[object] = [sample, *([names[row]] if ids is not None else [])]
+                cells += [int(col[row]) if isinstance(col[row], bool) else col[row] for col in columns]
+                writer.writerow(cells)
+            handle.flush()
+            os.fsync(handle.fileno())
         log.info("Wrote %d per-image rows to %s", len(index), path)
         return path

@@ -12,7 +12,7 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
-from usclip.data.splits import write_text_atomic
+from usclip._io import write_text_atomic
 from usclip.metrics import build_classification_metrics, roc_curve
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask

@@ -12,9 +12,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from monai.losses import DiceCELoss
 from torch import nn
 
+from usclip._io import write_text_atomic
 from usclip.data.crop import paste_back
 from usclip.data.datasets import load_grayscale
-from usclip.data.splits import write_text_atomic
 from usclip.metrics import SegmentationMetrics
 from usclip.models.heads import SegmentationHead
 from usclip.tasks.base import BaseTask
@@ -92,8 +92,7 @@ class SegmentationTask(BaseTask):
         if not self.trainer.is_global_zero:
             return
         for j in range(min(self.num_val_overlays, pred.shape[0])):
-            image = (batch["image"][j, 0].float().cpu().numpy() * 255).round().astype(np.uint8)
-            picture = overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy())
+            picture = _overlay(batch, pred, j)
             tag = f"val_overlays/{j}_{batch['id'][j]}"
             self.logger.experiment.add_image(tag, picture, self.current_epoch, dataformats="HWC")
 
@@ -135,8 +134,7 @@ class SegmentationTask(BaseTask):
         for j in range(pred.shape[0]):
             if seen + j >= self.hparams["num_overlays"]:
                 break
-            image = (batch["image"][j, 0].float().cpu().numpy() * 255).round().astype(np.uint8)
-            picture = overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy())
+            picture = _overlay(batch, pred, j)
             save_png(picture, out / "overlays" / f"{batch['id'][j]}.png")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
@@ -162,3 +160,9 @@ class SegmentationTask(BaseTask):
                 original = load_grayscale(dataset.image_paths[int(batch["index"][j])])
                 save_png(overlay(original, mask), out / "predictions" / "overlays" / f"{batch['id'][j]}.png")
         return results
+
+
+def _overlay(batch: dict[str, Any], pred: torch.Tensor, j: int) -> np.ndarray:
+    """Overlay picture of sample ``j`` of a batch: its (model-size) image, prediction and ground truth."""
+    image = batch["image"][j, 0].float().cpu().numpy()  # [0, 1]; overlay() converts to uint8
+    return overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy())
