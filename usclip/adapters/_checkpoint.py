@@ -10,7 +10,8 @@ a JSON object::
 
 Loading checks, in order: adapter type, structural hyperparameters (rank, alpha, projections / width, placement,
 variant), encoder model and weights, adapted modules (blocks), then the exact key set and shapes, and names the
-first mismatch. Nothing in the file is executed (safetensors holds raw tensors and strings); saving writes a
+first mismatch. The file's adapters of blocks the encoder pruned are skipped with a log message, so a file from
+caption fine-tuning (whole tower) loads into a segmentation encoder that stops after its deepest feature block. Nothing in the file is executed (safetensors holds raw tensors and strings); saving writes a
 temporary file in the same folder and renames it, so a crash never leaves half a checkpoint.
 """
 
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from usclip._io import atomic_path
-from usclip.adapters._inject import AdapterLayer, adapter_layers, adapter_state_dict
+from usclip.adapters._inject import _BLOCK_INDEX, AdapterLayer, adapter_layers, adapter_state_dict, block_index
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,14 @@ def _root(module: nn.Module) -> nn.Module:
     return module
 
 
-def _layers_and_config(module: nn.Module) -> tuple[list[tuple[str, AdapterLayer]], str, dict[str, Any]]:
-    layers = adapter_layers(module)
+def _layers_and_config(
+    module: nn.Module, prefix: str = ""
+) -> tuple[list[tuple[str, AdapterLayer]], str, dict[str, Any]]:
+    layers = [(n, layer) for n, layer in adapter_layers(module) if n.startswith(prefix)]
     if not layers:
         raise ValueError(
-            f"{type(module).__name__} holds no adapters; build it with adapter='lora' or 'mona' "
+            f"{type(module).__name__} holds no adapters{f' under {prefix!r}' if prefix else ''}; build it with "
+            "adapter='lora' or 'mona' "
             "(or call usclip.adapters.inject_adapters) before saving or loading adapters"
         )
     configs = {json.dumps([layer.config.name, layer.config.to_dict()], sort_keys=True) for _, layer in layers}
@@ -62,9 +66,9 @@ def _layers_and_config(module: nn.Module) -> tuple[list[tuple[str, AdapterLayer]
     return layers, cfg.name, cfg.to_dict()
 
 
-def _metadata(module: nn.Module) -> dict[str, Any]:
+def _metadata(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     root = _root(module)
-    layers, name, config = _layers_and_config(root)
+    layers, name, config = _layers_and_config(root, prefix)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -75,20 +79,22 @@ def _metadata(module: nn.Module) -> dict[str, Any]:
     }
 
 
-def save_adapters(module: nn.Module, path: str | os.PathLike[str]) -> None:
+def save_adapters(module: nn.Module, path: str | os.PathLike[str], prefix: str = "") -> None:
     """Write the adapter weights of ``module`` and their configuration to a safetensors file.
 
     Args:
         module: a :class:`~usclip.models.CLIPEncoder`, a module containing one (a Lightning task), or any module
             with injected adapters.
         path: destination, conventionally ``*.safetensors``; written atomically (temporary file + rename).
+        prefix: save only the adapters whose names (relative to the encoder) start with it, e.g. ``"visual."``
+            when the text tower of a ``keep_text`` encoder holds adapters of its own.
 
     Raises:
         ValueError: ``module`` has no adapters, or adapters of different configurations.
     """
     root = _root(module)
-    meta = _metadata(root)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(root).items()}
+    meta = _metadata(root, prefix)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(root).items() if k.startswith(prefix)}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
@@ -128,7 +134,31 @@ def _is_identifier(pretrained: Any) -> bool:
     return pretrained.startswith("hf-hub:") or not any(c in pretrained for c in "/\\.")
 
 
-def _check_compatible(file_meta: dict[str, Any], meta: dict[str, Any], path: str) -> None:
+def _pruned_targets(root: nn.Module, targets: list[str]) -> list[str]:
+    """Targets whose transformer block is absent from ``root`` because the encoder pruned the deeper blocks.
+
+    A block counts as pruned when its container exists (``visual.transformer.resblocks``) but holds fewer blocks
+    than the target's index; a target under a container ``root`` lacks (another architecture) is not pruned.
+    """
+    pruned = []
+    for t in targets:
+        index = block_index(t)
+        if index is None:
+            continue
+        container = t[: _BLOCK_INDEX.search(t).start(1) - 1]  # type: ignore[union-attr]
+        try:
+            blocks = root.get_submodule(container)
+        except AttributeError:
+            continue
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and index >= len(blocks):
+            pruned.append(t)
+    return pruned
+
+
+def _check_compatible(
+    file_meta: dict[str, Any], meta: dict[str, Any], path: str, pruned: list[str] | None = None
+) -> None:
+    """Raise on the first mismatch between a file's adapters and the module's (``pruned`` targets are allowed)."""
     where = f"adapter checkpoint {path!r}"
     if file_meta["adapter"] != meta["adapter"]:
         raise ValueError(
@@ -156,8 +186,9 @@ def _check_compatible(file_meta: dict[str, Any], meta: dict[str, Any], path: str
                 "adapters only fit the backbone they were trained on"
             )
         log.warning("%s was trained with pretrained=%r; the encoder uses pretrained=%r", where, p_file, p)
-    if file_meta["targets"] != meta["targets"]:
-        missing = sorted(set(file_meta["targets"]) - set(meta["targets"]))
+    file_targets = [t for t in file_meta["targets"] if t not in set(pruned or ())]
+    if file_targets != meta["targets"]:
+        missing = sorted(set(file_targets) - set(meta["targets"]))
         extra = sorted(set(meta["targets"]) - set(file_meta["targets"]))
         raise ValueError(
             f"{where} adapts other modules than the module does: only in the file {missing[:4]}, only in the "
@@ -173,14 +204,17 @@ def _structural_fields(name: str) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def load_adapters(module: nn.Module, path: str | os.PathLike[str]) -> None:
+def load_adapters(module: nn.Module, path: str | os.PathLike[str], prefix: str = "") -> None:
     """Load adapter weights saved by :func:`save_adapters` into ``module``, strictly.
 
-    Merged LoRA layers are unmerged for the copy and merged again afterwards.
+    Merged LoRA layers are unmerged for the copy and merged again afterwards. One exception to strictness: the
+    file's adapters of blocks the encoder pruned (a file from caption fine-tuning, which keeps every block, loaded
+    into a segmentation encoder that stops after its deepest feature block) are skipped, with a log message.
 
     Args:
         module: a module with adapters of the same configuration as the file's.
         path: the safetensors file.
+        prefix: load into the adapters whose names start with it only (see :func:`save_adapters`).
 
     Raises:
         ValueError: a mismatch of adapter type, hyperparameter, adapted blocks, encoder model, keys or shapes;
@@ -188,11 +222,19 @@ def load_adapters(module: nn.Module, path: str | os.PathLike[str]) -> None:
     """
     root = _root(module)
     file_meta = read_adapter_metadata(path)
-    meta = _metadata(root)
-    _check_compatible(file_meta, meta, str(path))
-    own = adapter_state_dict(root)
+    meta = _metadata(root, prefix)
+    pruned = _pruned_targets(root, file_meta["targets"])
+    _check_compatible(file_meta, meta, str(path), pruned)
+    own = {k: v for k, v in adapter_state_dict(root).items() if k.startswith(prefix)}
     with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
+        keys = {k for k in f.keys() if not any(k.startswith(t + ".") for t in pruned)}  # noqa: SIM118
+        if pruned:
+            log.info(
+                "adapter checkpoint %s: skipped the adapters of %d blocks the encoder pruned (%s ...)",
+                path,
+                len(pruned),
+                pruned[0],
+            )
         if keys != set(own):
             missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
             raise ValueError(

@@ -327,6 +327,35 @@ class CLIPEncoder(nn.Module):
         if adapter_checkpoint is not None:
             load_adapters(self, adapter_checkpoint)
 
+    # ----------------------------------------------------------------- whole-model (keep_text) API
+    def _clip(self, what: str) -> Any:
+        if self.text_model is None:
+            raise RuntimeError(f"CLIPEncoder.{what} needs the text tower: build CLIPEncoder(..., keep_text=True)")
+        return self.text_model
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Pooled, projected image embeddings ``(B, D)`` of normalised images (adapters included; ``keep_text``)."""
+        clip = self._clip("encode_image")
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])} but the encoder was built for {self.image_size}")
+        return clip.encode_image(images, normalize=normalize)  # type: ignore[no-any-return]
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Projected text embeddings ``(B, D)`` of token ids ``(B, context_length)`` (``keep_text``)."""
+        return self._clip("encode_text").encode_text(tokens, normalize=normalize)  # type: ignore[no-any-return]
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """CLIP's learned log inverse temperature (``logits = logit_scale.exp() * cos``; ``keep_text``)."""
+        return self._clip("logit_scale").logit_scale  # type: ignore[no-any-return]
+
+    def tokenizer(self, context_length: int | None = None) -> Any:
+        """The model's own open_clip tokenizer (``None``: the model's context length, 77 for CLIP ViT-B/16)."""
+        cfg = self.encoder_config
+        pretrained = cfg.get("pretrained") or ""
+        name = pretrained if pretrained.startswith("hf-hub:") else cfg["model_name"]
+        return open_clip.get_tokenizer(name, context_length=context_length)
+
     @property
     def out_channels(self) -> list[int]:
         """Channels of each returned feature map."""
