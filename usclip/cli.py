@@ -25,7 +25,8 @@ class UsclipCLI(LightningCLI):
 
 DATA_EPILOG = (
     "dataset tools: usclip data check ROOT | usclip data duplicates ROOT (see usclip data --help); "
-    "result tables: usclip report RUN_DIR... (see usclip report --help)"
+    "result tables: usclip report RUN_DIR... (see usclip report --help); "
+    "captions: usclip captions refine IN.jsonl OUT.jsonl (see usclip captions --help)"
 )
 
 
@@ -43,6 +44,10 @@ def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
         from usclip.commands.report import main as report_main
 
         raise SystemExit(report_main(argv[1:]))
+    if isinstance(argv, list) and argv[:1] == ["captions"]:
+        from usclip.commands.captions import main as captions_main
+
+        raise SystemExit(captions_main(argv[1:]))
     return UsclipCLI(
         BaseTask,
         BaseDataModule,
