@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -280,7 +281,10 @@ def test_timeout_is_retried(tmp_path, fake_llm):
 
 
 def test_connection_refused_is_retryable():
-    backend = OpenAICompatibleBackend("http://127.0.0.1:9/v1", "m", timeout=2)  # discard port: nothing listens
+    with socket.socket() as sock:  # a free port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = OpenAICompatibleBackend(f"http://127.0.0.1:{port}/v1", "m", timeout=2)
     with pytest.raises(BackendError, match="cannot reach") as err:
         backend.complete([{"role": "user", "content": "x"}])
     assert err.value.retryable and not err.value.fatal
