@@ -47,9 +47,12 @@ def _reference(model, images, layers):
 
 
 def _assert_equal(feats, ref):
+    # The encoder's batch-first attention (usclip.attention) sums in another order than PyTorch's fused
+    # inference kernel that open_clip's eval-mode nn.MultiheadAttention takes: equal to float rounding.
     assert len(feats) == len(ref)
     for a, b in zip(feats, ref, strict=True):
-        assert a.shape == b.shape and torch.equal(a, b)
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
 @pytest.fixture(scope="module")

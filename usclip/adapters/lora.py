@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from usclip.adapters._inject import AdapterConfig, AdapterLayer, InjectContext
+from usclip.attention import self_attention_from_qkv
 
 _PROJECTIONS = ("q", "k", "v", "out")
 
@@ -245,7 +246,27 @@ class LoraMultiheadAttention(_FusedQkvLora):
                 is_causal=is_causal,
             )
         self_attention = query is key and key is value
-        # Work sequence-first, (L, B, E), like nn.MultiheadAttention's own path: GEMM results depend (by ~1e-7) on
+        if (
+            mha.batch_first
+            and self_attention
+            and query.dim() == 3
+            and not need_weights
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+        ):
+            # The batch-first path of FastMultiheadAttention (which CLIPEncoder installs), plus the deltas: GEMMs
+            # over B * L rows, q/k/v as views, SDPA. Matches the frozen module bit for bit at init.
+            bsz, length, embed = query.shape
+            qkv = self._qkv_delta(query, F.linear(query, mha.in_proj_weight, mha.in_proj_bias))
+            out = self_attention_from_qkv(qkv, mha.num_heads, mha.dropout if self.training else 0.0)
+            proj = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+            if "out" in self.targets:
+                proj = _add_low_rank(
+                    proj, F.linear(self.lora_dropout(out), self.lora_A["out"]), self.lora_B["out"], self.scale
+                )
+            return proj.view(bsz, length, embed), None
+        # Other calls work sequence-first, (L, B, E), like nn.MultiheadAttention's own path: GEMM results depend (by ~1e-7) on
         # the row order, and matching it keeps LoRA at init bit-identical to the frozen attention.
         if mha.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)

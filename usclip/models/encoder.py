@@ -47,6 +47,7 @@ from usclip.adapters import (
     load_adapters,
     read_adapter_metadata,
 )
+from usclip.attention import use_fast_attention
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ class CLIPEncoder(nn.Module):
                 _load_visual(visual, state)
         if is_timm and image_size is not None:
             visual.set_input_size(image_size)  # timm resamples the position embeddings
+        use_fast_attention(visual)  # batch-first attention: same weights and keys, GEMMs over B * L rows
 
         if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
             blocks, trunk = visual.transformer.resblocks, None
