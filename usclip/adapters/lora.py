@@ -266,8 +266,8 @@ class LoraMultiheadAttention(_FusedQkvLora):
                     proj, F.linear(self.lora_dropout(out), self.lora_A["out"]), self.lora_B["out"], self.scale
                 )
             return proj.view(bsz, length, embed), None
-        # Other calls work sequence-first, (L, B, E), like nn.MultiheadAttention's own path: GEMM results depend (by ~1e-7) on
-        # the row order, and matching it keeps LoRA at init bit-identical to the frozen attention.
+        # Other calls work sequence-first, (L, B, E), like nn.MultiheadAttention's own path: GEMM results depend
+        # (by ~1e-7) on the row order, and matching it keeps LoRA at init bit-identical to the frozen attention.
         if mha.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         tgt_len, bsz, embed = query.shape
