@@ -7,9 +7,10 @@ and prints:
 
 - images/s (median over ``--repeats`` timed blocks of ``--steps`` steps, after ``--warmup`` steps);
 - peak RSS of the process (``ru_maxrss``) and the parameters (trainable / all);
-- FLOPs per image from ``torch.utils.flop_counter`` (matmuls, convolutions, attention; the elementwise work is not
-  counted) and the achieved FLOP/s as a fraction of a matmul peak measured in the same run (a square matmul of
-  ``--peak-size`` in the same dtype and thread count, best of several).
+- FLOPs per image from ``torch.utils.flop_counter`` (matmuls, convolutions, attention, via
+  ``usclip.profiling.flop_counter``; elementwise work is not counted) and the achieved FLOP/s as a fraction of a
+  matmul peak measured in the same run (a square matmul of ``--peak-size`` in the same dtype and thread count,
+  best of several).
 
 Examples::
 
@@ -38,7 +39,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger("bench.train_step")
 
@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.compile:
         model = task  # count FLOPs on the eager module (the compiled graph runs the same matmuls)
-    counter = FlopCounterMode(display=False)
+    from usclip.profiling import flop_counter
+
+    counter = flop_counter()
     with counter:
         step()
     flops_per_image = counter.get_total_flops() / args.batch_size
