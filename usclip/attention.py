@@ -50,7 +50,7 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in mha.__dict__.items()})
         return new
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
