@@ -28,6 +28,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename, so readers never see half a file.
+
+    The data is flushed to disk before the rename, so the file is whole after a power cut too.
+    """
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -11,6 +11,7 @@ import sys
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from usclip._resume import prepare_subcommand
 from usclip.data.datamodules import BaseDataModule
 from usclip.tasks.base import BaseTask
 
@@ -21,6 +22,13 @@ class UsclipCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then resolve ``--ckpt_path last`` and refuse unsafe checkpoints (see ``usclip._resume``)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            prepare_subcommand(subcommand, self.config[subcommand])
 
 
 DATA_EPILOG = (

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from usclip._io import write_text_atomic
 from usclip.cli import main as cli_main
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def run_demo(config: str | Path = "configs/demo.yaml", overrides: Sequence[str] 
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     (run_dir / "results").mkdir(parents=True, exist_ok=True)
-    (run_dir / "results" / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "results" / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from usclip._io import atomic_path, write_text_atomic
 from usclip.visualize import overlay_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,7 @@ def write_csv(task: str, cells: dict[tuple[str, str], dict[str, Cell]], path: st
     methods, datasets = _axes(cells)
     metrics = [m for m in TASK_METRICS[task] if any(m in c for c in cells.values())]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method"] + [f"{d}_{m}_{s}" for d in datasets for m in metrics for s in ("mean", "std", "n")])
         for method in methods:
@@ -288,7 +288,7 @@ def write_report(runs: Sequence[RunResult], out_dir: str | Path) -> dict[str, tu
     for task, cells in sorted(aggregate(runs).items()):
         text = format_markdown(task, cells)
         md = out_dir / f"{task}.md"
-        md.write_text(f"# {task.capitalize()}\n\n{text}", encoding="utf-8")
+        write_text_atomic(md, f"# {task.capitalize()}\n\n{text}")
         written[task] = (md, write_csv(task, cells, out_dir / f"{task}.csv"), text)
     return written
 

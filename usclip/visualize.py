@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from usclip._io import atomic_path
+
 TP_COLOUR = (255, 255, 0)
 FP_COLOUR = (0, 255, 0)
 FN_COLOUR = (255, 0, 0)
@@ -48,10 +50,10 @@ def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray | None = Non
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Save a uint8 array as PNG, creating the parent folder."""
+    """Save a uint8 array as PNG, creating the parent folder; atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return path
 
 

@@ -10,17 +10,20 @@ exactly the held-out ids.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from usclip.data.cache import SampleCache
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
 from usclip.data.layouts import LAYOUTS, DatasetIndex, Layout, index_dataset, index_folder
+from usclip.data.samplers import build_sampler, derive_seed
 from usclip.data.splits import (
     SPLITS,
     groups_across_splits,
@@ -283,10 +286,22 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        # order and augmentations from (seed, epoch, index) so that a resumed epoch repeats exactly; evaluation
+        # shards without padding under DDP (see usclip.data.samplers)
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = None if self.seed is None else derive_seed(self.seed, int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        dataset = self._dataset(split)
+        if split == "predict" and isinstance(dataset, FolderDataset):
+            dataset.cache = None  # each image is read once: a cache would only grow with the number of images
+        dataset, sampler = build_sampler(dataset, shuffle, seed, replicas, rank)
         return DataLoader(
-            self._dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            # creating an iterator draws the workers' base seed: from this generator, not the global RNG state
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(self.splits.get(split, [])) > self.batch_size,

@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from usclip._io import write_text_atomic
+from usclip._io import atomic_path, write_text_atomic
 from usclip.data.crop import find_scan_box
 from usclip.data.imageio import read_image
 
@@ -167,8 +167,7 @@ def write_groups_csv(groups: Mapping[str, str], path: str | Path, overwrite: boo
 def write_pairs_csv(pairs: Sequence[DuplicatePair], path: str | Path) -> Path:
     """Write the pairs as ``id_a,id_b,ncc32,ahash16_hamming`` (the columns of the shared ``duplicates.csv``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id_a", "id_b", "ncc32", "ahash16_hamming"])
         w.writerows([p.id_a, p.id_b, f"{p.ncc:.4f}", p.hamming] for p in pairs)

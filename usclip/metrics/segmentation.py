@@ -158,6 +158,21 @@ class SegmentationMetrics(Metric):
             column = self._column(name)
             setattr(self, name, torch.cat([column, values[name].detach().to(column)]))
 
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any | None = None) -> None:
+        """Gather the columns as lists, which torchmetrics concatenates.
+
+        Gathered tensor states are stacked, which fails when processes hold different numbers of images
+        (evaluation shards without padding, ``usclip.data.samplers.EvalDistributedSampler``).
+        """
+        for name in self._reductions:
+            state = getattr(self, name)
+            if isinstance(state, Tensor):
+                setattr(self, name, [state])
+        if dist_sync_fn is None:
+            super()._sync_dist(process_group=process_group)
+        else:
+            super()._sync_dist(dist_sync_fn, process_group)
+
     def _column(self, name: str) -> Tensor:
         """One state as a flat tensor; the list a synchronisation may leave is concatenated."""
         state = getattr(self, name)

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
+from usclip.callbacks import FiniteLossGuard, OutOfMemoryAdvice, SeedEachEpoch
 from usclip.models import CLIPEncoder
 from usclip.models.baselines import TimmEncoder, build_native_model
 
@@ -197,15 +198,24 @@ class BaseTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        """Best and last checkpoints by the task's monitor, plus optional early stopping."""
+        """Best and last checkpoints by the task's monitor, optional early stopping, and reliability guards.
+
+        The guards (``usclip.callbacks``): per-epoch reseeding for bit-exact resumes, a stop at the first
+        non-finite training loss, and advice on out-of-memory errors.
+        """
         callbacks: list[Callback] = [
+            SeedEachEpoch(),
+            FiniteLossGuard(),
+            OutOfMemoryAdvice(),
             ModelCheckpoint(
                 monitor=self.monitor,
                 mode=self.monitor_mode,
                 filename="best",
-                save_last=True,
                 auto_insert_metric_name=False,
-            )
+            ),
+            # last.ckpt after every epoch, whether or not the monitor improved: Lightning 2.6's save_last=True only
+            # writes it together with a new best, which would make a resumed run redo epochs
+            ModelCheckpoint(filename="last", enable_version_counter=False),
         ]
         if self.hparams["early_stopping_patience"] is not None:
             callbacks.append(
@@ -258,6 +268,18 @@ class BaseTask(L.LightningModule):
     # ----------------------------------------------------------------- run directory
     @property
     def run_dir(self) -> Path | None:
-        """The trainer's log directory (``runs/<name>/version_<n>``): config, checkpoints, splits and results."""
+        """The trainer's log directory (``runs/<name>/version_<n>``): config, checkpoints, splits and results.
+
+        Looked up once per trainer and stage: ``trainer.log_dir`` is a broadcast under DDP, and processes with
+        different numbers of test or predict batches must not call it a different number of times.
+        """
         trainer = self._trainer
-        return Path(trainer.log_dir) if trainer is not None and trainer.log_dir is not None else None
+        if trainer is None:
+            return None
+        key = (id(trainer), trainer.state.fn)
+        cached = self.__dict__.get("_run_dir_cache")
+        if cached is None or cached[0] != key:
+            log_dir = trainer.log_dir
+            cached = (key, Path(log_dir) if log_dir is not None else None)
+            self.__dict__["_run_dir_cache"] = cached
+        return cached[1]

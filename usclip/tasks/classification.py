@@ -12,7 +12,7 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
-from usclip._io import write_text_atomic
+from usclip._io import atomic_path, write_text_atomic
 from usclip.metrics import build_classification_metrics, roc_curve
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
@@ -96,6 +96,10 @@ class ClassificationTask(BaseTask):
         self.log_dict(values)
         self.test_metrics.reset()
         out = self.run_dir
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():  # rows from every process
+            parts: list[list[list[Any]]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(parts, self._test_rows)
+            self._test_rows = sorted((row for part in parts for row in part), key=lambda row: str(row[0]))
         if out is None or not self.trainer.is_global_zero:
             return
         header = ["id", "label", *self._probability_columns()]
@@ -141,13 +145,33 @@ class ClassificationTask(BaseTask):
         return [f"prob_{n}" for n in names]
 
     def on_predict_epoch_start(self) -> None:  # noqa: D102
+        # rows stream into a hidden per-process part file; on_predict_epoch_end renames (one process) or joins
+        # (DDP) the parts into probabilities.csv, so an interrupted run never leaves a truncated table behind
         out = self.run_dir
         self._predict_csv: Path | None = None
         if out is not None:
-            self._predict_csv = out / "predictions" / "probabilities.csv"
+            self._predict_csv = out / "predictions" / f".probabilities.rank{self.global_rank}.csv.part"
             self._predict_csv.parent.mkdir(parents=True, exist_ok=True)
             with self._predict_csv.open("w", newline="") as f:
-                csv.writer(f).writerow(["id", "prediction", *self._probability_columns()])
+                if self.global_rank == 0:
+                    csv.writer(f).writerow(["id", "prediction", *self._probability_columns()])
+
+    def on_predict_epoch_end(self) -> None:  # noqa: D102
+        if self._predict_csv is None:
+            return
+        self.trainer.strategy.barrier("predict_csv")
+        if not self.trainer.is_global_zero:
+            return
+        final = self._predict_csv.parent / "probabilities.csv"
+        parts = [
+            self._predict_csv.with_name(f".probabilities.rank{r}.csv.part") for r in range(self.trainer.world_size)
+        ]
+        with atomic_path(final) as tmp, tmp.open("wb") as f:
+            for part in parts:
+                f.write(part.read_bytes())
+        for part in parts:
+            part.unlink()
+        log.info("predictions written to %s", final)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Append class probabilities to ``<run dir>/predictions/probabilities.csv`` (streamed, flat memory)."""

@@ -106,14 +106,17 @@ class SegmentationTask(BaseTask):
     def on_test_epoch_end(self) -> None:  # noqa: D102
         values = self._log_metrics(self.test_metrics, "test")
         out = self.run_dir
+        # under DDP every process joins the gather of the per-image columns (a no-op on one process); rank zero
+        # then writes the table from the gathered state without gathering again
+        self.test_metrics.sync()
         if out is None or not self.trainer.is_global_zero:
             self.test_metrics.reset()
             return
         dataset = self.trainer.test_dataloaders.dataset  # type: ignore[union-attr]
-        table = self.test_metrics.per_image()
-        ids = [dataset.ids[int(i)] for i in table["index"]]
-        self.test_metrics.write_csv(out / "results" / "test_per_image.csv", ids=ids)
-        summary = {k: float(v) for k, v in values.items()} | {"num_images": len(ids)}
+        gathered: torch.Tensor = self.test_metrics.index  # type: ignore[assignment]  # the synced index column
+        num_images = int(gathered.numel())
+        self.test_metrics.write_csv(out / "results" / "test_per_image.csv", ids=list(dataset.ids))
+        summary = {k: float(v) for k, v in values.items()} | {"num_images": num_images}
         write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
         log.info("test results written to %s", out / "results")
         self.test_metrics.reset()

@@ -1,0 +1,146 @@
+"""Checkpoint arguments of ``usclip fit|validate|test|predict``: ``--ckpt_path last`` and safe loading.
+
+- ``--ckpt_path last`` picks the newest ``checkpoints/last.ckpt`` among the runs of the configured logger
+  (``<save_dir>/<name>/version_*``) and, for ``fit``, sets the logger's ``version`` to that run, so a resumed run
+  keeps writing into the directory it was killed in. Lightning alone would look in a fresh ``version_N`` and start
+  from scratch with a warning; usclip raises a clear error instead.
+- Checkpoints load with ``weights_only=True``: a file that would run code when unpickled is refused before
+  anything is built (:func:`check_checkpoint`), and the Trainer gets ``weights_only=True`` too.
+- ``predict`` does not keep what ``predict_step`` returns (``return_predictions=False``): results are written to
+  disk batch by batch, and memory stays flat however many images there are.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UnsafeCheckpointError", "check_checkpoint", "find_last_checkpoint", "prepare_subcommand"]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds Python objects that could run code when loaded, or cannot be read at all."""
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Open ``path`` with ``torch.load(weights_only=True)`` (memory-mapped: cheap) and raise a clear error if refused.
+
+    Raises:
+        UnsafeCheckpointError: if unpickling needs anything beyond tensors and plain containers (loading it could
+            run code), or the file is not a readable torch checkpoint (e.g. truncated).
+    """
+    path = Path(path)
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f"it calls or builds {found.group(1)}" if found else str(err).strip().splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"ckpt_path={str(path)!r}: refused to load: the file holds Python objects other than tensors and plain "
+            f"containers ({detail}), and unpickling them could run code. usclip loads checkpoints with "
+            "weights_only=True; use checkpoints written by usclip, or re-save a trusted file as a plain state dict "
+            "(torch.save(model.state_dict())) or safetensors"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UnsafeCheckpointError(
+            f"ckpt_path={str(path)!r} is not a readable torch checkpoint (truncated or another format): {err}"
+        ) from err
+
+
+def _version_key(path: Path) -> tuple[float, int]:
+    match = re.fullmatch(r"version_(\d+)", path.parents[1].name)
+    return path.stat().st_mtime, int(match.group(1)) if match else -1
+
+
+def find_last_checkpoint(runs_dir: str | Path) -> Path:
+    """The most recently written ``<runs_dir>/*/checkpoints/last.ckpt`` (ties: the highest ``version_N``).
+
+    Raises:
+        FileNotFoundError: if no run under ``runs_dir`` has a ``last.ckpt``.
+    """
+    runs_dir = Path(runs_dir)
+    found = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no run under {runs_dir} has checkpoints/last.ckpt (runs: "
+            f"{sorted(p.name for p in runs_dir.glob('*'))[:5] or 'none'}); start with `usclip fit` without "
+            "--ckpt_path, or give the checkpoint file itself"
+        )
+    return max(found, key=_version_key)
+
+
+def _logger_args(trainer: Any) -> Any | None:
+    """``init_args`` of the (first) configured logger, or ``None`` for Lightning's default logger."""
+    logger = trainer.get("logger") if hasattr(trainer, "get") else None
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if logger is None or isinstance(logger, bool):
+        return None
+    return logger.get("init_args") if hasattr(logger, "get") else None
+
+
+def _runs_dir(trainer: Any) -> tuple[Path, Any | None]:
+    """The folder holding the ``version_*`` runs of the configured logger, and the logger's ``init_args``."""
+    args = _logger_args(trainer)
+    root = trainer.get("default_root_dir") or "."
+    if trainer.get("logger") is False:
+        raise ValueError("--ckpt_path last needs a logger (trainer.logger is false): give the checkpoint file itself")
+    if args is None:  # Lightning's default TensorBoardLogger(save_dir=default_root_dir, name="lightning_logs")
+        return Path(root) / "lightning_logs", None
+    save_dir = args.get("save_dir") or root
+    name = args.get("name")
+    return Path(save_dir) / (name or ""), args
+
+
+def prepare_subcommand(subcommand: str, config: Any) -> None:
+    """Resolve ``ckpt_path: last``, check the checkpoint, set ``weights_only`` and (predict) ``return_predictions``.
+
+    Args:
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
+        config: the subcommand's parsed configuration (jsonargparse ``Namespace``); changed in place.
+
+    Raises:
+        ValueError: if ``weights_only`` is set to false.
+        FileNotFoundError: if ``ckpt_path`` is ``last`` and there is no run to resume.
+        UnsafeCheckpointError: if the checkpoint would run code when loaded, or is unreadable.
+    """
+    if "weights_only" in config:
+        if config["weights_only"] is False:
+            raise ValueError(
+                "weights_only=false: usclip loads checkpoints only with weights_only=True (a checkpoint from the "
+                "internet must not be able to run code); drop --weights_only"
+            )
+        config["weights_only"] = True
+    if subcommand == "predict" and config.get("return_predictions") is None:
+        config["return_predictions"] = False
+    ckpt = config.get("ckpt_path")
+    if ckpt == "last":
+        runs_dir, logger_args = _runs_dir(config["trainer"])
+        version = logger_args.get("version") if logger_args is not None else None
+        if version is not None:  # an explicit version: resume that run
+            name = version if isinstance(version, str) else f"version_{version}"
+            path = runs_dir / name / "checkpoints" / "last.ckpt"
+            if not path.is_file():
+                raise FileNotFoundError(f"--ckpt_path last: {path} does not exist (trainer.logger version={version})")
+        else:
+            path = find_last_checkpoint(runs_dir)
+            if subcommand == "fit" and logger_args is not None:  # keep writing into the resumed run's directory
+                run = path.parents[1].name
+                match = re.fullmatch(r"version_(\d+)", run)
+                logger_args["version"] = int(match.group(1)) if match else run
+        log.info("--ckpt_path last: %s", path)
+        config["ckpt_path"] = ckpt = str(path)
+    if ckpt and Path(ckpt).is_file():
+        check_checkpoint(ckpt)
