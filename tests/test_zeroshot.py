@@ -132,3 +132,25 @@ def test_text_lora_file_from_caption_tuning_loads(tmp_path: Path):
     assert not any(p.requires_grad for p in clf.parameters())
     tokens = clf.tokenizer(["a benign lesion"])
     torch.testing.assert_close(clf.encoder.encode_text(tokens), tuned.encoder.eval().encode_text(tokens))
+
+
+VL_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "vision_language").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", VL_CONFIGS, ids=[c.name for c in VL_CONFIGS])
+def test_vision_language_configs_instantiate(config: Path, tmp_path: Path):
+    args = ["--config", str(config), "--model.init_args.model_name=usclip-test-vit", "--model.init_args.layers=[1,3]"]
+    args += ["--model.init_args.pretrained=null", "--data.init_args.image_size=64", f"--data.init_args.root={tmp_path}"]
+    if config.stem.startswith("zeroshot"):
+        args.append(f"--model.init_args.prompts={TINY_PROMPTS}")  # the tiny text tower reads 16 tokens
+    cli = main(args, run=False)
+    assert cli.model.hparams["image_size"] == 64
+    assert isinstance(cli.model, ZeroShotClassifier) == config.stem.startswith("zeroshot")
+
+
+def test_every_shipped_prompt_fits_its_context():
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    for name in list_prompt_files():
+        limit = 16 if name == "synthetic" else 77  # synthetic prompts also serve the tiny test model
+        counts = [count_tokens(tokenizer, p) for ps in read_prompts(name).values() for p in ps]
+        assert all(c is not None and c <= limit for c in counts), (name, counts)

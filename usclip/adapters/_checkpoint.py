@@ -11,8 +11,9 @@ a JSON object::
 Loading checks, in order: adapter type, structural hyperparameters (rank, alpha, projections / width, placement,
 variant), encoder model and weights, adapted modules (blocks), then the exact key set and shapes, and names the
 first mismatch. The file's adapters of blocks the encoder pruned are skipped with a log message, so a file from
-caption fine-tuning (whole tower) loads into a segmentation encoder that stops after its deepest feature block. Nothing in the file is executed (safetensors holds raw tensors and strings); saving writes a
-temporary file in the same folder and renames it, so a crash never leaves half a checkpoint.
+caption fine-tuning (whole tower) loads into a segmentation encoder that stops after its deepest feature block.
+Nothing in the file is executed (safetensors holds raw tensors and strings); saving writes a temporary file in the
+same folder and renames it, so a crash never leaves half a checkpoint.
 """
 
 from __future__ import annotations

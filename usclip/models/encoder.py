@@ -340,16 +340,16 @@ class CLIPEncoder(nn.Module):
         clip = self._clip("encode_image")
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} but the encoder was built for {self.image_size}")
-        return clip.encode_image(images, normalize=normalize)  # type: ignore[no-any-return]
+        return clip.encode_image(images, normalize=normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Projected text embeddings ``(B, D)`` of token ids ``(B, context_length)`` (``keep_text``)."""
-        return self._clip("encode_text").encode_text(tokens, normalize=normalize)  # type: ignore[no-any-return]
+        return self._clip("encode_text").encode_text(tokens, normalize=normalize)
 
     @property
     def logit_scale(self) -> nn.Parameter:
         """CLIP's learned log inverse temperature (``logits = logit_scale.exp() * cos``; ``keep_text``)."""
-        return self._clip("logit_scale").logit_scale  # type: ignore[no-any-return]
+        return self._clip("logit_scale").logit_scale
 
     def tokenizer(self, context_length: int | None = None) -> Any:
         """The model's own open_clip tokenizer (``None``: the model's context length, 77 for CLIP ViT-B/16)."""

@@ -108,7 +108,7 @@ class CaptionFinetuneTask(BaseTask):
                 f"caption fine-tuning needs an open_clip CLIP model with its text tower; got "
                 f"model_name={args['model_name']!r}, head={hp['head']!r} (use head: paper)"
             )
-        self.encoder: CLIPEncoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)  # type: ignore[assignment]
+        self.encoder: CLIPEncoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)
         self.net = None
         self.register_buffer("pixel_mean", torch.tensor(self.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.encoder.image_std).view(1, 3, 1, 1), persistent=False)
@@ -123,7 +123,7 @@ class CaptionFinetuneTask(BaseTask):
         if text_adapter is not None:
             if not hasattr(clip, "transformer"):
                 raise ValueError(f"text_adapter=lora needs an open_clip text transformer, not {type(clip).__name__}")
-            inject_adapters(clip.transformer, build_adapter_config(text_adapter, text_kwargs))
+            inject_adapters(clip.get_submodule("transformer"), build_adapter_config(text_adapter, text_kwargs))
 
         temperature = hp["temperature"]
         if temperature is None:
@@ -167,7 +167,7 @@ class CaptionFinetuneTask(BaseTask):
         """Token ids ``(B, context_length)`` on the module's device."""
         return self.tokenizer(list(captions)).to(self.pixel_mean.device)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``(B, D)`` of ``[0, 1]`` images."""
         return self.encoder.encode_image(self.normalize(images))
 

@@ -113,7 +113,7 @@ class ZeroShotClassifier(ClassificationTask):
         args, hp = self.encoder_args, self.hparams
         if hp["head"] != "paper" or args["model_name"].startswith("timm:"):
             raise ValueError(f"zero-shot needs an open_clip CLIP model with a text tower, got {args['model_name']!r}")
-        self.encoder: CLIPEncoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)  # type: ignore[assignment]
+        self.encoder: CLIPEncoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)
         self.net = None
         self.register_buffer("pixel_mean", torch.tensor(self.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.encoder.image_std).view(1, 3, 1, 1), persistent=False)
@@ -122,7 +122,7 @@ class ZeroShotClassifier(ClassificationTask):
         text_file = hp["text_adapter_checkpoint"]
         if text_file is not None:
             meta = read_adapter_metadata(text_file)
-            inject_adapters(clip.transformer, build_adapter_config(meta["adapter"], meta["config"]))
+            inject_adapters(clip.get_submodule("transformer"), build_adapter_config(meta["adapter"], meta["config"]))
             load_adapters(self.encoder, text_file, prefix="text_model.")
         for p in self.parameters():
             p.requires_grad_(False)
