@@ -4,6 +4,9 @@
   ``(seed_everything seed, epoch)``. Lightning does not store global random state in checkpoints, so without this
   an epoch redone after ``--ckpt_path last`` would draw different dropout masks (and worker seeds) than the
   first time. Together with :mod:`usclip.data.samplers` a resumed run ends with the same weights and metrics.
+- :class:`AtomicCheckpoints` writes checkpoints through a temporary file in their own folder and a rename, so a
+  kill never leaves a truncated ``last.ckpt`` behind.
+- :class:`SeedEachEpoch` also stores the run's seed in the checkpoint and restores it on resume.
 - :class:`FiniteLossGuard` stops training at the first NaN or infinite training loss, before the backward pass
   and the optimiser step spoil the weights, with a message naming the step and what to try.
 - :class:`OutOfMemoryAdvice` logs, once, what to change when a run runs out of (GPU or CPU) memory.
@@ -14,18 +17,24 @@ from __future__ import annotations
 import logging
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
+from usclip._io import atomic_path
 from usclip.data.samplers import derive_seed
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "OUT_OF_MEMORY_ADVICE",
+    "AtomicCheckpointIO",
+    "AtomicCheckpoints",
     "FiniteLossGuard",
     "NonFiniteLossError",
     "OutOfMemoryAdvice",
@@ -53,6 +62,21 @@ class SeedEachEpoch(Callback):
     such runs are not meant to be reproducible.
     """
 
+    def state_dict(self) -> dict[str, Any]:
+        """The run's seed travels in the checkpoint, so a resumed run shuffles and augments as the first one did."""
+        base = os.environ.get("PL_GLOBAL_SEED")
+        return {} if base is None else {"seed": int(base)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue with the seed of the run that wrote the checkpoint (restored before any data is loaded)."""
+        seed = state_dict.get("seed")
+        if seed is None:
+            return
+        current = os.environ.get("PL_GLOBAL_SEED")
+        if current is not None and int(current) != seed:
+            log.warning("resuming with the checkpoint's seed %d (this process was started with seed %s)", seed, current)
+        os.environ["PL_GLOBAL_SEED"] = str(seed)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         base = os.environ.get("PL_GLOBAL_SEED")
         if base is None:
@@ -61,6 +85,33 @@ class SeedEachEpoch(Callback):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)  # all devices too
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, plus a temporary file in the checkpoint's own folder and a rename.
+
+    Lightning writes through an fsspec transaction whose temporary file lives in the system temporary folder; when
+    that is another file system the final move is a copy, and a kill during it leaves a truncated ``last.ckpt``.
+    Remote paths (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(  # noqa: D102
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, Path(tmp), storage_options)
+
+
+class AtomicCheckpoints(Callback):
+    """Swap the strategy's default checkpoint writer for :class:`AtomicCheckpointIO` (a custom one is kept)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        strategy = trainer.strategy
+        if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 class FiniteLossGuard(Callback):

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
-from usclip.callbacks import FiniteLossGuard, OutOfMemoryAdvice, SeedEachEpoch
+from usclip.callbacks import AtomicCheckpoints, FiniteLossGuard, OutOfMemoryAdvice, SeedEachEpoch
 from usclip.models import CLIPEncoder
 from usclip.models.baselines import TimmEncoder, build_native_model
 
@@ -201,12 +201,13 @@ class BaseTask(L.LightningModule):
         """Best and last checkpoints by the task's monitor, optional early stopping, and reliability guards.
 
         The guards (``usclip.callbacks``): per-epoch reseeding for bit-exact resumes, a stop at the first
-        non-finite training loss, and advice on out-of-memory errors.
+        non-finite training loss, advice on out-of-memory errors, and checkpoints written atomically.
         """
         callbacks: list[Callback] = [
             SeedEachEpoch(),
             FiniteLossGuard(),
             OutOfMemoryAdvice(),
+            AtomicCheckpoints(),
             ModelCheckpoint(
                 monitor=self.monitor,
                 mode=self.monitor_mode,
