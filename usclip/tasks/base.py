@@ -41,6 +41,8 @@ class BaseTask(L.LightningModule):
         quick_gelu: force QuickGELU on or off; ``null`` follows the weights.
         allow_unsafe_torchscript: allow an OpenAI TorchScript ``.pt`` file (loading it can execute code).
         grad_checkpointing: recompute encoder activations in the backward pass to save memory.
+        compile_encoder: run the encoder through ``torch.compile`` (the first steps compile; the state dict and
+            checkpoints are unchanged). See docs/benchmarks.md for where it pays.
         head: ``paper``: the frozen encoder (CLIP, or a ``timm:<name>`` backbone such as DINOv2) under the paper's
             head; ``native``: a whole baseline model trained end to end with its own decoder or classifier
             (``smp:Unet/resnet34`` for segmentation, ``timm:resnet18`` for classification).
@@ -75,6 +77,7 @@ class BaseTask(L.LightningModule):
         quick_gelu: bool | None = None,
         allow_unsafe_torchscript: bool = False,
         grad_checkpointing: bool = False,
+        compile_encoder: bool = False,
         head: Literal["paper", "native"] = "paper",
         num_classes: int = 2,
         image_size: int = 224,
@@ -135,6 +138,10 @@ class BaseTask(L.LightningModule):
                 self.encoder = CLIPEncoder(image_size=size, **args)
             mean, std = self.encoder.image_mean, self.encoder.image_std
             self.head = self.build_head(self.encoder.out_channels)
+        # Kept out of the module tree (``__dict__``), so state dicts keep the encoder's own keys.
+        self.__dict__["_compiled_encoder"] = (
+            torch.compile(self.encoder) if self.hparams.get("compile_encoder") and self.encoder is not None else None
+        )
         self.pixel_mean: torch.Tensor
         self.pixel_std: torch.Tensor
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -174,7 +181,9 @@ class BaseTask(L.LightningModule):
         if self.net is not None:
             return self.net(x)
         assert self.encoder is not None
-        return self.head(self.encoder(x), size=images.shape[-2:])
+        compiled = self.__dict__.get("_compiled_encoder")
+        encoder = self.encoder if compiled is None else compiled
+        return self.head(encoder(x), size=images.shape[-2:])
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
