@@ -10,13 +10,14 @@ and prints:
 - FLOPs per image from ``torch.utils.flop_counter`` (matmuls, convolutions, attention, via
   ``usclip.profiling.flop_counter``; elementwise work is not counted) and the achieved FLOP/s as a fraction of a
   matmul peak measured in the same run (a square matmul of ``--peak-size`` in the same dtype and thread count,
-  best of several).
+  best of several), measured after each timed block: the fraction is the median over blocks of the block's
+  achieved FLOP/s over the peak measured right after it.
 
 Examples::
 
     python bench/train_step.py                                  # Mona after the MLP in blocks 0-9, seg, batch 8
     python bench/train_step.py --precision bf16                 # CPU autocast to bfloat16
-    python bench/train_step.py --adapter lora --mode predict --merge
+    python bench/train_step.py --adapter lora --mode predict --merge --against-frozen
     python bench/train_step.py --task classification --batch-size 16
     python bench/train_step.py --device cuda --precision bf16 --batch-size 32
     python bench/train_step.py --json out.json                  # also write the figures as JSON
@@ -55,8 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("32", "bf16"), default="32", help="bf16 = autocast to bfloat16")
     p.add_argument("--mode", choices=("train", "predict"), default="train")
     p.add_argument("--merge", action="store_true", help="merge LoRA into the frozen weights (predict)")
+    p.add_argument(
+        "--against-frozen",
+        action="store_true",
+        help="predict: also time the tower without adapters, alternating blocks, and report the time ratio",
+    )
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (the task's compile_encoder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3, help="steps per timed block")
@@ -107,6 +113,7 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
         adapter_kwargs=adapter_kwargs,
         image_size=args.image_size,
         grad_checkpointing=args.grad_checkpointing,
+        compile_encoder=args.compile,
     )
     if args.merge:
         from usclip.adapters import merge_adapters
@@ -135,12 +142,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    peak_dtype = amp_dtype or torch.float32
+    if args.against_frozen and args.mode != "predict":
+        raise SystemExit("--against-frozen compares inference: use it with --mode predict")
     torch.manual_seed(0)
 
     task = build(args).to(device)
     model: Callable[[torch.Tensor], torch.Tensor] = task
-    if args.compile:
-        model = torch.compile(task)  # type: ignore[assignment]
     images, target = make_batch(args, device)
     params = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-2) if args.mode == "train" else None
@@ -163,30 +171,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     task.train(args.mode == "train")
+    frozen_step: Callable[[], None] | None = None
+    if args.against_frozen:
+        # The same tower without adapters, timed in alternation with the measured model (same process, same drift).
+        frozen = build(argparse.Namespace(**{**vars(args), "adapter": "none", "merge": False, "compile": False}))
+        frozen = frozen.to(device).eval()
+
+        def frozen_step() -> None:
+            with torch.inference_mode(), autocast():
+                frozen(images)
+
     for _ in range(args.warmup):
         step()
+        if frozen_step is not None:
+            frozen_step()
     sync(device)
-    times = []
+
+    # Timed blocks of steps interleaved with the matmul peak: the speed of a shared or virtual machine drifts, so
+    # each block is compared with the peak measured right after it.
+    times, peaks, frozen_times = [], [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    seconds_per_step = statistics.median(times) / args.steps
-    ips = args.batch_size / seconds_per_step
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # peak so far: before the FLOP counter
+        if frozen_step is not None:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                frozen_step()
+            sync(device)
+            frozen_times.append(time.perf_counter() - t0)
+        peaks.append(matmul_peak(peak_dtype, device, args.peak_size, seconds=1.0))
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before the FLOP counter's extra step
 
-    if args.compile:
-        model = task  # count FLOPs on the eager module (the compiled graph runs the same matmuls)
     from usclip.profiling import flop_counter
 
+    compiled = task.__dict__.get("_compiled_encoder")
+    task.__dict__["_compiled_encoder"] = None  # count on the eager modules: compiled kernels bypass the counter
     counter = flop_counter()
     with counter:
         step()
+    task.__dict__["_compiled_encoder"] = compiled
     flops_per_image = counter.get_total_flops() / args.batch_size
-    peak_dtype = amp_dtype or torch.float32
-    peak = matmul_peak(peak_dtype, device, args.peak_size)
+
+    seconds_per_step = statistics.median(times) / args.steps
+    ips = args.batch_size / seconds_per_step
+    fractions = [flops_per_image * args.batch_size * args.steps / t / p for t, p in zip(times, peaks, strict=True)]
+    peak = statistics.median(peaks)
     achieved = flops_per_image * ips
 
     result = {
@@ -210,10 +242,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gflop_per_image": round(flops_per_image / 1e9, 2),
         "achieved_gflops": round(achieved / 1e9, 1),
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "fraction_of_peak": round(achieved / peak, 3),
+        "fraction_of_peak": round(statistics.median(fractions), 3),
+        "fractions": [round(f, 3) for f in fractions],
+        "peaks_gflops": [round(p / 1e9, 1) for p in peaks],
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
+    if frozen_times:
+        ratios = [t / f for t, f in zip(times, frozen_times, strict=True)]
+        result["frozen_images_per_s"] = round(args.batch_size * args.steps / statistics.median(frozen_times), 3)
+        result["time_vs_frozen"] = round(statistics.median(ratios), 3)
+        result["time_vs_frozen_per_block"] = [round(r, 3) for r in ratios]
     if device.type == "cuda":
         result["peak_cuda_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
     for k, v in result.items():

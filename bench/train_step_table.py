@@ -36,7 +36,7 @@ GROUPS: dict[str, list[list[str]]] = {
     ],
     "predict": [
         ["--mode", "predict", "--adapter", "none"],
-        ["--mode", "predict", "--adapter", "lora", "--merge"],
+        ["--mode", "predict", "--adapter", "lora", "--merge", "--against-frozen"],
         ["--mode", "predict", "--adapter", "lora"],
         ["--mode", "predict", "--adapter", "mona"],
         ["--mode", "predict", "--adapter", "none", "--precision", "bf16"],
@@ -57,13 +57,20 @@ def run(flags: list[str], extra: list[str]) -> dict:
 def table(results: list[dict]) -> str:
     head = "| flags | img/s | s/step | peak RSS GB | GFLOP/img | GFLOP/s | of peak (peak GFLOP/s) |"
     lines = [head, "|" + "---|" * 7]
+    notes = []
     for r in results:
         lines.append(
             f"| `{r['flags']}` | {r['images_per_s']:.2f} | {r['seconds_per_step']:.2f} | {r['peak_rss_gb']:.2f} | "
             f"{r['gflop_per_image']:.1f} | {r['achieved_gflops']:.0f} | "
             f"{100 * r['fraction_of_peak']:.0f} % ({r['matmul_peak_gflops']:.0f}) |"
         )
-    return "\n".join(lines)
+        if "time_vs_frozen" in r:
+            notes.append(
+                f"`{r['flags']}`: time / time of the tower without adapters, alternating blocks in one process = "
+                f"{r['time_vs_frozen']:.3f} (blocks: {r['time_vs_frozen_per_block']}; frozen "
+                f"{r['frozen_images_per_s']:.2f} img/s)"
+            )
+    return "\n".join([*lines, "", *notes])
 
 
 def main() -> None:
