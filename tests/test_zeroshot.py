@@ -154,3 +154,20 @@ def test_every_shipped_prompt_fits_its_context():
         limit = 16 if name == "synthetic" else 77  # synthetic prompts also serve the tiny test model
         counts = [count_tokens(tokenizer, p) for ps in read_prompts(name).values() for p in ps]
         assert all(c is not None and c <= limit for c in counts), (name, counts)
+
+
+def test_zeroshot_demo_rebuilds_the_caption_demos_model_and_split():
+    """Random towers come back only from the same seed and config; the test split must be the held-out one."""
+    import yaml
+
+    caption, zeroshot = (
+        yaml.safe_load((VL_CONFIGS[0].parent / f"{n}.yaml").read_text()) for n in ("captions_demo", "zeroshot_demo")
+    )
+    assert caption["seed_everything"] == zeroshot["seed_everything"]
+    for key in ("model_name", "pretrained", "layers"):
+        assert caption["model"]["init_args"][key] == zeroshot["model"]["init_args"][key], key
+    for key in ("root", "image_size", "synthetic"):
+        assert caption["data"]["init_args"][key] == zeroshot["data"]["init_args"][key], key
+    # the setting that learns with random towers (docs/vision_language.md): text LoRA and a fixed temperature
+    assert caption["model"]["init_args"]["text_adapter"] == "lora"
+    assert caption["model"]["init_args"]["temperature"] == pytest.approx(0.2)
