@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,13 +40,13 @@ def _usclip(args: list[str], cwd: Path) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     """Measure and print a Markdown table of peak RSS per image count."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/usclip_predict_memory"), help="work folder")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary folder)")
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 5000], help="images per predict run")
     parser.add_argument("--size", type=int, default=96, help="side of the synthetic images in pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="predict batch size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out: Path = args.out
+    out: Path = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="usclip_predict_memory_"))
     out.mkdir(parents=True, exist_ok=True)
 
     images = write_synthetic_dataset(out / "data", num_samples=max(args.counts), size=args.size) / "images"

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 from open_clip.loss import ClipLoss
+from torch import nn
 
 from usclip.adapters import adapter_layers, build_adapter_config, inject_adapters, save_adapters
 from usclip.models import CLIPEncoder
@@ -68,6 +69,32 @@ def retrieval_recall(similarity: torch.Tensor, captions: Sequence[str], ks: Sequ
     return out
 
 
+def build_clip_with_text(task: BaseTask, purpose: str) -> nn.Module:
+    """Give ``task`` a :class:`CLIPEncoder` that keeps the text tower, and its normalisation buffers.
+
+    Shared by the caption fine-tuning and zero-shot tasks.
+
+    Returns:
+        The whole open_clip model (``task.encoder.text_model``).
+
+    Raises:
+        ValueError: a native head or a ``timm:`` backbone, which have no text tower.
+    """
+    args, hp = task.encoder_args, task.hparams
+    if hp["head"] != "paper" or args["model_name"].startswith("timm:"):
+        raise ValueError(
+            f"{purpose} needs an open_clip CLIP model with its text tower; got "
+            f"model_name={args['model_name']!r}, head={hp['head']!r} (use head: paper)"
+        )
+    task.encoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)
+    task.net = None
+    task.register_buffer("pixel_mean", torch.tensor(task.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
+    task.register_buffer("pixel_std", torch.tensor(task.encoder.image_std).view(1, 3, 1, 1), persistent=False)
+    clip = task.encoder.text_model
+    assert clip is not None
+    return clip
+
+
 class CaptionFinetuneTask(BaseTask):
     """Fine-tune visual adapters on image-caption pairs with CLIP's contrastive loss.
 
@@ -86,6 +113,8 @@ class CaptionFinetuneTask(BaseTask):
             be ``paper``.
     """
 
+    encoder: CLIPEncoder  # always an open_clip model with its text tower (build_clip_with_text)
+
     monitor = "val_loss"
     monitor_mode: Literal["min", "max"] = "min"
 
@@ -103,17 +132,7 @@ class CaptionFinetuneTask(BaseTask):
     def configure_models(self) -> None:
         """The whole CLIP model with visual adapters, optional text LoRA, the tokenizer and the logit scale."""
         args, hp = self.encoder_args, self.hparams
-        if hp["head"] != "paper" or args["model_name"].startswith("timm:"):
-            raise ValueError(
-                f"caption fine-tuning needs an open_clip CLIP model with its text tower; got "
-                f"model_name={args['model_name']!r}, head={hp['head']!r} (use head: paper)"
-            )
-        self.encoder: CLIPEncoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)
-        self.net = None
-        self.register_buffer("pixel_mean", torch.tensor(self.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(self.encoder.image_std).view(1, 3, 1, 1), persistent=False)
-        clip = self.encoder.text_model
-        assert clip is not None
+        clip = build_clip_with_text(self, "caption fine-tuning")
 
         text_adapter, text_kwargs = hp["text_adapter"], hp["text_adapter_kwargs"]
         if text_adapter not in (None, "lora"):

@@ -27,6 +27,7 @@ import yaml
 from usclip.adapters import build_adapter_config, inject_adapters, load_adapters, read_adapter_metadata
 from usclip.models import CLIPEncoder
 from usclip.tasks.classification import ClassificationTask
+from usclip.tasks.contrastive import build_clip_with_text
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class ZeroShotClassifier(ClassificationTask):
             (recorded only; must be valid block indices for the model).
     """
 
+    encoder: CLIPEncoder  # always an open_clip model with its text tower (build_clip_with_text)
+
     def __init__(
         self,
         prompts: str = "breast",
@@ -111,14 +114,7 @@ class ZeroShotClassifier(ClassificationTask):
     def configure_models(self) -> None:
         """The whole CLIP model, frozen, with the given adapter files, and the tokenised prompts."""
         args, hp = self.encoder_args, self.hparams
-        if hp["head"] != "paper" or args["model_name"].startswith("timm:"):
-            raise ValueError(f"zero-shot needs an open_clip CLIP model with a text tower, got {args['model_name']!r}")
-        self.encoder: CLIPEncoder = CLIPEncoder(image_size=hp["image_size"], keep_text=True, **args)
-        self.net = None
-        self.register_buffer("pixel_mean", torch.tensor(self.encoder.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(self.encoder.image_std).view(1, 3, 1, 1), persistent=False)
-        clip = self.encoder.text_model
-        assert clip is not None
+        clip = build_clip_with_text(self, "zero-shot classification")
         text_file = hp["text_adapter_checkpoint"]
         if text_file is not None:
             meta = read_adapter_metadata(text_file)
