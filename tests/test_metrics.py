@@ -360,3 +360,31 @@ def test_empty_batch_gives_empty_results():
     result = surface_distances(none, none)
     assert result.hd.shape == (0,) and result.asd.shape == (0,)
     assert dice(none, none).shape == (0,)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_distance_products_run_at_full_float32_precision(monkeypatch, precision):
+    """TF32 / bf16 matmul passes moved HD95 by up to 1.8 px on an H200: the distance code must switch them off."""
+    from usclip.metrics import functional
+
+    seen: list[str] = []
+    real_bmm = torch.bmm
+
+    def recording_bmm(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_bmm(*args, **kwargs)
+
+    monkeypatch.setattr(functional.torch, "bmm", recording_bmm)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        preds = torch.zeros(2, 20, 30, dtype=torch.bool)
+        target = torch.zeros(2, 20, 30, dtype=torch.bool)
+        preds[:, 3:12, 4:20] = True
+        target[:, 5:15, 8:25] = True
+        d = functional.surface_distances(preds, target)
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == precision  # the user's setting is restored
+        assert torch.isfinite(d.hd).all()
+    finally:
+        torch.set_float32_matmul_precision(previous)
