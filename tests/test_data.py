@@ -457,3 +457,72 @@ def test_dicom_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if pydicom were not installed
     with pytest.raises(ImportError, match=r"pip install 'usclip\[dicom\]'"):
         read_dicom(tmp_path / "bad.dcm")
+
+
+def _write_colour_dicom(path: Path, ybr: np.ndarray, photometric: str, frames: int = 1) -> Path:
+    """Uncompressed colour US DICOM from YCbCr samples (frames, H, W, 3); YBR_FULL_422 packs Y0 Y1 Cb Cr."""
+    pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
+    _, ds.Rows, ds.Columns, _ = ybr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 3, photometric, 0
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if photometric == "YBR_FULL_422":
+        pairs = ybr.reshape(frames, ds.Rows, ds.Columns // 2, 2, 3)
+        packed = np.stack([pairs[..., 0, 0], pairs[..., 1, 0], pairs[..., 0, 1], pairs[..., 0, 2]], axis=-1)
+        ds.PixelData = packed.astype(np.uint8).tobytes()
+    else:
+        ds.PixelData = ybr.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("photometric", ["YBR_FULL", "YBR_FULL_422"])
+def test_dicom_ycbcr_is_converted_once(tmp_path, photometric):
+    """pydicom 3 returns RGB for YCbCr files and keeps the header: converting again gave 171 where 91 is right."""
+    from usclip.data.dicom import read_dicom
+
+    grey = np.array([[91, 91, 20, 20, 240, 240], [128, 128, 0, 0, 255, 255], [60, 60, 180, 180, 7, 7]], np.uint8)
+    ybr = np.stack([grey, np.full_like(grey, 128), np.full_like(grey, 128)], axis=-1)[None]  # neutral chroma
+    d = read_dicom(_write_colour_dicom(tmp_path / "c.dcm", ybr, photometric))
+    np.testing.assert_array_equal(d.image, grey)
+    # a coloured pixel pair: luminance of the RGB that YCbCr (Y 120, Cb 90, Cr 170) stands for
+    ybr2 = np.array([[[[120, 90, 170], [120, 90, 170]]]], np.uint8)
+    d2 = read_dicom(_write_colour_dicom(tmp_path / "c2.dcm", ybr2, photometric))
+    y, cb, cr = 120.0, 90.0 - 128, 170.0 - 128
+    r, g, b = y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb
+    expected = 0.299 * np.clip(r, 0, 255) + 0.587 * np.clip(g, 0, 255) + 0.114 * np.clip(b, 0, 255)
+    assert abs(int(d2.image[0, 0]) - expected) <= 1.5
+
+
+def test_dicom_cine_loop_reads_only_its_first_frame(tmp_path, monkeypatch):
+    pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
+    import pydicom.pixels
+
+    from usclip.data.dicom import read_dicom
+
+    frames = np.stack([np.full((4, 6), v, np.uint8) for v in (30, 140, 250)])
+    ybr = np.stack([frames, np.full_like(frames, 128), np.full_like(frames, 128)], axis=-1)
+    path = _write_colour_dicom(tmp_path / "loop.dcm", ybr, "YBR_FULL", frames=3)
+    calls = []
+    real = pydicom.pixels.pixel_array
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("index"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", spy)
+    d = read_dicom(path)
+    assert calls == [0]  # one frame decoded, not the loop
+    np.testing.assert_array_equal(d.image, np.full((4, 6), 30, np.uint8))

@@ -48,20 +48,26 @@ class DicomImage:
 def _import_pydicom() -> Any:
     try:
         import pydicom
+        import pydicom.pixels  # the pixel_array function (pydicom >= 3)
     except ImportError as err:
         raise ImportError("reading DICOM files needs pydicom: pip install 'usclip[dicom]'") from err
     return pydicom
 
 
 def _to_gray_uint8(ds: Any, frame: np.ndarray, path: Path) -> np.ndarray:
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        from pydicom.pixels import apply_color_lut, convert_color_space
+    """One decoded frame -> uint8 grayscale.
 
-        if photometric == "PALETTE COLOR":
-            frame = apply_color_lut(frame, ds)
-        elif photometric.startswith("YBR"):
-            frame = convert_color_space(frame, photometric, "RGB")
+    ``frame`` comes from pydicom 3's pixel decoding, which already converts YCbCr data (``YBR_FULL``,
+    ``YBR_FULL_422``, ...) to RGB but leaves ``PhotometricInterpretation`` as written: a 3-sample frame is therefore
+    RGB whatever the header says, and converting it again would shift the grey values (a YBR_FULL pixel of
+    luminance 91 read as 171).
+    """
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        frame = apply_color_lut(frame, ds)
+    if frame.ndim == 3:
         rgb = frame[..., :3].astype(np.float64)
         frame = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luminance, as PIL's convert("L")
     frame = np.asarray(frame)
@@ -108,6 +114,10 @@ def _region(ds: Any, shape: tuple[int, int], path: Path) -> tuple[Box | None, tu
 def read_dicom(path: str | Path) -> DicomImage:
     """Read an ultrasound DICOM file: first frame as uint8 grayscale, the largest 2-D region and its spacing.
 
+    A cine loop (``NumberOfFrames`` > 1) gives its first frame, decoded alone (the rest of the loop is not decoded);
+    one sample per file keeps the 8:1:1 split per scan. Colour data (RGB, YCbCr, palette) becomes ITU-R 601
+    luminance.
+
     Raises:
         ImportError: if pydicom is not installed.
         FileNotFoundError: if the file does not exist.
@@ -124,19 +134,19 @@ def read_dicom(path: str | Path) -> DicomImage:
         raise ImageReadError(f"{path}: not a readable DICOM file ({err})") from err
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file without pixel data")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     try:
-        pixels = ds.pixel_array
+        # index=0 decodes only the first frame of a cine loop; YCbCr is converted to RGB (as_rgb, the default)
+        pixels = pydicom.pixels.pixel_array(ds, index=0 if frames > 1 else None)
     except Exception as err:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
         raise ImageReadError(
             f"{path}: cannot decode the pixel data (transfer syntax {syntax}: {err}); compressed files need "
             "pydicom's pixel-data plugins (e.g. pip install pylibjpeg pylibjpeg-libjpeg)"
         ) from err
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1))
     if frames > 1:
         _note_once("dicom-frames", path, "%s: cine loop of %d frames; using the first", path, frames)
-        pixels = pixels[0]
     if pixels.ndim != (2 if samples == 1 else 3):
         raise ImageReadError(f"{path}: unexpected pixel array shape {pixels.shape}")
     image = np.ascontiguousarray(_to_gray_uint8(ds, pixels, path))
