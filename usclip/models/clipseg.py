@@ -72,12 +72,15 @@ _INSTALL_HINT = "pip install 'usclip[clipseg]' (transformers>=4.40)"
 
 
 def resolve_prompt(text_prompt: str | None) -> str:
-    """The prompt text for a dataset name (``busi``, ``ddti``, ``tn3k``, ``ln1``, ``ln2``, ``prostate``), an organ
-    name (``breast``, ``thyroid``, ``lymph_node``, ``prostate``) or free text (returned as it is).
+    """The prompt text that ``text_prompt`` names.
+
+    Args:
+        text_prompt: a dataset name (``busi``, ``ddti``, ``tn3k``, ``ln1``, ``ln2``, ``prostate``: the authors' prompt
+            for it), an organ name (``breast``, ``thyroid``, ``lymph_node``, ``prostate``) or free text (kept as is).
 
     Raises:
         ValueError: for ``None`` or an empty prompt.
-    """  # noqa: D205
+    """
     if text_prompt is None or not text_prompt.strip():
         raise ValueError(
             f"CLIPSeg needs text_prompt: a dataset name ({', '.join(DATASET_PROMPTS)}), an organ name "
@@ -123,7 +126,7 @@ def _missing_weights_error(source: str, err: Exception) -> OSError:
         f"~/.cache/huggingface/hub) or downloaded when online. Get it on a machine with network with "
         f"`hf download {source}` (or `huggingface-cli download {source}`) and copy the cache, or download "
         f"https://huggingface.co/{source} into a folder (config.json, model.safetensors) and set "
-        "model_name/pretrained to that folder; pretrained: null trains from random weights"
+        "model_name/pretrained to that folder (random weights: pretrained: null with a .json config)"
     )
 
 
