@@ -22,6 +22,10 @@ OVERLAY_CASES = {
     "unet": ("busi_seg", []),
     "resnet18": ("busi_cls", []),
     "dinov2": ("busi_seg", ["--model.init_args.model_name=timm:test_vit", "--model.init_args.layers=[0,1]"]),
+    "clipseg": (
+        "busi_seg",
+        ["--model.init_args.model_name=clipseg:usclip-test-clipseg", "--model.init_args.text_prompt=busi"],
+    ),
 }
 
 

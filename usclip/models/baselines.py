@@ -5,11 +5,13 @@
   contract as :class:`~usclip.models.CLIPEncoder`), frozen.
 * Whole models trained end to end with their own decoder or classifier (``head: native`` in the task):
   ``smp:<Arch>[/<encoder>]`` (e.g. ``smp:Unet/resnet34``) for segmentation, through segmentation-models-pytorch,
-  and ``timm:<name>`` (e.g. ``timm:resnet18``) for classification.
+  ``clipseg:<checkpoint>`` (e.g. ``clipseg:CIDAS/clipseg-rd64-refined``) for segmentation with a text prompt,
+  through transformers (:mod:`usclip.models.clipseg`), and ``timm:<name>`` (e.g. ``timm:resnet18``) for
+  classification.
 
 Weights: ``pretrained: null`` is random initialisation; a local file is loaded strictly (``weights_only``); any
 other string is handed to the library (timm: a pretrained tag of the model, smp: an encoder weights name such as
-``imagenet``), which downloads it.
+``imagenet``, CLIPSeg: a hub id or checkpoint folder), which downloads it.
 """
 
 from __future__ import annotations
@@ -104,22 +106,40 @@ class TimmEncoder(nn.Module):
 
 
 def build_native_model(
-    task: Literal["segmentation", "classification"], model_name: str, num_classes: int, pretrained: str | None
+    task: Literal["segmentation", "classification"],
+    model_name: str,
+    num_classes: int,
+    pretrained: str | None,
+    image_size: int = 224,
+    text_prompt: str | None = None,
 ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
-    """A whole baseline model with its own decoder or classifier, fully trainable.
+    """A whole baseline model with its own decoder or classifier, trainable end to end (CLIPSeg: its decoder).
 
     Args:
-        task: ``segmentation`` (``smp:<Arch>[/<encoder>]``) or ``classification`` (``timm:<name>``).
+        task: ``segmentation`` (``smp:<Arch>[/<encoder>]`` or ``clipseg:<checkpoint>``) or ``classification``
+            (``timm:<name>``).
         model_name: prefixed model name.
         num_classes: output classes.
         pretrained: see the module docstring.
+        image_size: input side length (CLIPSeg runs at this size).
+        text_prompt: CLIPSeg's prompt (see :func:`usclip.models.clipseg.resolve_prompt`); only CLIPSeg takes one.
 
     Returns:
         ``(model, mean, std)`` with the normalisation the model expects.
 
     Raises:
-        ValueError: for a model name that does not fit the task.
+        ValueError: for a model name that does not fit the task, or a text prompt for a model without text input.
     """
+    if text_prompt is not None and not model_name.startswith("clipseg"):
+        raise ValueError(f"text_prompt is for model_name='clipseg:<checkpoint>', got model_name={model_name!r}")
+    if task == "segmentation" and (model_name == "clipseg" or model_name.startswith("clipseg:")):
+        if num_classes != 2:
+            raise ValueError(
+                f"CLIPSeg predicts one foreground against background: num_classes must be 2, got {num_classes}"
+            )
+        from usclip.models.clipseg import build_clipseg
+
+        return build_clipseg(model_name.removeprefix("clipseg").removeprefix(":"), pretrained, text_prompt, image_size)
     if task == "segmentation" and model_name.startswith("smp:"):
         import segmentation_models_pytorch as smp
 
@@ -139,5 +159,5 @@ def build_native_model(
             _load_file(model, str(pretrained))
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         return model, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    expected = "'smp:<Arch>[/<encoder>]'" if task == "segmentation" else "'timm:<name>'"
+    expected = "'smp:<Arch>[/<encoder>]' or 'clipseg:<checkpoint>'" if task == "segmentation" else "'timm:<name>'"
     raise ValueError(f"head='native' for {task} needs model_name={expected}, got {model_name!r}")

@@ -45,7 +45,8 @@ class BaseTask(L.LightningModule):
             checkpoints are unchanged). See docs/benchmarks.md for where it pays.
         head: ``paper``: the frozen encoder (CLIP, or a ``timm:<name>`` backbone such as DINOv2) under the paper's
             head; ``native``: a whole baseline model trained end to end with its own decoder or classifier
-            (``smp:Unet/resnet34`` for segmentation, ``timm:resnet18`` for classification).
+            (``smp:Unet/resnet34`` or ``clipseg:CIDAS/clipseg-rd64-refined`` for segmentation, ``timm:resnet18`` for
+            classification).
         num_classes: output classes (linked from the DataModule by the CLI).
         image_size: input side length (linked from the DataModule by the CLI).
         embed_dim: width each selected block is projected to before fusion (512, CLIP ViT-B/16's embedding width).
@@ -130,7 +131,9 @@ class BaseTask(L.LightningModule):
                 f"with head={self.hparams['head']!r} takes no adapter (set adapter: null)"
             )
         if self.hparams["head"] == "native":
-            self.net, mean, std = build_native_model(self.task, name, self.hparams["num_classes"], args["pretrained"])
+            self.net, mean, std = build_native_model(
+                self.task, name, self.hparams["num_classes"], args["pretrained"], size, self.hparams.get("text_prompt")
+            )
         else:
             if name.startswith("timm:"):
                 self.encoder = TimmEncoder(name.removeprefix("timm:"), args["pretrained"], args["layers"], size)

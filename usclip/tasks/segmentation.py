@@ -35,6 +35,8 @@ class SegmentationTask(BaseTask):
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the cross-entropy term.
         num_overlays: test images written as overlay pictures.
+        text_prompt: CLIPSeg's text prompt (``model_name: clipseg:...``): a dataset name (``busi``, ``ddti``,
+            ``tn3k``, ``ln1``, ``ln2``, ``prostate``: the authors' prompt for it), an organ name or your own sentence.
         **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
             ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
     """
@@ -43,7 +45,19 @@ class SegmentationTask(BaseTask):
     monitor_mode: Literal["min", "max"] = "max"
     num_val_overlays = 4  # validation images shown in TensorBoard each epoch (first validation batch)
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, num_overlays: int = 8, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        num_overlays: int = 8,
+        text_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if text_prompt is not None and not str(kwargs.get("model_name", "")).startswith("clipseg"):
+            raise ValueError(
+                f"text_prompt is for CLIPSeg (model_name: clipseg:<checkpoint>, head: native); model_name="
+                f"{kwargs.get('model_name')!r} takes no prompt (set text_prompt: null)"
+            )
         super().__init__(**kwargs)
 
     def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
