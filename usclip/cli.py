@@ -10,9 +10,11 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from usclip._resume import prepare_subcommand
 from usclip.data.datamodules import BaseDataModule
+from usclip.precision import fit_precision
 from usclip.tasks.base import BaseTask
 
 
@@ -24,11 +26,20 @@ class UsclipCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then resolve ``--ckpt_path last`` and refuse unsafe checkpoints (see ``usclip._resume``)."""
+        """Parse, resolve ``--ckpt_path last``, refuse unsafe checkpoints, and fit bf16 to the hardware.
+
+        See ``usclip._resume`` and ``usclip.precision``: ``bf16-mixed`` on a CPU or GPU without native bfloat16
+        becomes ``32-true`` / ``16-mixed`` with one warning.
+        """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
             prepare_subcommand(subcommand, self.config[subcommand])
+        trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
+        if trainer is not None:  # bf16 only where the hardware has it (usclip.precision)
+            trainer.precision, reason = fit_precision(trainer.get("precision"), trainer.get("accelerator"))
+            if reason:
+                rank_zero_warn(reason)
 
 
 DATA_EPILOG = (
