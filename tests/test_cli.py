@@ -125,3 +125,82 @@ def test_fit_validate_test_predict(conf: Path, tmp_path: Path):
         with (pred_dir / "probabilities.csv").open() as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 24 and set(rows[0]) == {"id", "prediction", "prob_benign", "prob_malignant"}
+
+
+# ------------------------------------------------------------------ a fast, clear command line (issue #16 item 3)
+def _run_and_list_heavy_modules(args: list[str]) -> tuple[int, str, set[str]]:
+    """Run usclip.cli.main(args) in a fresh interpreter; return exit code, stdout and the heavy modules imported."""
+    code = (
+        "import sys\nfrom usclip.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    code = e.code\nheavy = sorted(m for m in ('torch', 'lightning', 'cv2', 'open_clip') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))\nsys.exit(code)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    heavy_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY=")][-1]
+    heavy = set(filter(None, heavy_line.removeprefix("HEAVY=").split(",")))
+    return proc.returncode, proc.stdout, heavy
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["data", "--help"], ["data", "check", "--help"], ["captions", "--help"]]
+)
+def test_help_and_version_import_neither_torch_nor_lightning(args):
+    code, out, heavy = _run_and_list_heavy_modules(args)
+    assert code == 0, out
+    assert heavy == set()
+    if args == ["--version"]:
+        from usclip import __version__
+
+        assert out.splitlines()[0] == f"usclip {__version__}"
+
+
+def test_top_level_help_lists_every_subcommand():
+    from usclip.cli import COMMANDS, HELP, LIGHTNING_SUBCOMMANDS
+
+    listed = {ln.split()[0] for ln in HELP.split("subcommands:")[1].split("options:")[0].splitlines() if ln.strip()}
+    assert listed == set(LIGHTNING_SUBCOMMANDS) | set(COMMANDS)
+    assert {"data", "report", "captions", "sweep"} <= set(COMMANDS)
+    for name, (module, _) in COMMANDS.items():  # every routed module exists and has main(argv) -> int
+        assert callable(__import__(module, fromlist=["main"]).main), name
+
+
+def test_data_command_choices_match_the_library():
+    from usclip.commands import data as data_command
+    from usclip.data.crop import CROP_MODES
+    from usclip.data.layouts import LAYOUTS
+
+    assert data_command.CROP_MODES == CROP_MODES
+    assert data_command.LAYOUTS == LAYOUTS
+
+
+@pytest.mark.parametrize(
+    ("extra", "first_line"),
+    [
+        (["--model.init_args.adaptr=mona"], "usclip: error: model: Option 'adaptr' is not accepted"),
+        (["--trainer.max_epochs=abc"], "usclip: error: trainer.max_epochs: Expected a <class 'int'>"),
+    ],
+)
+def test_configuration_errors_print_one_clear_message_first(tmp_path, capsys, extra, first_line):
+    conf = CONF_DIR / "segmentation_none.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(conf), f"--data.init_args.root={tmp_path}", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("usclip: error:")]
+    assert lines and lines[0].startswith(first_line), err
+    assert "Namespace(" not in err
+
+
+def test_weights_that_cannot_be_fetched_are_one_clear_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    conf = CONF_DIR / "segmentation_none.yaml"
+    args = ["fit", "--config", str(conf), f"--data.init_args.root={tmp_path}"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--model.init_args.model_name=ViT-B-16", "--model.init_args.pretrained=openai"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    first = next(ln for ln in err.splitlines() if ln.startswith("usclip: error:"))
+    assert "'ViT-B-16' 'openai'" in first
+    assert "Namespace(" not in err and "Does not validate" not in err

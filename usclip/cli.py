@@ -1,82 +1,139 @@
-"""The ``usclip`` command: a thin LightningCLI shell over the library (no logic, no defaults here).
+"""The ``usclip`` command: a router that imports only what the chosen subcommand needs.
 
-``usclip fit|validate|test|predict --config configs/<name>.yaml``; the YAML's ``class_path`` picks the task and the
-DataModule (subclass mode for both, like torchgeo's CLI). ``usclip data ...`` (dataset tools) and ``usclip report ...``
-(result tables) are routed to ``usclip.commands`` before LightningCLI sees the arguments.
+- ``usclip fit|validate|test|predict ...``: the LightningCLI in :mod:`usclip.lightning_cli` (imports Lightning,
+  torch and the tasks: seconds).
+- ``usclip data|report|captions|sweep ...``: argparse commands in :mod:`usclip.commands`, whose ``--help`` imports
+  neither torch nor Lightning.
+- ``usclip``, ``usclip --help``, ``usclip --version``: answered here, at once.
+
+A configuration error of the LightningCLI subcommands (a misspelt key, a wrong type, weights that cannot be
+loaded) is printed as one line ``usclip: error: ...`` naming the cause first; the full parser message follows
+only with ``USCLIP_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from usclip import __version__
 
-from usclip._resume import prepare_subcommand
-from usclip.data.datamodules import BaseDataModule
-from usclip.precision import fit_precision
-from usclip.tasks.base import BaseTask
+if TYPE_CHECKING:
+    from usclip.lightning_cli import UsclipCLI
 
+#: subcommands of LightningCLI (run by usclip.lightning_cli)
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: argparse subcommands: name -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("usclip.commands.data", "dataset tools: check a folder, find near-duplicate scans (groups.csv)"),
+    "report": ("usclip.commands.report", "tables of many runs over seeds, as in the paper (Markdown, CSV)"),
+    "captions": ("usclip.commands.captions", "refine report captions with an LLM to CLIP's 77 tokens"),
+    "sweep": ("usclip.commands.sweep", "run the paper's experiments from a manifest (or write SLURM scripts)"),
+}
 
-class UsclipCLI(LightningCLI):
-    """LightningCLI with usclip's argument links: ``image_size`` and ``num_classes`` are written once, in ``data``."""
+HELP = f"""usage: usclip [-h] [--version] SUBCOMMAND ...
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
-        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+usclip {__version__}: adapt CLIP-style vision-language models to medical ultrasound.
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, resolve ``--ckpt_path last``, refuse unsafe checkpoints, and fit bf16 to the hardware.
+subcommands:
+  fit        train a task from YAML configs (usclip fit --config configs/busi_seg.yaml)
+  validate   run the validation loop of a trained model
+  test       test a checkpoint and write results/ (metrics, per-image table, overlays)
+  predict    write masks or class probabilities for new images
+{chr(10).join(f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items())}
 
-        See ``usclip._resume`` and ``usclip.precision``: ``bf16-mixed`` on a CPU or GPU without native bfloat16
-        becomes ``32-true`` / ``16-mixed`` with one warning.
-        """
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            prepare_subcommand(subcommand, self.config[subcommand])
-        trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
-        if trainer is not None:  # bf16 only where the hardware has it (usclip.precision)
-            trainer.precision, reason = fit_precision(trainer.get("precision"), trainer.get("accelerator"))
-            if reason:
-                rank_zero_warn(reason)
+options:
+  -h, --help  show this message and exit; `usclip SUBCOMMAND --help` lists a subcommand's options
+  --version   print the version and exit
 
-
-DATA_EPILOG = (
-    "dataset tools: usclip data check ROOT | usclip data duplicates ROOT (see usclip data --help); "
-    "result tables: usclip report RUN_DIR... (see usclip report --help); "
-    "captions: usclip captions refine IN.jsonl OUT.jsonl (see usclip captions --help)"
-)
+Any YAML value can be overridden on the command line (--trainer.max_epochs=50). Docs: README.md, docs/.
+"""
 
 
-def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
+def _command_main(name: str) -> Callable[[list[str]], int]:
+    module = __import__(COMMANDS[name][0], fromlist=["main"])
+    return module.main  # type: ignore[no-any-return]
+
+
+def _raised_in_parser(err: BaseException) -> bool:
+    """Whether ``err`` was raised by the argument parser (jsonargparse, LightningCLI) rather than by usclip."""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and ("jsonargparse" in last or "argparse" in last or "lightning/pytorch/cli" in last)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def configuration_error_message(err: BaseException) -> str:
+    """One clear message for an error raised while a configuration is parsed or its classes are built.
+
+    The first exception of the chain raised outside the parser is the cause a user can act on (e.g. usclip's
+    "could not fetch the 'ViT-B-16' 'openai' weights ..."): its message is returned. A pure parser error (misspelt
+    key, wrong type) keeps the parser's message without the dumps of whole namespaces.
+    """
+    chain = _chain(err)
+    for e in chain:
+        if not _raised_in_parser(e) and str(e).strip():
+            return str(e).strip()
+    lines = [ln for ln in str(chain[0]).strip().splitlines() if "Namespace(" not in ln and "Given value type" not in ln]
+    key = re.search(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    specific = next((ln.strip() for ln in lines if re.search(r"is not accepted|Expected a|Unexpected|No action", ln)), None)
+    if key and specific:  # the actionable line first, then the parser's details
+        lines = [f"{key.group(1)}: {specific.lstrip('- ')}", *lines[1:]]
+    return "\n".join(lines[:20])
+
+
+def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI | None:
     """Run the ``usclip`` command line (``args=None`` reads ``sys.argv``; ``run=False`` only instantiates).
 
-    ``usclip data ...`` and ``usclip report ...`` exit (``SystemExit`` with its exit code), as ``--help`` does.
+    Returns:
+        The LightningCLI object for ``fit``/``validate``/``test``/``predict`` (and for ``run=False``).
+
+    Raises:
+        SystemExit: for ``--help``, ``--version``, the argparse subcommands (their exit code), and errors.
     """
-    argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list) and argv[:1] == ["data"]:
-        from usclip.commands.data import main as data_main
+    argv = sys.argv[1:] if args is None else list(args)
+    first = argv[0] if argv else None
+    if first in COMMANDS:
+        raise SystemExit(_command_main(first)(argv[1:]))
+    if first in ("--version", "-V"):
+        print(f"usclip {__version__}")
+        raise SystemExit(0)
+    if run and (first is None or first in ("-h", "--help")):
+        print(HELP, end="")
+        raise SystemExit(0 if first else 2)
+    from usclip.lightning_cli import run_lightning_cli
 
-        raise SystemExit(data_main(argv[1:]))
-    if isinstance(argv, list) and argv[:1] == ["report"]:
-        from usclip.commands.report import main as report_main
+    if os.environ.get("USCLIP_DEBUG", "") not in ("", "0"):
+        return run_lightning_cli(args, run=run)
+    try:
+        return run_lightning_cli(args, run=run)
+    except SystemExit:
+        raise
+    except Exception as err:
+        if not _is_configuration_error(err):
+            raise
+        print(f"usclip: error: {configuration_error_message(err)}", file=sys.stderr)
+        print("(the full message: rerun with USCLIP_DEBUG=1)", file=sys.stderr)
+        raise SystemExit(2) from err
 
-        raise SystemExit(report_main(argv[1:]))
-    if isinstance(argv, list) and argv[:1] == ["captions"]:
-        from usclip.commands.captions import main as captions_main
 
-        raise SystemExit(captions_main(argv[1:]))
-    return UsclipCLI(
-        BaseTask,
-        BaseDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": DATA_EPILOG},
-        args=args,
-        run=run,
-    )
+def _is_configuration_error(err: BaseException) -> bool:
+    """Errors raised while the configuration is parsed or its classes are built (not during training)."""
+    return _raised_in_parser(err) or any(type(e).__name__ == "ArgumentError" for e in _chain(err))
 
 
 def console_main() -> None:
@@ -86,6 +143,15 @@ def console_main() -> None:
     status 1 after a successful run, so this wrapper returns nothing.
     """
     main()
+
+
+def __getattr__(name: str) -> Any:
+    """``usclip.cli.UsclipCLI`` still works, imported on first use."""
+    if name in ("UsclipCLI", "run_lightning_cli", "EPILOG"):
+        from usclip import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

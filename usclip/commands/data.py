@@ -18,17 +18,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from usclip.data.checks import check_dataset
-from usclip.data.crop import CROP_MODES
-from usclip.data.duplicates import (
-    find_duplicates,
-    group_ids,
-    group_pairs,
-    precision_recall,
-    write_groups_csv,
-    write_pairs_csv,
-)
-from usclip.data.layouts import LAYOUTS, index_dataset, read_csv_column
+# Choices spelt out here so that `usclip data --help` imports neither torch nor OpenCV (usclip.data.crop does);
+# tests/test_commands.py checks them against usclip.data.crop.CROP_MODES and usclip.data.layouts.LAYOUTS.
+CROP_MODES = ("auto", "boxes", "none")
+LAYOUTS = ("auto", "folder", "busi")
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_check(args: argparse.Namespace) -> int:
     """``usclip data check``; returns 1 when the dataset has errors."""
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    from usclip.data.checks import check_dataset
+
     report = check_dataset(args.root, layout=args.layout, crop=args.crop, label_names=labels)
     print(report.format(args.max_problems))
     return 1 if report.errors else 0
@@ -74,6 +69,16 @@ def run_duplicates(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         print(f"usclip data duplicates: {output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 1
+    from usclip.data.duplicates import (
+        find_duplicates,
+        group_ids,
+        group_pairs,
+        precision_recall,
+        write_groups_csv,
+        write_pairs_csv,
+    )
+    from usclip.data.layouts import index_dataset, read_csv_column
+
     index = index_dataset(args.root, args.layout, masks=False)
     pairs = find_duplicates(
         index.images,
