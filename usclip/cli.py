@@ -55,7 +55,7 @@ Any YAML value can be overridden on the command line (--trainer.max_epochs=50). 
 
 def _command_main(name: str) -> Callable[[list[str]], int]:
     module = __import__(COMMANDS[name][0], fromlist=["main"])
-    return module.main  # type: ignore[no-any-return]
+    return module.main
 
 
 def _raised_in_parser(err: BaseException) -> bool:
@@ -90,13 +90,14 @@ def configuration_error_message(err: BaseException) -> str:
             return str(e).strip()
     lines = [ln for ln in str(chain[0]).strip().splitlines() if "Namespace(" not in ln and "Given value type" not in ln]
     key = re.search(r'Parser key "([^"]+)"', lines[0]) if lines else None
-    specific = next((ln.strip() for ln in lines if re.search(r"is not accepted|Expected a|Unexpected|No action", ln)), None)
+    actionable = re.compile(r"is not accepted|Expected a|Unexpected|No action")
+    specific = next((ln.strip() for ln in lines if actionable.search(ln)), None)
     if key and specific:  # the actionable line first, then the parser's details
         lines = [f"{key.group(1)}: {specific.lstrip('- ')}", *lines[1:]]
     return "\n".join(lines[:20])
 
 
-def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI | None:
+def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI:
     """Run the ``usclip`` command line (``args=None`` reads ``sys.argv``; ``run=False`` only instantiates).
 
     Returns:
