@@ -53,6 +53,14 @@ CASES = [
         LoraMultiheadAttention,
         True,
     ),
+    (
+        "lora-sqrt-scaling-qkvo-dropout",
+        "lora",
+        {"r": 4, "alpha": 12.0, "scaling": "alpha/sqrt(r)", "dropout": 0.1, "attn_targets": ["q", "k", "v", "out"]},
+        4,
+        LoraMultiheadAttention,
+        True,
+    ),
     ("lora-blocks", "lora", {"blocks": [0, 2]}, 2, LoraMultiheadAttention, True),
     ("lora-regex", "lora", {"target_modules": r"transformer\.resblocks\.[13]\.attn"}, 2, LoraMultiheadAttention, True),
     ("lora-mlp-linear", "lora", {"target_modules": ["mlp.c_fc", "mlp.c_proj"]}, 8, LoraLinear, True),
@@ -405,6 +413,7 @@ def lora_file(tmp_path):
         ("lora", {"r": 8, "alpha": 32.0}, TINY, "alpha=16.0 in the file but alpha=32.0"),
         ("lora", {"r": 8, "blocks": [0, 1]}, TINY, "adapts other modules"),
         ("lora", {"r": 8, "attn_targets": ["q", "v"]}, TINY, "attn_targets"),
+        ("lora", {"r": 8, "scaling": "alpha/sqrt(r)"}, TINY, r"scaling='alpha/r' in the file but scaling='alpha/sqrt"),
         ("lora", {"r": 8}, "usclip-demo-vit", "model_name='usclip-test-vit'"),
     ],
 )

@@ -54,7 +54,7 @@ def test_overlay_config_instantiates(overlay: Path, tmp_path: Path):
     base, overrides = OVERLAY_CASES.get(overlay.stem, ("busi_seg", TINY_CLIP))
     model = _instantiate([CONFIG_DIR / f"{base}.yaml", overlay], overrides, tmp_path)
     if overlay.parent.name == "adapters":
-        expected = None if overlay.stem == "none" else overlay.stem
+        expected = None if overlay.stem == "none" else overlay.stem.split("_")[0]  # lora_reference -> lora
         assert model.encoder_args["adapter"] == expected
     if overlay.stem in ("unet", "resnet18"):
         assert model.hparams["head"] == "native" and all(p.requires_grad for p in model.parameters())

@@ -5,13 +5,16 @@ File layout: tensors are the adapter state dict (keys relative to the encoder, e
 a JSON object::
 
     {"format": "usclip-adapters", "format_version": 1, "adapter": "lora",
-     "config": {"r": 16, "alpha": 16.0, ...}, "targets": ["visual.transformer.resblocks.0.attn", ...],
+     "config": {"r": 16, "alpha": 16.0, "scaling": "alpha/r", ...}, "targets": [...],
      "encoder": {"model_name": "ViT-B-16", "pretrained": "openai", ...}}
 
-Loading checks, in order: adapter type, structural hyperparameters (rank, alpha, projections / width, placement,
-variant), encoder model and weights, adapted modules (blocks), then the exact key set and shapes, and names the
-first mismatch. The file's adapters of blocks the encoder pruned are skipped with a log message, so a file from
-caption fine-tuning (whole tower) loads into a segmentation encoder that stops after its deepest feature block.
+Fields added to a configuration later are read from older files with their meaning at the time
+(``AdapterConfig.legacy_defaults``: a LoRA file without ``scaling`` was trained with ``alpha / r``).
+
+Loading checks, in order: adapter type, structural hyperparameters (rank, alpha, scaling, projections / width,
+placement, variant), encoder model and weights, adapted modules (blocks), then the exact key set and shapes, and
+names the first mismatch. The file's adapters of blocks the encoder pruned are skipped with a log message, so a file
+from caption fine-tuning (whole tower) loads into a segmentation encoder that stops after its deepest feature block.
 Nothing in the file is executed (safetensors holds raw tensors and strings); saving writes a temporary file in the
 same folder and renames it, so a crash never leaves half a checkpoint.
 """
@@ -125,7 +128,25 @@ def read_adapter_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(path)!r} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
             f"this usclip reads {FORMAT!r} version {FORMAT_VERSION}"
         )
+    _fill_legacy_defaults(meta, str(path))
     return meta
+
+
+def _fill_legacy_defaults(meta: dict[str, Any], path: str) -> None:
+    """Give a file written before a structural field existed that field's meaning at the time (``legacy_defaults``).
+
+    E.g. LoRA files without ``scaling`` were trained with ``alpha / r``, whatever the default is today.
+    """
+    from usclip.adapters import ADAPTERS  # the registry imports this module
+
+    cls = ADAPTERS.get(meta.get("adapter", ""))
+    config = meta.get("config")
+    if cls is None or not isinstance(config, dict):
+        return
+    missing = {k: v for k, v in cls.legacy_defaults.items() if k not in config}
+    if missing:
+        log.debug("adapter checkpoint %s predates %s; reading it with %s", path, sorted(missing), missing)
+        config.update(missing)
 
 
 def _is_identifier(pretrained: Any) -> bool:

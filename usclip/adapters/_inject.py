@@ -64,6 +64,8 @@ class AdapterConfig:
     name: ClassVar[str] = ""
     #: fields that change the adapter weights' meaning; a checkpoint must agree on them to load
     structural_fields: ClassVar[tuple[str, ...]] = ()
+    #: values of structural fields added after format version 1 shipped, for files that do not record them
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         """Validate the shared fields and normalise sequences to lists."""

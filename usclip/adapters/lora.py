@@ -2,9 +2,12 @@
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (arXiv:2106.09685). A frozen weight
 ``W`` (out x in) gets a trainable update ``scale * B @ A`` with ``A`` (r x in), ``B`` (out x r) and
-``scale = alpha / r``. ``A`` starts Kaiming-uniform and ``B`` at zero, so an adapted model computes exactly what
-the pretrained one does until the first optimiser step. The update can be merged into ``W`` for inference and
-subtracted again.
+``scale = alpha / r`` (the LoRA paper's rule, default) or ``scale = alpha / sqrt(r)`` (rank-stabilised LoRA,
+Kalajdzievski, arXiv:2312.03732, peft's ``use_rslora``; the setting of the paper we reproduce, see
+``configs/adapters/lora_reference.yaml``). ``A`` starts Kaiming-uniform and ``B`` at zero, so an adapted model
+computes exactly what the pretrained one does until the first optimiser step. Dropout, when set, acts on the input of
+the low-rank branch only, with an independent mask per adapted projection, and only in training. The update can be
+merged into ``W`` for inference and subtracted again.
 
 Three wrappers, chosen by the type of the matched module (see ``LoraConfig.wrap``):
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,8 @@ from usclip.adapters._inject import AdapterConfig, AdapterLayer, InjectContext
 from usclip.attention import self_attention_from_qkv
 
 _PROJECTIONS = ("q", "k", "v", "out")
+_SCALINGS = ("alpha/r", "alpha/sqrt(r)")
+LoraScaling = Literal["alpha/r", "alpha/sqrt(r)"]
 
 
 @dataclass(kw_only=True)
@@ -38,13 +43,21 @@ class LoraConfig(AdapterConfig):
     """LoRA hyperparameters.
 
     By default LoRA adapts q, k and v of every attention block: ``resblocks.{i}.attn`` (open_clip
-    ``nn.MultiheadAttention``) or ``blocks.{i}.attn.qkv`` (timm trunks), plus ``blocks.{i}.attn.proj`` on timm
-    when ``attn_targets`` includes ``"out"``.
+    ``nn.MultiheadAttention``, vision or text tower) or ``blocks.{i}.attn.qkv`` (timm trunks). With ``"out"`` in
+    ``attn_targets`` the output projection is adapted too: ``out_proj`` inside the open_clip attention wrapper, or
+    ``blocks.{i}.attn.proj`` on timm.
+
+    The authors' setting (Qu et al.'s released code) is ``r=16, alpha=32, scaling="alpha/sqrt(r)", dropout=0.1,
+    attn_targets=("q", "k", "v", "out")``: scale 8 (``configs/adapters/lora_reference.yaml``). The default keeps the
+    LoRA paper's ``alpha / r`` with ``alpha = r``, scale 1; docs/adapters.md ("LoRA switches") says why.
 
     Args:
         r: rank of the update.
-        alpha: scaling numerator; the update is multiplied by ``alpha / r`` (default 16 with ``r=16``: scale 1).
-        dropout: dropout on the LoRA input branch during training.
+        alpha: scaling numerator (default 16 with ``r=16`` and ``alpha/r``: scale 1).
+        scaling: ``"alpha/r"`` (LoRA paper, default) or ``"alpha/sqrt(r)"`` (rank-stabilised, like peft's
+            ``use_rslora``); the update is multiplied by :attr:`scale`.
+        dropout: dropout probability on the input of the low-rank branch (training only; the frozen path never
+            sees it); one independent mask per adapted projection.
         attn_targets: attention projections to adapt, any of ``"q"``, ``"k"``, ``"v"``, ``"out"``.
         target_modules: see :class:`~usclip.adapters.AdapterConfig`.
         blocks: see :class:`~usclip.adapters.AdapterConfig`.
@@ -52,19 +65,28 @@ class LoraConfig(AdapterConfig):
 
     r: int = 16
     alpha: float = 16.0
+    scaling: LoraScaling = "alpha/r"
     dropout: float = 0.0
     attn_targets: tuple[str, ...] = ("q", "k", "v")
 
     name: ClassVar[str] = "lora"
-    structural_fields: ClassVar[tuple[str, ...]] = ("r", "alpha", "attn_targets")
+    structural_fields: ClassVar[tuple[str, ...]] = ("r", "alpha", "scaling", "attn_targets")
+    #: files written before ``scaling`` existed used ``alpha / r``
+    legacy_defaults: ClassVar[dict[str, Any]] = {"scaling": "alpha/r"}
 
     def __post_init__(self) -> None:
         """Validate the hyperparameters."""
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r={self.r!r} must be a positive int (LoRA rank), e.g. r=16")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha={self.alpha!r} must be > 0 (the update is scaled by alpha / r), e.g. alpha=16")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r} must be a number > 0 (the update is scaled by alpha / r), e.g. 16")
+        if self.scaling not in _SCALINGS:
+            raise ValueError(
+                f"scaling={self.scaling!r} must be one of {_SCALINGS}: 'alpha/r' (LoRA paper, default) or "
+                "'alpha/sqrt(r)' (rank-stabilised, the authors' setting)"
+            )
+        self.alpha = float(self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1), e.g. 0.0 or 0.1")
         targets = tuple(self.attn_targets)
@@ -78,8 +100,8 @@ class LoraConfig(AdapterConfig):
 
     @property
     def scale(self) -> float:
-        """``alpha / r``."""
-        return self.alpha / self.r
+        """The multiplier of ``B @ A``: ``alpha / r`` or ``alpha / sqrt(r)``, as ``scaling`` says."""
+        return self.alpha / (math.sqrt(self.r) if self.scaling == "alpha/sqrt(r)" else self.r)
 
     def default_target_modules(self) -> str:
         """Open_clip attention modules and timm fused ``qkv`` (and ``proj`` when ``"out"`` is targeted)."""
@@ -156,13 +178,19 @@ class _FusedQkvLora(AdapterLayer):
         raise NotImplementedError
 
     def _qkv_delta(self, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        """``qkv`` (..., 3d) plus the low-rank updates of the selected projections, from input ``x`` (..., in)."""
+        """``qkv`` (..., 3d) plus the low-rank updates of the selected projections, from input ``x`` (..., in).
+
+        Without active dropout the down-projections run as one GEMM; with it, each projection draws its own mask
+        (in the order q, k, v), as separate LoRA layers on q, k and v would (peft, the authors' code).
+        """
         if not self.qkv_targets:
             return qkv
-        a = torch.cat([self.lora_A[t] for t in self.qkv_targets])  # (T*r, in)
-        h = F.linear(self.lora_dropout(x), a)  # (..., T*r)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            h = torch.cat([F.linear(self.lora_dropout(x), self.lora_A[t]) for t in self.qkv_targets], dim=-1)
+        else:
+            h = F.linear(x, torch.cat([self.lora_A[t] for t in self.qkv_targets]))  # (T*r, in) -> (..., T*r)
         # Block-diagonal up-projection (3d, T*r): zero rows for projections that are not adapted.
-        blocks = [self.lora_B[t] if t in self.lora_B else a.new_zeros(self.qkv_dim, 0) for t in "qkv"]
+        blocks = [self.lora_B[t] if t in self.lora_B else h.new_zeros(self.qkv_dim, 0) for t in "qkv"]
         return _add_low_rank(qkv, h, torch.block_diag(*blocks), self.scale)
 
     def _delta_weight(self, t: str) -> torch.Tensor:
