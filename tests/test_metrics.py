@@ -186,7 +186,7 @@ def test_empty_policy_nan_matches_monai_non_finite_cases():
     assert dice(p, t).tolist() == [1.0, 0.0, 0.0, 1.0]
 
 
-def test_metric_counts_empty_masks_and_drops_nonfinite():
+def test_metric_counts_empty_masks_and_authors_protocol_drops_nonfinite():
     lesion = masks("....", ".##.", ".##.")
     shifted = masks("....", "..##", "..##")
     nothing = torch.zeros(3, 4, dtype=torch.bool)
@@ -200,12 +200,12 @@ def test_metric_counts_empty_masks_and_drops_nonfinite():
     assert out["hd95"].item() == pytest.approx((0.0 + 5.0 + hd_shifted + 0.0) / 4)
     assert out["dice"].item() == pytest.approx((1.0 + 0.0 + 0.5 + 1.0) / 4)
 
-    dropped = SegmentationMetrics(drop_nonfinite=True)
+    dropped = SegmentationMetrics(protocol="authors")
     dropped.update(p, t)
     out = dropped.compute()
     assert out["hd95"].item() == pytest.approx((0.0 + hd_shifted) / 2)  # images 1 and 3 dropped
     assert out["hd95_std"].item() == pytest.approx(hd_shifted / 2)  # population std of {0, h}
-    assert out["dice"].item() == pytest.approx((1.0 + 0.0 + 0.5 + 1.0) / 4)  # Dice keeps every image
+    assert out["dice"].item() == pytest.approx((1.0 + 0.0 + 0.5) / 3)  # the empty ground truth (3) is dropped
     assert out["empty_preds"].item() == 2 and out["empty_targets"].item() == 1
 
 
@@ -222,9 +222,9 @@ def _random_batches(n_batches=3, size=4, seed=0):
         yield p, t
 
 
-@pytest.mark.parametrize("drop_nonfinite", [False, True])
-def test_per_image_means_equal_compute(drop_nonfinite):
-    metric = SegmentationMetrics(drop_nonfinite=drop_nonfinite)
+@pytest.mark.parametrize("protocol", ["strict", "authors"])
+def test_per_image_means_equal_compute(protocol):
+    metric = SegmentationMetrics(protocol=protocol)
     for p, t in _random_batches():
         metric.update(p, t)
     out = metric.compute()
@@ -236,7 +236,7 @@ def test_per_image_means_equal_compute(drop_nonfinite):
         assert out[name].item() == pytest.approx(finite.mean().item(), rel=1e-6)
         assert out[f"{name}_std"].item() == pytest.approx(finite.std(correction=0).item(), rel=1e-5)
     assert int(table["empty_pred"].sum()) == out["empty_preds"].item() == 3
-    if drop_nonfinite:
+    if protocol == "authors":
         assert int(torch.isnan(table["hd95"]).sum()) == 3
 
 
@@ -265,7 +265,9 @@ def test_write_csv_content_and_ids(tmp_path):
     path = metric.write_csv(tmp_path / "out" / "per_image.csv", ids=["case_a", "case_b"])
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["index", "id", "dice", "iou", "hd95", "asd", "empty_pred", "empty_target"]
+    header = ["index", "id", "dice", "iou", "hd95", "asd", "empty_pred", "empty_target", "metric_protocol"]
+    assert list(rows[0]) == header
+    assert {r["metric_protocol"] for r in rows} == {"strict"}
     assert [r["id"] for r in rows] == ["case_a", "case_b"]
     assert float(rows[0]["dice"]) == 0.0 and float(rows[0]["hd95"]) == pytest.approx(5.0)
     assert rows[0]["empty_pred"] == "1" and rows[0]["empty_target"] == "0"

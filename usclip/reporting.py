@@ -144,7 +144,7 @@ def load_run(run_dir: str | Path, method_from: MethodFrom = "config") -> RunResu
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a YAML mapping, got {type(config).__name__}")
     try:
-        metrics = {k: float(v) for k, v in json.loads(metrics_path.read_text()).items()}
+        metrics = {k: float(v) for k, v in json.loads(metrics_path.read_text()).items() if k != "metric_protocol"}
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise ValueError(f"{metrics_path}: expected a JSON object of numbers ({err})") from err
     root = _nested(config, "data", "init_args", "root")

@@ -134,36 +134,48 @@ def spacing_tensor(spacing: SpacingLike, batch_size: int, device: torch.device |
     return torch.tensor([[row, col]], dtype=torch.float32, device=device).expand(batch_size, 2)
 
 
-def dice(preds: Tensor, target: Tensor) -> Tensor:
+def dice(preds: Tensor, target: Tensor, ignore_empty: bool = False) -> Tensor:
     """Dice coefficient 2|P ∩ T| / (|P| + |T|) per image.
 
     Args:
         preds: predicted masks (B, H, W), bool or integer (nonzero = foreground).
         target: reference masks (B, H, W), same shape.
+        ignore_empty: NaN wherever the target is empty (MONAI's ``ignore_empty=True``, used by the "authors"
+            metric protocol), instead of 1 (both empty) or 0 (only the target empty).
 
     Returns:
-        Float32 tensor (B,) on the input's device; 1 where both masks are empty, 0 where exactly one is.
+        Float32 tensor (B,) on the input's device; 1 where both masks are empty, 0 where exactly one is
+        (unless ``ignore_empty``).
     """
     p, t = _check_masks(preds, target)
     inter = (p & t).sum((1, 2)).float()
     total = (p.sum((1, 2)) + t.sum((1, 2))).float()
-    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+    out = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+    return _ignore_empty_target(out, t) if ignore_empty else out
 
 
-def iou(preds: Tensor, target: Tensor) -> Tensor:
+def iou(preds: Tensor, target: Tensor, ignore_empty: bool = False) -> Tensor:
     """Intersection over union (Jaccard index) |P ∩ T| / |P ∪ T| per image.
 
     Args:
         preds: predicted masks (B, H, W), bool or integer (nonzero = foreground).
         target: reference masks (B, H, W), same shape.
+        ignore_empty: NaN wherever the target is empty (MONAI's ``ignore_empty=True``), as for :func:`dice`.
 
     Returns:
-        Float32 tensor (B,) on the input's device; 1 where both masks are empty, 0 where exactly one is.
+        Float32 tensor (B,) on the input's device; 1 where both masks are empty, 0 where exactly one is
+        (unless ``ignore_empty``).
     """
     p, t = _check_masks(preds, target)
     inter = (p & t).sum((1, 2)).float()
     union = (p | t).sum((1, 2)).float()
-    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+    out = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+    return _ignore_empty_target(out, t) if ignore_empty else out
+
+
+def _ignore_empty_target(values: Tensor, target: Tensor) -> Tensor:
+    """``values`` (B,) with NaN where the bool target (B, H, W) is empty."""
+    return torch.where(target.flatten(1).any(dim=1), values, math.nan)
 
 
 def boundaries(masks: Tensor) -> Tensor:

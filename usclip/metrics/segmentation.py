@@ -1,8 +1,9 @@
 """Per-image segmentation metrics as a torchmetrics ``Metric``: Dice, IoU, HD95 and ASD with an empty-mask policy.
 
-The values per image come from :mod:`usclip.metrics.functional`; this class keeps them (one scalar per image
-and metric), reports mean and standard deviation plus the counts of empty predictions and targets, and
-writes the per-image table as CSV. See docs/metrics.md.
+The values per image come from :mod:`usclip.metrics.functional` under a metric protocol
+(:mod:`usclip.metrics.protocol`: ``"strict"`` or ``"authors"``); this class keeps them (one scalar per image and
+metric), reports mean and standard deviation plus the counts of empty predictions and targets, and writes the
+per-image table as CSV. See docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -20,15 +21,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from usclip._io import atomic_path
-from usclip.metrics.functional import (
-    EmptyPolicy,
-    SpacingLike,
-    _check_masks,
-    dice,
-    iou,
-    spacing_tensor,
-    surface_distances,
-)
+from usclip.metrics.functional import SpacingLike, _check_masks, spacing_tensor
+from usclip.metrics.protocol import MetricProtocol, check_metric_protocol, per_image_values, protocol_rules
 
 __all__ = ["SEGMENTATION_METRICS", "SegmentationMetricName", "SegmentationMetrics"]
 
@@ -46,11 +40,13 @@ class SegmentationMetrics(Metric):
     with ``"cat"``, so DDP gathers every image), which gives the per-image table (:meth:`per_image`,
     :meth:`write_csv`) and exact means over the whole test set.
 
-    Empty masks follow an explicit policy: both empty -> Dice = IoU = 1 and distances 0; exactly one empty
-    -> Dice = IoU = 0 and distances = the image diagonal (in spacing units). ``compute()`` reports how many
-    predictions and targets were empty. With ``drop_nonfinite=True`` HD95 and ASD instead follow the
-    published protocol (MONAI per image, non-finite values dropped): images with an empty prediction or
-    target get NaN and are left out of the HD95 / ASD mean and std. Dice and IoU are unaffected.
+    Under ``protocol="strict"`` (default) every image counts and empty masks follow an explicit policy: both
+    empty -> Dice = IoU = 1 and distances 0; exactly one empty -> Dice = IoU = 0 and distances = the image
+    diagonal (in spacing units); ASD is symmetric. Under ``protocol="authors"`` the values are those of the
+    paper's released code (MONAI's defaults, non-finite values dropped): Dice and IoU are NaN where the ground
+    truth is empty, HD95 and ASD where either mask is empty, ASD is directed (prediction -> ground truth) and
+    distances are in pixels; NaN values stay in the per-image table and are left out of means and stds.
+    ``compute()`` reports how many predictions and targets were empty under both.
 
     Standard deviations are population standard deviations (``numpy.std``'s default, ``ddof=0``).
 
@@ -68,9 +64,9 @@ class SegmentationMetrics(Metric):
         self,
         include: Sequence[SegmentationMetricName] = SEGMENTATION_METRICS,
         spacing: float | Sequence[float] | None = None,
-        drop_nonfinite: bool = False,
+        protocol: MetricProtocol = "strict",
         percentile: float = 95.0,
-        symmetric: bool = True,
+        symmetric: bool | None = None,
         **kwargs: Any,
     ) -> None:
         """Create the metric.
@@ -78,15 +74,18 @@ class SegmentationMetrics(Metric):
         Args:
             include: which of ``"dice"``, ``"iou"``, ``"hd95"``, ``"asd"`` to compute.
             spacing: default pixel spacing, one number or ``(row, column)``; ``None`` reports distances in
-                pixels at the evaluated resolution. ``update`` can override it per batch.
-            drop_nonfinite: reproduce the "drop NaN / inf" protocol for HD95 and ASD (see the class docstring).
+                pixels at the evaluated resolution. ``update`` can override it per batch. Ignored (with a
+                warning) under ``protocol="authors"``, which reports pixels.
+            protocol: metric protocol, ``"strict"`` or ``"authors"`` (see the class docstring and
+                :mod:`usclip.metrics.protocol`); written into :meth:`write_csv`'s table.
             percentile: percentile of the Hausdorff distance (95 for HD95).
-            symmetric: ASD over both boundaries (MONAI's ``symmetric=True``) or prediction to target only.
+            symmetric: ASD over both boundaries (MONAI's ``symmetric=True``) or prediction to target only;
+                ``None`` takes the protocol's (strict: symmetric, authors: directed).
             **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
         Raises:
-            ValueError: if ``include`` is empty or names an unknown metric, or ``spacing``/``percentile`` is
-                invalid.
+            ValueError: if ``include`` is empty or names an unknown metric, or ``spacing``/``percentile``/
+                ``protocol`` is invalid.
         """
         super().__init__(**kwargs)
         include = tuple(include)
@@ -95,13 +94,15 @@ class SegmentationMetrics(Metric):
             raise ValueError(
                 f"`include` must be a non-empty selection without repeats from {SEGMENTATION_METRICS}, got {include!r}."
             )
+        self.protocol: MetricProtocol = check_metric_protocol(protocol, "protocol")
+        self._use_spacing = protocol_rules(protocol).use_spacing
         if spacing is not None:
             spacing_tensor(spacing, 1)  # validate now rather than at the first update
+            self._warn_spacing_ignored(spacing)
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"`percentile` must be in [0, 100], got {percentile}.")
         self.include: tuple[SegmentationMetricName, ...] = include
         self.spacing = spacing
-        self.drop_nonfinite = drop_nonfinite
         self.percentile = percentile
         self.symmetric = symmetric
         # One growing tensor per column rather than a list of per-batch tensors: a few long-lived allocations
@@ -122,7 +123,7 @@ class SegmentationMetrics(Metric):
                 to image ids; by default rows are numbered on from the number of images seen so far (pass it
                 explicitly under DDP, where each process would count on its own).
             spacing: pixel spacing for this batch, overriding the one given at construction: one number,
-                ``(row, column)`` or a tensor (B,) / (B, 2) of per-image spacings.
+                ``(row, column)`` or a tensor (B,) / (B, 2) of per-image spacings. Ignored under ``"authors"``.
 
         Raises:
             ValueError: on masks of the wrong shape or dtype, or an ``index`` that is not (B,) integers.
@@ -138,18 +139,18 @@ class SegmentationMetrics(Metric):
                 f"{index.dtype if isinstance(index, Tensor) else type(index).__name__} of shape "
                 f"{tuple(index.shape) if isinstance(index, Tensor) else '?'}."
             )
+        if spacing is not None:
+            self._warn_spacing_ignored(spacing)
         spacing = self.spacing if spacing is None else spacing
-        values: dict[str, Tensor] = {}
-        if "dice" in self.include:
-            values["dice"] = dice(preds, target)
-        if "iou" in self.include:
-            values["iou"] = iou(preds, target)
-        if "hd95" in self.include or "asd" in self.include:
-            empty: EmptyPolicy = "nan" if self.drop_nonfinite else "worst"
-            distances = surface_distances(
-                preds, target, spacing=spacing, percentile=self.percentile, symmetric=self.symmetric, empty=empty
-            )
-            values["hd95"], values["asd"] = distances.hd, distances.asd
+        values = per_image_values(
+            preds,
+            target,
+            protocol=self.protocol,
+            include=self.include,
+            spacing=spacing if self._use_spacing else None,
+            percentile=self.percentile,
+            symmetric=self.symmetric,
+        )
         # The masks are validated by now. Flags are stored as float 0/1: bool does not gather on every backend.
         values["empty_pred"] = (~preds.bool().flatten(1).any(dim=1)).float()
         values["empty_target"] = (~target.bool().flatten(1).any(dim=1)).float()
@@ -157,6 +158,14 @@ class SegmentationMetrics(Metric):
         for name in ("index", *self.include, *_FLAGS):
             column = self._column(name)
             setattr(self, name, torch.cat([column, values[name].detach().to(column)]))
+
+    def _warn_spacing_ignored(self, spacing: SpacingLike) -> None:
+        """Warn once per metric that a spacing is ignored by a protocol that reports pixels."""
+        if self._use_spacing or getattr(self, "_spacing_warned", False):
+            return
+        self._spacing_warned = True
+        shown = tuple(spacing.shape) if isinstance(spacing, Tensor) else spacing
+        log.warning("metric protocol %r reports distances in pixels: spacing %r is ignored", self.protocol, shown)
 
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any | None = None) -> None:
         """Gather the columns as lists, which torchmetrics concatenates.
@@ -183,7 +192,8 @@ class SegmentationMetrics(Metric):
 
         Returns:
             A flat dict: for each included metric ``name`` its mean ``name`` and population standard deviation
-            ``name_std`` (over finite values: with ``drop_nonfinite`` HD95 / ASD skip the images that have NaN),
+            ``name_std`` (over finite values: under ``"authors"`` the images the protocol leaves out, NaN in the
+            table, are skipped; NaN when no image is left),
             plus ``empty_preds`` and ``empty_targets``, the numbers of empty predicted and reference masks.
         """
         out: dict[str, Tensor] = {}
@@ -205,7 +215,7 @@ class SegmentationMetrics(Metric):
 
         Returns:
             Columns of equal length N: ``index`` (int64), one float column per included metric (NaN where
-            ``drop_nonfinite`` dropped a value), ``empty_pred`` and ``empty_target`` (bool). Their finite
+            the protocol leaves a value out), ``empty_pred`` and ``empty_target`` (bool). Their finite
             means equal the means of :meth:`compute`.
         """
         with self.sync_context(should_sync=not self._is_synced, should_unsync=True):
@@ -217,6 +227,9 @@ class SegmentationMetrics(Metric):
 
     def write_csv(self, path: str | os.PathLike[str], ids: Sequence[str] | None = None) -> Path:
         """Write the per-image table as CSV, atomically (temporary file in the same folder, then rename).
+
+        Columns: ``index``, ``id`` (with ``ids``), the included metrics (``nan`` where the protocol leaves a value
+        out), ``empty_pred``, ``empty_target`` (0/1) and ``metric_protocol`` (the same name on every row).
 
         Under DDP every process gathers the table; call this on rank zero only.
 
@@ -243,7 +256,7 @@ class SegmentationMetrics(Metric):
                 )
             header.append("id")
             names = [str(ids[i]) for i in index]
-        header += [*self.include, *_FLAGS]
+        header += [*self.include, *_FLAGS, "metric_protocol"]
         columns = [table[name].tolist() for name in (*self.include, *_FLAGS)]
         path = Path(path)
         with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
@@ -252,6 +265,7 @@ class SegmentationMetrics(Metric):
             for row, sample in enumerate(index):
                 cells: list[object] = [sample, *([names[row]] if ids is not None else [])]
                 cells += [int(col[row]) if isinstance(col[row], bool) else col[row] for col in columns]
+                cells.append(self.protocol)
                 writer.writerow(cells)
             handle.flush()
             os.fsync(handle.fileno())

@@ -13,7 +13,7 @@ from monai.losses import FocalLoss
 from torch import nn
 
 from usclip._io import atomic_path, write_text_atomic
-from usclip.metrics import build_classification_metrics, roc_curve
+from usclip.metrics import MetricProtocol, build_classification_metrics, check_metric_protocol, roc_curve
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
 from usclip.visualize import confusion_matrix, draw_confusion_matrix, draw_roc, save_png
@@ -28,10 +28,14 @@ class ClassificationTask(BaseTask):
     ``val_auc``. ``usclip test`` writes ``results/test_metrics.json``, ``results/test_predictions.csv`` (one row
     per image: id, label, class probabilities), the confusion matrix (``results/test_confusion_matrix.csv``/``.png``)
     and the ROC curve (``results/test_roc.png``); ``usclip predict`` writes ``predictions/probabilities.csv``.
+    ``results/test_metrics.json`` records ``"metric_protocol"``.
 
     Args:
         gamma: focal-loss focusing parameter (0 gives cross-entropy).
         alpha: focal-loss weight of the positive class for two classes; ``None`` weighs classes equally.
+        metric_protocol: ``strict`` or ``authors``, recorded in ``results/test_metrics.json`` so that reports never
+            mix protocols. The classification numbers are the same under both (the authors' binary torchmetrics
+            over the whole test set, decisions at 0.5, are what this task computes; see ``docs/metrics.md``).
         **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
             ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
     """
@@ -40,8 +44,11 @@ class ClassificationTask(BaseTask):
     monitor = "val_auc"
     monitor_mode: Literal["min", "max"] = "max"
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, gamma: float = 2.0, alpha: float | None = None, metric_protocol: MetricProtocol = "strict", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        check_metric_protocol(metric_protocol)
 
     def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
         return ClassificationHead(
@@ -105,7 +112,9 @@ class ClassificationTask(BaseTask):
         header = ["id", "label", *self._probability_columns()]
         lines = [",".join(header)] + [",".join(str(v) for v in row) for row in self._test_rows]
         write_text_atomic(out / "results" / "test_predictions.csv", "\n".join(lines) + "\n")
-        summary = {k.removeprefix("test_"): v for k, v in values.items()} | {"num_images": len(self._test_rows)}
+        summary: dict[str, float | int | str] = {k.removeprefix("test_"): v for k, v in values.items()}
+        protocol = self.hparams.get("metric_protocol", "strict")
+        summary |= {"num_images": len(self._test_rows), "metric_protocol": protocol}
         write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
         self._write_test_figures(out / "results")
         log.info("test results written to %s", out / "results")

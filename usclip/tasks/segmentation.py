@@ -15,7 +15,7 @@ from torch import nn
 from usclip._io import write_text_atomic
 from usclip.data.crop import paste_back
 from usclip.data.datasets import load_grayscale
-from usclip.metrics import SegmentationMetrics
+from usclip.metrics import MetricProtocol, SegmentationMetrics, check_metric_protocol
 from usclip.models.heads import SegmentationHead
 from usclip.tasks.base import BaseTask
 from usclip.visualize import overlay, save_png
@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 class SegmentationTask(BaseTask):
     """Segment the lesion with a frozen CLIP encoder, adapters and the paper's light head.
 
-    Metrics (val and test): Dice, IoU, HD95 and ASD per image, averaged (see ``docs/metrics.md``); the best
-    checkpoint is the one with the highest ``val_dice``. ``usclip test`` writes ``results/test_metrics.json``, the
-    per-image table ``results/test_per_image.csv`` and overlays into the run directory; ``usclip predict`` writes
-    masks at each image's original size and overlays.
+    Metrics (val and test): Dice, IoU, HD95 and ASD per image, averaged under ``metric_protocol`` (see
+    ``docs/metrics.md``); the best checkpoint is the one with the highest ``val_dice``. ``usclip test`` writes
+    ``results/test_metrics.json`` (with ``"metric_protocol"``), the per-image table ``results/test_per_image.csv``
+    (with a ``metric_protocol`` column) and overlays into the run directory; ``usclip predict`` writes masks at each
+    image's original size and overlays.
 
     Args:
         lambda_dice: weight of the Dice term.
@@ -37,6 +38,11 @@ class SegmentationTask(BaseTask):
         num_overlays: test images written as overlay pictures.
         text_prompt: CLIPSeg's text prompt (``model_name: clipseg:...``): a dataset name (``busi``, ``ddti``,
             ``tn3k``, ``ln1``, ``ln2``, ``prostate``: the authors' prompt for it), an organ name or your own sentence.
+        metric_protocol: ``strict`` (every image counts: an empty prediction is charged the image diagonal, an
+            empty ground truth scores Dice 1 or 0; symmetric ASD) or ``authors`` (the paper's code: MONAI's values
+            with NaN / inf dropped, so missed lesions leave HD95 / ASD and empty ground truths never count;
+            directed ASD, prediction -> ground truth). Applies to validation (and so to the best checkpoint's
+            choice) and test; recorded in every results file.
         **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
             ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
     """
@@ -51,6 +57,7 @@ class SegmentationTask(BaseTask):
         lambda_ce: float = 1.0,
         num_overlays: int = 8,
         text_prompt: str | None = None,
+        metric_protocol: MetricProtocol = "strict",
         **kwargs: Any,
     ) -> None:
         if text_prompt is not None and not str(kwargs.get("model_name", "")).startswith("clipseg"):
@@ -74,8 +81,9 @@ class SegmentationTask(BaseTask):
         )
 
     def configure_metrics(self) -> None:  # noqa: D102
-        self.val_metrics = SegmentationMetrics()
-        self.test_metrics = SegmentationMetrics()
+        protocol = check_metric_protocol(self.hparams.get("metric_protocol", "strict"))
+        self.val_metrics = SegmentationMetrics(protocol=protocol)
+        self.test_metrics = SegmentationMetrics(protocol=protocol)
 
     def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), mask.unsqueeze(1))
@@ -130,7 +138,8 @@ class SegmentationTask(BaseTask):
         gathered: torch.Tensor = self.test_metrics.index  # type: ignore[assignment]  # the synced index column
         num_images = int(gathered.numel())
         self.test_metrics.write_csv(out / "results" / "test_per_image.csv", ids=list(dataset.ids))
-        summary = {k: float(v) for k, v in values.items()} | {"num_images": num_images}
+        summary: dict[str, float | int | str] = {k: float(v) for k, v in values.items()}
+        summary |= {"num_images": num_images, "metric_protocol": self.test_metrics.protocol}
         write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
         log.info("test results written to %s", out / "results")
         self.test_metrics.reset()
