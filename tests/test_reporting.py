@@ -186,6 +186,20 @@ def test_marks_best_and_second_best_lower_is_better_and_printed_ties():
     assert rows["c"][hd95] == rows["d"][hd95] == "9.00 ± 0.00"
 
 
+def test_a_cell_over_fewer_seeds_says_so_and_non_finite_values_are_left_out():
+    runs = [_run("a", seg(0.8), seed=s) for s in (1, 2, 3)]
+    runs += [_run("b", seg(0.6), seed=1), _run("b", seg(0.7), seed=2)]  # seed 3 missing
+    runs.append(_run("c", seg(0.5, hd95=float("inf")), seed=1))
+    runs += [_run("c", seg(0.5, hd95=h), seed=s) for s, h in ((2, 4.0), (3, 6.0))]
+    table = aggregate(runs)["table2"]
+    header, rows = md_rows(format_markdown(table))
+    dice, hd95 = header.index("BUSI Dice ↑"), header.index("BUSI HD95 ↓")
+    assert rows["a"][dice] == "**80.00 ± 0.00**"
+    assert rows["b"][dice] == f"<u>65.00 ± {statistics.stdev([60, 70]):.2f} (n=2)</u>"
+    assert rows["c"][hd95] == f"**5.00 ± {statistics.stdev([4.0, 6.0]):.2f} (n=2)**"  # inf left out of the mean
+    assert table.cells["segmentation", "c", "BUSI"]["dice"].n == 3
+
+
 def _run(method, metrics, group="segmentation", dataset="BUSI", seed=1, reference=False, table="table2"):
     from usclip.reporting import RunResult
 

@@ -246,6 +246,7 @@ def format_markdown(table: ResultTable, compare_paper: bool = False, all_metrics
     header += [f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in datasets for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     compared = 0
+    most_seeds = max(table.seed_counts(), default=0)
     for group in groups:
         column_ranks = {(d, m): ranks(table, group, d, m) for d in datasets for m in metrics}
         for i, method in enumerate(table.methods(group)):
@@ -260,6 +261,8 @@ def format_markdown(table: ResultTable, compare_paper: bool = False, all_metrics
                         row.append("–")
                         continue
                     text, rank = _fmt(cell, m), column_ranks[d, m].get(method)
+                    if cell.n < most_seeds:
+                        text += f" (n={cell.n})"
                     text = f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
                     paper = _paper_value(table, group, method, d, m) if compare_paper else None
                     if paper is not None:
@@ -270,6 +273,8 @@ def format_markdown(table: ResultTable, compare_paper: bool = False, all_metrics
     n = table.seed_counts()
     seeds = f"{'/'.join(map(str, n))} seed{'s' if n != [1] else ''}"
     notes = [f"Mean ± std (sample std) over {seeds}; {_units(metrics)}."]
+    if len(n) > 1:
+        notes[0] += f" (n=…): a cell over fewer than {most_seeds} seeds."
     notes.append("**Best**, <u>second best</u> among the compared methods of each group; † reference, not ranked.")
     notes.append(f"Metric protocol: `{table.protocol}`.")
     if compare_paper:

@@ -271,6 +271,14 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
                 runs.append(run)
             else:
                 log.warning("%s: test results without config.yaml or %s; skipped", run, SWEEP_RUN_FILE)
+        unfinished = [s.parent for s in sorted(p.rglob(SWEEP_RUN_FILE)) if s.parent not in runs]
+        if unfinished:
+            log.warning(
+                "%s: %d sweep run(s) without results/test_metrics.json (not finished) left out, e.g. %s",
+                p,
+                len(unfinished),
+                unfinished[0],
+            )
         if not runs:
             raise FileNotFoundError(
                 f"RUN_DIR {p} holds no tested run (no config.yaml or {SWEEP_RUN_FILE} next to "
