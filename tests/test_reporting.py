@@ -96,15 +96,18 @@ def read_csv(path):
 
 
 def md_rows(text):
-    """{method (first non-group cell): [cells]} of a Markdown table; the group column is dropped when present."""
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
-    start = header.index("Method")
-    rows = {}
-    for line in lines[1:]:
+    """Markdown tables -> (column titles, {method: cells}); blocks of datasets merged; the group column dropped."""
+    titles, rows, start = [], {}, 0
+    for line in text.splitlines():
+        if not line.startswith("| "):
+            continue
         cells = [c.strip() for c in line.strip("|").split(" | ")]
-        rows[cells[start]] = cells[start + 1 :]
-    return header[start + 1 :], rows
+        if "Method" in cells:
+            start = cells.index("Method")
+            titles += cells[start + 1 :]
+        else:
+            rows.setdefault(cells[start], []).extend(cells[start + 1 :])
+    return titles, rows
 
 
 # --- cells: mean and sample std of the per-run files --------------------------------------------------------------
@@ -198,6 +201,20 @@ def test_a_cell_over_fewer_seeds_says_so_and_non_finite_values_are_left_out():
     assert rows["b"][dice] == f"<u>65.00 ± {statistics.stdev([60, 70]):.2f} (n=2)</u>"
     assert rows["c"][hd95] == f"**5.00 ± {statistics.stdev([4.0, 6.0]):.2f} (n=2)**"  # inf left out of the mean
     assert table.cells["segmentation", "c", "BUSI"]["dice"].n == 3
+
+
+def test_datasets_are_split_into_blocks_of_three_like_the_paper():
+    runs = [_run("CLIP (Mona)", seg(0.8), dataset=d) for d in ("TN3K", "BUSI", "LN-2", "DDTI", "LN-1")]
+    text = format_markdown(aggregate(runs)["table2"])
+    headers = [line for line in text.splitlines() if line.startswith("| Method")]
+    assert [[h.split()[0] for h in line.strip("| ").split(" | ")[1::4]] for line in headers] == [
+        ["LN-1", "LN-2", "BUSI"],
+        ["DDTI", "TN3K"],
+    ]
+    assert text.count("| CLIP (Mona) |") == 2 and text.count("Metric protocol") == 1
+    one = format_markdown(aggregate(runs)["table2"], datasets_per_block=0)
+    assert len([line for line in one.splitlines() if line.startswith("| Method")]) == 1
+    assert md_rows(one) == md_rows(text)
 
 
 def _run(method, metrics, group="segmentation", dataset="BUSI", seed=1, reference=False, table="table2"):

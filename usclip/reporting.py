@@ -231,45 +231,55 @@ def _units(metrics: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-def format_markdown(table: ResultTable, compare_paper: bool = False, all_metrics: bool = False) -> str:
+def _cell_text(table: ResultTable, key: tuple[str, str, str], metric: str, rank: int | None, most_seeds: int) -> str:
+    cell = table.cells.get(key, {}).get(metric)
+    if cell is None:
+        return "–"
+    text = _fmt(cell, metric) + (f" (n={cell.n})" if cell.n < most_seeds else "")
+    return f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
+
+
+def format_markdown(
+    table: ResultTable, compare_paper: bool = False, all_metrics: bool = False, datasets_per_block: int = 3
+) -> str:
     """One of the paper's tables in Markdown: a row per method, grouped as the paper does; a column per metric.
 
-    Cells read ``mean ± std`` over seeds (percent for Dice/IoU/Acc/AUC, pixels for HD95/ASD). Within each row group
-    the best compared method of a column is **bold**, the second best underlined (``<u>``), as in the paper;
-    reference rows (†) are not ranked. ↓ marks lower-is-better metrics, ↑ the others. With ``compare_paper`` a cell
-    reads ``ours (paper, ours − paper)`` where the paper has that cell. Lines under the table give the units, the
-    metric protocol and, when comparing ``strict`` runs with the paper (``authors`` protocol), a warning.
+    Cells read ``mean ± std`` over seeds (percent for Dice/IoU/Acc/AUC, pixels for HD95/ASD); ``(n=k)`` marks a
+    cell over fewer seeds than the table's others. Within each row group the best compared method of a column is
+    **bold**, the second best underlined (``<u>``), as in the paper; reference rows (†) are not ranked. ↓ marks
+    lower-is-better metrics, ↑ the others. With ``compare_paper`` a cell reads ``ours (paper, ours − paper)`` where
+    the paper has that cell. Like the paper, the datasets are split over tables of ``datasets_per_block`` datasets
+    (0: one table). A list under the table gives the units, the metric protocol and, when comparing ``strict`` runs
+    with the paper (``authors`` protocol), a warning.
     """
-    datasets, metrics, groups = table.datasets(), table.metrics(all_metrics), table.groups()
+    datasets, metrics = table.datasets(), table.metrics(all_metrics)
     show_group = len(table.spec.groups) > 1
-    header = (["Group"] if show_group else []) + ["Method"]
-    header += [f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in datasets for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    compared = 0
     most_seeds = max(table.seed_counts(), default=0)
-    for group in groups:
-        column_ranks = {(d, m): ranks(table, group, d, m) for d in datasets for m in metrics}
-        for i, method in enumerate(table.methods(group)):
-            reference = (group, method) in table.references
-            row = ([group.capitalize() if i == 0 else ""] if show_group else []) + [
-                method + (" †" if reference else "")
-            ]
-            for d in datasets:
-                for m in metrics:
-                    cell = table.cells.get((group, method, d), {}).get(m)
-                    if cell is None:
-                        row.append("–")
-                        continue
-                    text, rank = _fmt(cell, m), column_ranks[d, m].get(method)
-                    if cell.n < most_seeds:
-                        text += f" (n={cell.n})"
-                    text = f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
-                    paper = _paper_value(table, group, method, d, m) if compare_paper else None
-                    if paper is not None:
-                        compared += 1
-                        text += f" ({paper:.2f}, {cell.mean * _scale(m) - paper:+.2f})"
-                    row.append(text)
-            lines.append("| " + " | ".join(row) + " |")
+    step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
+    column_ranks = {(g, d, m): ranks(table, g, d, m) for g in table.groups() for d in datasets for m in metrics}
+    compared = 0
+    blocks = []
+    for first in range(0, max(len(datasets), 1), step):
+        block = datasets[first : first + step]
+        header = (["Group"] if show_group else []) + ["Method"]
+        header += [f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in block for m in metrics]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for group in table.groups():
+            for i, method in enumerate(table.methods(group)):
+                row = [group.capitalize() if i == 0 else ""] if show_group else []
+                row.append(method + (" †" if (group, method) in table.references else ""))
+                for d in block:
+                    for m in metrics:
+                        rank = column_ranks[group, d, m].get(method)
+                        text = _cell_text(table, (group, method, d), m, rank, most_seeds)
+                        paper = _paper_value(table, group, method, d, m) if compare_paper else None
+                        cell = table.cells.get((group, method, d), {}).get(m)
+                        if paper is not None and cell is not None:
+                            compared += 1
+                            text += f" ({paper:.2f}, {cell.mean * _scale(m) - paper:+.2f})"
+                        row.append(text)
+                lines.append("| " + " | ".join(row) + " |")
+        blocks.append("\n".join(lines) + "\n")
     n = table.seed_counts()
     seeds = f"{'/'.join(map(str, n))} seed{'s' if n != [1] else ''}"
     notes = [f"Mean ± std (sample std) over {seeds}; {_units(metrics)}."]
@@ -291,7 +301,7 @@ def format_markdown(table: ResultTable, compare_paper: bool = False, all_metrics
             )
             notes.append(f"**{warning}**")
             log.warning("%s: %s", table.name, warning)
-    return "\n".join(lines) + "\n\n" + "".join(f"- {note}\n" for note in notes)
+    return "\n".join(blocks) + "\n" + "".join(f"- {note}\n" for note in notes)
 
 
 def write_csv(table: ResultTable, path: str | Path, compare_paper: bool = False, all_metrics: bool = False) -> Path:
@@ -326,9 +336,15 @@ def write_csv(table: ResultTable, path: str | Path, compare_paper: bool = False,
 
 
 def write_report(
-    runs: Sequence[RunResult], out_dir: str | Path, compare_paper: bool = False, all_metrics: bool = False
+    runs: Sequence[RunResult],
+    out_dir: str | Path,
+    compare_paper: bool = False,
+    all_metrics: bool = False,
+    datasets_per_block: int = 3,
 ) -> dict[str, tuple[Path, Path, str]]:
     """Write ``<table>.md`` and ``<table>.csv`` (``table2``, ``table3``) into ``out_dir``.
+
+    ``compare_paper``, ``all_metrics`` and ``datasets_per_block`` as in :func:`format_markdown` and :func:`write_csv`.
 
     Returns:
         ``{table name: (markdown path, csv path, markdown text)}``.
@@ -340,7 +356,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, table in aggregate(runs).items():
-        text = format_markdown(table, compare_paper, all_metrics)
+        text = format_markdown(table, compare_paper, all_metrics, datasets_per_block)
         md = out_dir / f"{name}.md"
         write_text_atomic(md, f"# {table.spec.title}\n\n{text}")
         written[name] = (md, write_csv(table, out_dir / f"{name}.csv", compare_paper, all_metrics), text)

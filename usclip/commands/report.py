@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--all-metrics", action="store_true", help="Table 3 also shows sensitivity, specificity and F1")
     parser.add_argument(
+        "--datasets-per-block",
+        type=int,
+        default=3,
+        help="datasets side by side in one Markdown table; more go into another below, as in the paper "
+        "(default: 3; 0: one wide table)",
+    )
+    parser.add_argument(
         "--grid-images", type=int, default=4, help="test images in each overlay grid (default: 4; 0: no grid)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="also print the library's log messages")
@@ -55,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         dirs = find_run_dirs(args.run_dirs)
         runs = [load_run(d, args.method_from) for d in tqdm(dirs, desc="reading runs", unit="run", disable=None)]
-        written = write_report(runs, args.output, args.compare_paper, args.all_metrics)
+        written = write_report(runs, args.output, args.compare_paper, args.all_metrics, args.datasets_per_block)
         grids = write_overlay_grids(runs, args.output, args.grid_images, min_size=160) if args.grid_images > 0 else []
     except (FileNotFoundError, ValueError) as err:
         print(f"usclip report: {err}", file=sys.stderr)
