@@ -21,6 +21,7 @@ from usclip.reporting import (
     format_markdown,
     load_run,
     method_name,
+    short_title,
     weights_name,
     write_overlay_grids,
 )
@@ -529,3 +530,10 @@ def test_overlay_grid_compares_methods_on_the_same_images(tmp_path):
             left = pad + c * (16 + pad)
             assert tuple(grid[top, left]) == (k, k, k)
             assert tuple(grid[top + 8, left + 8]) == colours[adapter]
+
+
+def test_long_method_names_are_cut_in_the_middle_for_grid_titles():
+    assert short_title("CLIP (Mona)", 22) == "CLIP (Mona)"
+    cut = short_title("OpenAI CLIP ViT-B-16 + Mona (ft.)", 22)
+    assert cut == "OpenAI CLIP…Mona (ft.)" and len(cut) == 22
+    assert short_title("OpenAI CLIP ViT-B-16 + Mona", 22) != short_title("OpenAI CLIP ViT-B-16 + Mona (ft.)", 22)

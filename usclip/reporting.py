@@ -56,6 +56,7 @@ __all__ = [
     "load_run",
     "method_name",
     "ranks",
+    "short_title",
     "weights_name",
     "write_csv",
     "write_overlay_grids",
@@ -300,7 +301,7 @@ def format_markdown(
                 "not like for like."
             )
             notes.append(f"**{warning}**")
-            log.warning("%s: %s", table.name, warning)
+            log.warning("%s: %s", table.name, warning.removeprefix("Warning: "))
     return "\n".join(blocks) + "\n" + "".join(f"- {note}\n" for note in notes)
 
 
@@ -363,6 +364,19 @@ def write_report(
     return written
 
 
+def short_title(name: str, max_chars: int) -> str:
+    """``name`` cut in the middle (``…``) to ``max_chars`` characters, keeping its start and its end.
+
+    Method names made from a config differ at both ends (``OpenAI CLIP ViT-B-16 + Mona`` vs ``... (ft.)``), so
+    both stay visible in a picture's column title.
+    """
+    if len(name) <= max_chars:
+        return name
+    keep = max(max_chars - 1, 2)
+    head = (keep + 1) // 2
+    return name[:head] + "…" + name[len(name) - (keep - head) :]
+
+
 def write_overlay_grids(
     runs: Sequence[RunResult], out_dir: str | Path, num_images: int = 4, min_size: int = 0
 ) -> list[Path]:
@@ -370,7 +384,8 @@ def write_overlay_grids(
 
     Rows are test images (the first ``num_images`` ids that every method has in ``<run>/overlays``), columns are
     methods; each method shows its run with the lowest seed. Pictures smaller than ``min_size`` pixels are
-    enlarged (nearest neighbour) to that size.
+    enlarged (nearest neighbour) to that size. Column titles longer than a picture is wide are cut in the middle
+    (:func:`short_title`; the full names go to the log).
 
     Returns:
         The grids written (none for a dataset whose methods share no overlay).
@@ -395,6 +410,8 @@ def write_overlay_grids(
                     row.append(np.asarray(im.convert("RGB")))
             cells.append(row)
         size = max(max(c.shape[0] for row in cells for c in row), min_size)
-        grid = overlay_grid(cells, row_titles=ids, col_titles=methods, size=size)
+        titles = [short_title(m, max(size // 7, 8)) for m in methods]
+        log.info("overlays_%s.png columns: %s", dataset, "; ".join(methods))
+        grid = overlay_grid(cells, row_titles=ids, col_titles=titles, size=size)
         written.append(save_png(grid, Path(out_dir) / f"overlays_{dataset}.png"))
     return written
