@@ -359,6 +359,20 @@ def test_table3_prints_zero_shot_then_supervised_and_ranks_within_each_group(tmp
     assert "Dice" not in (out / "table3.md").read_text() and "Acc" not in (out / "table2.md").read_text()
 
 
+def test_all_metrics_adds_sensitivity_specificity_and_f1_to_table3_only():
+    cls = {"acc": 0.8, "auc": 0.9, "sensitivity": 0.7, "specificity": 0.85, "f1": 0.75}
+    runs = [_run("CLIP (Mona)", cls, group="supervised", table="table3"), _run("CLIP (Mona)", seg(0.8))]
+    tables = aggregate(runs)
+    assert md_rows(format_markdown(tables["table3"]))[0] == ["BUSI Acc ↑", "BUSI AUC ↑"]
+    header, rows = md_rows(format_markdown(tables["table3"], all_metrics=True))
+    assert header == ["BUSI Acc ↑", "BUSI AUC ↑", "BUSI Sens ↑", "BUSI Spec ↑", "BUSI F1 ↑"]
+    assert rows["CLIP (Mona)"][2:] == ["**70.00 ± 0.00**", "**85.00 ± 0.00**", "**75.00 ± 0.00**"]
+    assert md_rows(format_markdown(tables["table2"], all_metrics=True))[0] == [f"BUSI {t}" for t in SEG_TITLES]
+
+
+SEG_TITLES = ("Dice ↑", "IoU ↑", "HD95 ↓", "ASD ↓")
+
+
 def test_zero_shot_and_external_test_runs_without_sweep_run(tmp_path):
     zs = {"model_name": "ViT-B-16", "pretrained": "openai", "prompts": "lymph_node", "adapter_checkpoint": None}
     run = make_run(tmp_path / "zs", {"acc": 0.6, "auc": 0.5}, task="ZeroShotClassifier", model=zs, root="/d/LN1")
@@ -537,3 +551,33 @@ def test_long_method_names_are_cut_in_the_middle_for_grid_titles():
     cut = short_title("OpenAI CLIP ViT-B-16 + Mona (ft.)", 22)
     assert cut == "OpenAI CLIP…Mona (ft.)" and len(cut) == 22
     assert short_title("OpenAI CLIP ViT-B-16 + Mona", 22) != short_title("OpenAI CLIP ViT-B-16 + Mona (ft.)", 22)
+
+
+@pytest.mark.slow
+def test_real_fit_and_test_in_the_sweep_layout_then_report(tmp_path):
+    """The contract's logger options put a real run where the report reads it; names with and without sweep_run."""
+    from pathlib import Path
+
+    conf = Path(__file__).parent / "conf" / "segmentation_mona.yaml"
+    run_dir = tmp_path / "sweep" / "table2" / "BUSI" / "clip_mona" / "seed_1"
+    common = [
+        f"--config={conf}",
+        f"--data.init_args.root={tmp_path / 'data' / 'BUSI'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'sweep' / 'table2' / 'BUSI'}",
+        "--trainer.logger.init_args.name=clip_mona",
+        "--trainer.logger.init_args.version=seed_1",
+        "--seed_everything=1",
+    ]
+    run_dir.mkdir(parents=True)
+    info = {"table": "table2", "group": "segmentation", "method": "CLIP (Mona)", "dataset": "BUSI", "seed": 1}
+    (run_dir / "sweep_run.json").write_text(json.dumps(info | {"manifest": "paper", "commands": []}))
+    main(["fit", *common])
+    main(["test", *common, f"--ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"])
+    metrics = json.loads((run_dir / "results" / "test_metrics.json").read_text())
+    out = tmp_path / "report"
+    assert report([tmp_path / "sweep", "--output", out, "--grid-images", "0"]) == 0
+    (row,) = read_csv(out / "table2.csv")
+    assert row["method"] == "CLIP (Mona)" and float(row["BUSI_dice_mean"]) == metrics["dice"]
+    (run_dir / "sweep_run.json").unlink()
+    result = load_run(run_dir)  # the test's resolved config.yaml
+    assert (result.method, result.dataset, result.seed) == ("usclip-test-vit (random init) + Mona", "BUSI", 1)
