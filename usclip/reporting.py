@@ -65,8 +65,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_METRICS = ("dice", "iou", "hd95", "asd")
-CLASSIFICATION_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
 # --all-metrics: what each table shows besides the paper's metrics
 EXTRA_METRICS: dict[str, tuple[str, ...]] = {"table2": (), "table3": ("sensitivity", "specificity", "f1")}
 LOWER_IS_BETTER = frozenset({"hd95", "asd"})
