@@ -55,6 +55,7 @@ __all__ = [
     "format_markdown",
     "load_run",
     "method_name",
+    "missing_paper_cells",
     "ranks",
     "short_title",
     "weights_name",
@@ -214,6 +215,19 @@ def _paper_value(table: ResultTable, group: str, method: str, dataset: str, metr
     return published_lookup().get((table.name, group, method, dataset, metric))
 
 
+def missing_paper_cells(table: ResultTable) -> list[tuple[str, str, str, str]]:
+    """``(group, method, dataset, metric)`` of the paper's cells of this table that no run fills, in print order."""
+    spec = table.spec
+    return [
+        (g, m, d, k)
+        for g in spec.groups
+        for m in spec.methods[g]
+        for d in spec.datasets
+        for k in spec.metrics
+        if k not in table.cells.get((g, m, d), {})
+    ]
+
+
 def _fmt(cell: Cell, metric: str) -> str:
     scale = _scale(metric)
     return f"{cell.mean * scale:.2f} ± {cell.std * scale:.2f}"
@@ -292,6 +306,13 @@ def format_markdown(
             "Dice/IoU/Acc/AUC and pixels for HD95/ASD; the paper's values are means of three runs under the "
             f"authors' metric protocol ({compared} cells compared)."
         )
+        missing = missing_paper_cells(table)
+        if missing:
+            group, method, dataset, metric = missing[0]
+            notes.append(
+                f"{len(missing)} of the paper's cells of this table have no run "
+                f"(the first: {method} on {dataset}, {METRIC_TITLES[metric]}, {group})."
+            )
         if table.protocol != "authors":
             warning = (
                 f"Warning: these runs use the `{table.protocol}` metric protocol and the paper's numbers the "
