@@ -1,9 +1,10 @@
-"""``usclip report``: tables over seeds from fabricated run directories, and through the real entry point."""
+"""``usclip report``: the paper's tables from fabricated run directories, and through the real entry point."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 
 import numpy as np
@@ -12,136 +13,573 @@ import yaml
 from PIL import Image
 
 from usclip.cli import main
-from usclip.reporting import aggregate, find_run_dirs, format_markdown, load_run, method_name, write_overlay_grids
+from usclip.paper import published_lookup
+from usclip.reporting import (
+    aggregate,
+    dataset_name,
+    find_run_dirs,
+    format_markdown,
+    load_run,
+    method_name,
+    short_title,
+    weights_name,
+    write_overlay_grids,
+)
 
-SEG_COLUMNS = ("dice", "iou", "hd95", "asd")
+SEG = ("dice", "iou", "hd95", "asd")
 
 
-def make_seg_run(root, name, adapter, seed, dataset="synthetic", rng=None):
-    """A tested segmentation run: config.yaml, per-image CSV and the metrics JSON the task derives from it."""
-    rng = rng or np.random.default_rng(seed)
-    run = root / name / f"version_{seed}"
-    (run / "results").mkdir(parents=True)
+def model_args(model_name="ViT-B-16", pretrained="openai", adapter="mona", head="paper", adapter_checkpoint=None):
+    return {
+        "model_name": model_name,
+        "pretrained": pretrained,
+        "adapter": adapter,
+        "head": head,
+        "adapter_checkpoint": adapter_checkpoint,
+    }
+
+
+def make_run(
+    run_dir,
+    metrics,
+    *,
+    sweep=None,
+    task="Segmentation",
+    model=None,
+    root="/data/BUSI",
+    test_root=None,
+    seed=1,
+    logger_name="run",
+    protocol=None,
+):
+    """A tested run: config.yaml, results/test_metrics.json and (with ``sweep``) sweep_run.json."""
+    (run_dir / "results").mkdir(parents=True)
     config = {
         "seed_everything": seed,
-        "trainer": {"logger": {"class_path": "TensorBoardLogger", "init_args": {"name": name}}},
-        "model": {
-            "class_path": "usclip.tasks.SegmentationTask",
-            "init_args": {"model_name": "usclip-test-vit", "adapter": adapter, "head": "paper"},
-        },
-        "data": {"class_path": "usclip.data.SegmentationDataModule", "init_args": {"root": f"/data/{dataset}"}},
+        "trainer": {"logger": {"class_path": "TensorBoardLogger", "init_args": {"name": logger_name}}},
+        "model": {"class_path": f"usclip.tasks.{task}", "init_args": model or model_args()},
+        "data": {"class_path": "usclip.data.DataModule", "init_args": {"root": root, "test_root": test_root}},
     }
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    table = {"dice": rng.uniform(0.5, 0.9, 6), "iou": rng.uniform(0.3, 0.8, 6)}
-    table |= {"hd95": rng.uniform(2, 20, 6), "asd": rng.uniform(0.5, 5, 6)}
-    with (run / "results" / "test_per_image.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", *SEG_COLUMNS])
-        writer.writerows([f"img{i}", *(repr(float(table[c][i])) for c in SEG_COLUMNS)] for i in range(6))
-    summary = {c: float(table[c].mean()) for c in SEG_COLUMNS} | {"dice_std": 0.1, "num_images": 6}
-    (run / "results" / "test_metrics.json").write_text(json.dumps(summary))
-    return run
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    payload = dict(metrics) | {"num_images": 6}
+    if protocol is not None:
+        payload["metric_protocol"] = protocol
+    (run_dir / "results" / "test_metrics.json").write_text(json.dumps(payload))
+    if sweep is not None:
+        info = {"seed": seed, "manifest": "paper", "commands": [["usclip", "test"]]} | sweep
+        (run_dir / "sweep_run.json").write_text(json.dumps(info))
+    return run_dir
 
 
-def per_run_means(run):
-    with (run / "results" / "test_per_image.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    return {c: statistics.fmean(float(r[c]) for r in rows) for c in SEG_COLUMNS}
+def sweep_run(root, table, group, method, dataset, seed, metrics, **kwargs):
+    """A run where the contract puts it: <root>/<table>/<dataset>/<slug>/seed_<seed>, with sweep_run.json."""
+    slug = re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
+    # Table 3 has CLIP (Mona) etc. in both groups: the folder must tell them apart (how is the sweep's choice)
+    slug = f"zero_shot_{slug}" if group == "zero-shot" else slug
+    sweep = {"table": table, "group": group, "method": method, "dataset": dataset}
+    run_dir = root / table / dataset / slug / f"seed_{seed}"
+    return make_run(run_dir, metrics, sweep=sweep, seed=seed, logger_name=slug, **kwargs)
+
+
+def seg(dice, iou=None, hd95=10.0, asd=2.0):
+    return {"dice": dice, "iou": dice - 0.1 if iou is None else iou, "hd95": hd95, "asd": asd}
+
+
+def report(args, capsys=None):
+    with pytest.raises(SystemExit) as exc:
+        main(["report", *map(str, args)])
+    return exc.value.code
+
+
+def read_csv(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def md_rows(text):
+    """Markdown tables -> (column titles, {method: cells}); blocks of datasets merged; the group column dropped."""
+    titles, rows, start = [], {}, 0
+    for line in text.splitlines():
+        if not line.startswith("| "):
+            continue
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if "Method" in cells:
+            start = cells.index("Method")
+            titles += cells[start + 1 :]
+        else:
+            rows.setdefault(cells[start], []).extend(cells[start + 1 :])
+    return titles, rows
+
+
+# --- cells: mean and sample std of the per-run files --------------------------------------------------------------
+
+# three seeds of known numbers: method -> dataset -> per-seed metric dicts
+KNOWN = {
+    "CLIP (Mona)": {
+        "BUSI": [seg(0.80, 0.70, 10.0, 2.0), seg(0.82, 0.71, 12.0, 2.5), seg(0.84, 0.75, 14.0, 3.3)],
+        "LN-1": [seg(0.70, 0.60, 20.0, 5.0), seg(0.76, 0.61, 18.0, 4.0), seg(0.73, 0.65, 25.0, 6.0)],
+    },
+    "CLIPSeg": {
+        "BUSI": [seg(0.78, 0.69, 11.0, 2.2), seg(0.79, 0.66, 9.5, 2.1), seg(0.75, 0.60, 13.0, 4.0)],
+        "LN-1": [seg(0.71, 0.58, 19.0, 5.5), seg(0.69, 0.57, 21.0, 5.1), seg(0.72, 0.62, 24.0, 6.6)],
+    },
+    "CLIP (LoRA)": {
+        "BUSI": [seg(0.70, 0.60, 15.0, 3.0), seg(0.72, 0.61, 16.0, 3.1), seg(0.71, 0.64, 17.0, 3.2)],
+        "LN-1": [seg(0.65, 0.55, 30.0, 8.0), seg(0.66, 0.50, 28.0, 7.0), seg(0.60, 0.52, 33.0, 9.0)],
+    },
+}
 
 
 @pytest.fixture
-def runs(tmp_path):
-    """Three seeds x two methods on one synthetic dataset."""
-    return {
-        (adapter, seed): make_seg_run(tmp_path / "runs", f"seg_{adapter}", adapter, seed)
-        for adapter in ("lora", "mona")
-        for seed in (0, 1, 2)
-    }
+def table2_runs(tmp_path):
+    root = tmp_path / "sweep"
+    for method, by_dataset in KNOWN.items():
+        for dataset, per_seed in by_dataset.items():
+            for seed, metrics in enumerate(per_seed, start=1):
+                sweep_run(root, "table2", "segmentation", method, dataset, seed, metrics)
+    return root
 
 
-def test_report_means_and_stds_equal_per_run_csvs(runs, tmp_path, capsys):
+def test_cells_equal_mean_and_sample_std_of_the_run_files(table2_runs, tmp_path, capsys):
     out = tmp_path / "report"
-    with pytest.raises(SystemExit) as exc:
-        main(["report", str(tmp_path / "runs"), "--output", str(out)])
-    code = exc.value.code
-    assert code == 0
-    with (out / "segmentation.csv").open() as f:
-        rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert sorted(rows) == ["lora", "mona"]
-    for adapter in ("lora", "mona"):
-        per_seed = [per_run_means(runs[adapter, s]) for s in (0, 1, 2)]
-        for metric in SEG_COLUMNS:
-            values = [p[metric] for p in per_seed]
-            assert float(rows[adapter][f"synthetic_{metric}_mean"]) == pytest.approx(
-                statistics.fmean(values), abs=1e-12
-            )
-            assert float(rows[adapter][f"synthetic_{metric}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
-            assert int(rows[adapter][f"synthetic_{metric}_n"]) == 3
+    assert report([table2_runs, "--output", out]) == 0
+    rows = {r["method"]: r for r in read_csv(out / "table2.csv")}
+    # rows in the paper's order (not alphabetical: CLIPSeg sorts after CLIP (Mona))
+    assert list(rows) == ["CLIP (LoRA)", "CLIPSeg", "CLIP (Mona)"]
+    md_header, md = md_rows((out / "table2.md").read_text())
+    # columns in the paper's order: LN-1 before BUSI
+    assert md_header[:5] == ["LN-1 Dice ↑", "LN-1 IoU ↑", "LN-1 HD95 ↓", "LN-1 ASD ↓", "BUSI Dice ↑"]
+    for method, by_dataset in KNOWN.items():
+        assert rows[method]["group"] == "segmentation" and rows[method]["protocol"] == "strict"
+        for dataset, per_seed in by_dataset.items():
+            for metric in SEG:
+                values = [m[metric] for m in per_seed]
+                mean, std = statistics.fmean(values), statistics.stdev(values)  # sample std (n - 1)
+                assert float(rows[method][f"{dataset}_{metric}_mean"]) == pytest.approx(mean, abs=1e-12)
+                assert float(rows[method][f"{dataset}_{metric}_std"]) == pytest.approx(std, abs=1e-12)
+                assert rows[method][f"{dataset}_{metric}_n"] == "3"
+                scale = 100 if metric in ("dice", "iou") else 1
+                text = md[method][[h.split()[:2] for h in md_header].index([dataset, _title(metric)])]
+                assert text.strip("*").removeprefix("<u>").removesuffix("</u>") == (
+                    f"{mean * scale:.2f} ± {std * scale:.2f}"
+                )
+    # one hand-checked cell: CLIP (Mona) BUSI Dice 80/82/84 -> 82.00 ± 2.00, the best of the column
+    assert md["CLIP (Mona)"][md_header.index("BUSI Dice ↑")] == "**82.00 ± 2.00**"
     printed = capsys.readouterr().out
-    assert "## segmentation (6 runs)" in printed
-    assert (out / "segmentation.md").read_text().count("| lora |") == 1
+    assert "## table2 (18 runs)" in printed
+    assert "Mean ± std (sample std) over 3 seeds; Dice, IoU in %; HD95, ASD in pixels." in printed
+    assert not (out / "table3.md").exists()
 
 
-def test_markdown_marks_best_second_and_arrows(tmp_path):
+def _title(metric):
+    return {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "asd": "ASD", "acc": "Acc", "auc": "AUC"}[metric]
+
+
+def test_marks_best_and_second_best_lower_is_better_and_printed_ties():
+    runs = []
+    for method, dice, hd in (("a", 0.8, 5.0), ("b", 0.7, 3.0), ("c", 0.6, 9.0), ("d", 0.600001, 9.000001)):
+        runs.append(_run(method, seg(dice, hd95=hd)))
+    text = format_markdown(aggregate(runs)["table2"])
+    header, rows = md_rows(text)
+    dice, hd95 = header.index("BUSI Dice ↑"), header.index("BUSI HD95 ↓")
+    assert rows["a"][dice] == "**80.00 ± 0.00**" and rows["b"][dice] == "<u>70.00 ± 0.00</u>"
+    # c and d print the same value: they share the third rank (no mark), whatever the hidden digits
+    assert rows["c"][dice] == rows["d"][dice] == "60.00 ± 0.00"
+    # HD95: lower is better
+    assert rows["b"][hd95] == "**3.00 ± 0.00**" and rows["a"][hd95] == "<u>5.00 ± 0.00</u>"
+    assert rows["c"][hd95] == rows["d"][hd95] == "9.00 ± 0.00"
+
+
+def test_a_cell_over_fewer_seeds_says_so_and_non_finite_values_are_left_out():
+    runs = [_run("a", seg(0.8), seed=s) for s in (1, 2, 3)]
+    runs += [_run("b", seg(0.6), seed=1), _run("b", seg(0.7), seed=2)]  # seed 3 missing
+    runs.append(_run("c", seg(0.5, hd95=float("inf")), seed=1))
+    runs += [_run("c", seg(0.5, hd95=h), seed=s) for s, h in ((2, 4.0), (3, 6.0))]
+    table = aggregate(runs)["table2"]
+    header, rows = md_rows(format_markdown(table))
+    dice, hd95 = header.index("BUSI Dice ↑"), header.index("BUSI HD95 ↓")
+    assert rows["a"][dice] == "**80.00 ± 0.00**"
+    assert rows["b"][dice] == f"<u>65.00 ± {statistics.stdev([60, 70]):.2f} (n=2)</u>"
+    assert rows["c"][hd95] == f"**5.00 ± {statistics.stdev([4.0, 6.0]):.2f} (n=2)**"  # inf left out of the mean
+    assert table.cells["segmentation", "c", "BUSI"]["dice"].n == 3
+
+
+def test_datasets_are_split_into_blocks_of_three_like_the_paper():
+    runs = [_run("CLIP (Mona)", seg(0.8), dataset=d) for d in ("TN3K", "BUSI", "LN-2", "DDTI", "LN-1")]
+    text = format_markdown(aggregate(runs)["table2"])
+    headers = [line for line in text.splitlines() if line.startswith("| Method")]
+    assert [[h.split()[0] for h in line.strip("| ").split(" | ")[1::4]] for line in headers] == [
+        ["LN-1", "LN-2", "BUSI"],
+        ["DDTI", "TN3K"],
+    ]
+    assert text.count("| CLIP (Mona) |") == 2 and text.count("Metric protocol") == 1
+    one = format_markdown(aggregate(runs)["table2"], datasets_per_block=0)
+    assert len([line for line in one.splitlines() if line.startswith("| Method")]) == 1
+    assert md_rows(one) == md_rows(text)
+
+
+def _run(method, metrics, group="segmentation", dataset="BUSI", seed=1, reference=False, table="table2"):
+    from usclip.reporting import RunResult
+
+    return RunResult(f"/runs/{method}/{seed}", table, group, method, dataset, seed, metrics, "strict", reference)
+
+
+# --- reference rows --------------------------------------------------------------------------------------------------
+
+
+def test_reference_row_with_the_best_value_gets_no_mark_and_the_best_compared_method_is_bold(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in (1, 2, 3):
+        sweep_run(root, "table2", "segmentation", "UNet", "BUSI", seed, seg(0.90, hd95=1.0))
+        sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "BUSI", seed, seg(0.85, hd95=4.0))
+        sweep_run(root, "table2", "segmentation", "CLIPSeg", "BUSI", seed, seg(0.80, hd95=6.0))
+        sweep_run(root, "table2", "segmentation", "DINOv2", "BUSI", seed, seg(0.50, hd95=30.0))
+    out = tmp_path / "report"
+    assert report([root, "--output", out]) == 0
+    header, rows = md_rows((out / "table2.md").read_text())
+    assert list(rows) == ["UNet †", "CLIPSeg", "DINOv2", "CLIP (Mona)"]
+    for metric, best, second in (("BUSI Dice ↑", "85.00", "80.00"), ("BUSI HD95 ↓", "4.00", "6.00")):
+        col = header.index(metric)
+        assert rows["UNet †"][col] in ("90.00 ± 0.00", "1.00 ± 0.00")  # best value, no mark
+        assert rows["CLIP (Mona)"][col] == f"**{best} ± 0.00**"
+        assert rows["CLIPSeg"][col] == f"<u>{second} ± 0.00</u>"
+    assert "† reference, not ranked" in (out / "table2.md").read_text()
+    reference = {r["method"]: r["reference"] for r in read_csv(out / "table2.csv")}
+    assert reference == {"UNet": "1", "CLIPSeg": "0", "DINOv2": "0", "CLIP (Mona)": "0"}
+
+
+def test_resnet18_and_native_unet_configs_are_reference_rows(tmp_path):
+    run = make_run(tmp_path / "old_unet", seg(0.9), model=model_args("smp:Unet/resnet34", "imagenet", None, "native"))
+    result = load_run(run)
+    assert result.reference and result.method == "smp:Unet/resnet34 (imagenet)"
+    cls = model_args("timm:resnet18", "timm", None, "native")
+    run = make_run(tmp_path / "old_resnet", {"acc": 0.9, "auc": 0.95}, task="ClassificationTask", model=cls)
+    assert load_run(run).reference and load_run(run).group == "supervised"
+    # a whole model that is not a reference baseline (e.g. CLIPSeg, head native) is ranked
+    clipseg = model_args("hf:CIDAS/clipseg-rd64-refined", "hf", None, "native")
+    assert not load_run(make_run(tmp_path / "clipseg", seg(0.8), model=clipseg)).reference
+    with_sweep = sweep_run(tmp_path / "s", "table3", "supervised", "ResNet18", "BUSI", 1, {"acc": 0.9, "auc": 0.9})
+    assert load_run(with_sweep).reference
+
+
+# --- methods that share an adapter -----------------------------------------------------------------------------------
+
+SHARED_ADAPTER = {
+    "OpenAI CLIP ViT-B-16 + Mona": model_args(),
+    "BiomedCLIP + Mona": model_args(pretrained="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
+    "MetaCLIP ViT-B-16-quickgelu (metaclip_400m) + Mona": model_args("ViT-B-16-quickgelu", "metaclip_400m"),
+    "ViT-B-16 (unimed_clip_vit_b16.pt) + Mona": model_args(pretrained="/weights/unimed_clip_vit_b16.pt"),
+    "OpenAI CLIP ViT-B-16 + Mona (ft.)": model_args(adapter_checkpoint="runs/captions/adapters/best.safetensors"),
+}
+
+
+def test_methods_sharing_an_adapter_get_separate_rows_without_sweep_run(tmp_path):
     root = tmp_path / "runs"
-    for adapter, dice, hd in (("a", 0.8, 5.0), ("b", 0.7, 3.0), ("c", 0.6, 9.0)):
-        run = make_seg_run(root, adapter, adapter, 0)
-        metrics = {"dice": dice, "iou": dice - 0.1, "hd95": hd, "asd": 1.0, "num_images": 6}
-        (run / "results" / "test_metrics.json").write_text(json.dumps(metrics))
-    cells = aggregate([load_run(d) for d in find_run_dirs([root])])["segmentation"]
-    text = format_markdown("segmentation", cells)
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "synthetic Dice ↑" in rows["Method"] and "synthetic HD95 ↓" in rows["Method"]
-    # dice: a best, b second; hd95 (lower is better): b best, a second
-    assert rows["a"].split(" | ")[1] == "**80.00 ± 0.00**"
-    assert rows["b"].split(" | ")[1] == "_70.00 ± 0.00_"
-    assert rows["c"].split(" | ")[1] == "60.00 ± 0.00"
-    assert rows["b"].split(" | ")[3] == "**3.00 ± 0.00**"
-    assert rows["a"].split(" | ")[3] == "_5.00 ± 0.00_"
+    for k, args in enumerate(SHARED_ADAPTER.values()):
+        for seed in (0, 1):
+            make_run(root / f"m{k}" / f"version_{seed}", seg(0.5 + k / 10), model=args, seed=seed)
+    out = tmp_path / "report"
+    assert report([root, "--output", out]) == 0
+    rows = {r["method"]: r for r in read_csv(out / "table2.csv")}
+    assert sorted(rows) == sorted(SHARED_ADAPTER)
+    for k, name in enumerate(SHARED_ADAPTER):
+        assert float(rows[name]["BUSI_dice_mean"]) == pytest.approx(0.5 + k / 10)
+        assert rows[name]["BUSI_dice_n"] == "2"
+
+
+def test_methods_sharing_an_adapter_get_separate_rows_with_sweep_run(tmp_path):
+    # the same config.yaml (CLIP + Mona) in all three: only sweep_run.json tells them apart
+    root = tmp_path / "sweep"
+    for k, method in enumerate(("CLIP (Mona)", "CLIP (Mona, ft.)", "BioMedCLIP")):
+        for seed in (1, 2, 3):
+            sweep_run(root, "table2", "segmentation", method, "DDTI", seed, seg(0.5 + k / 10))
+    out = tmp_path / "report"
+    assert report([root, "--output", out]) == 0
+    rows = {r["method"]: r for r in read_csv(out / "table2.csv")}
+    assert list(rows) == ["BioMedCLIP", "CLIP (Mona)", "CLIP (Mona, ft.)"]  # the paper's order
+    assert [float(rows[m]["DDTI_dice_mean"]) for m in rows] == pytest.approx([0.7, 0.5, 0.6])
+    # --method-from name: the logger names (the sweep's slugs); --method-from config: the configs, all alike
+    assert report([root, "--output", out, "--method-from", "name"]) == 0
+    assert [r["method"] for r in read_csv(out / "table2.csv")] == ["biomedclip", "clip_mona", "clip_mona_ft"]
+    assert report([root, "--output", out, "--method-from", "config"]) == 0
+    (only,) = read_csv(out / "table2.csv")
+    assert only["method"] == "OpenAI CLIP ViT-B-16 + Mona" and only["DDTI_dice_n"] == "9"
 
 
 def test_method_name_from_config_and_logger_name():
-    config = {"model": {"init_args": {"model_name": "m", "adapter": None, "head": "native"}}}
-    assert method_name(config) == "m"
-    config["model"]["init_args"]["head"] = "paper"
-    assert method_name(config) == "m/paper"
-    config["model"]["init_args"]["adapter"] = "lora"
-    assert method_name(config) == "lora"
-    config["trainer"] = {"logger": {"init_args": {"name": "clip_lora"}}}
-    assert method_name(config, "name") == "clip_lora"
+    assert method_name({"model": {"init_args": model_args("m", None, None, "native")}}) == "m (random init)"
+    assert method_name({"model": {"init_args": model_args("m", "lvd142m", None)}}) == "m (lvd142m)"
+    assert method_name({"model": {"init_args": model_args(adapter="lora", head="linear")}}) == (
+        "OpenAI CLIP ViT-B-16 + LoRA + linear head"
+    )
+    # zero-shot configs have no adapter key: vanilla vs caption-tuned
+    zero_shot = {"model_name": "ViT-B-16", "pretrained": "openai", "adapter_checkpoint": "a.safetensors"}
+    assert method_name({"model": {"init_args": zero_shot}}) == "OpenAI CLIP ViT-B-16 (ft.)"
+    assert method_name({"trainer": {"logger": {"init_args": {"name": "clip_lora"}}}}, "name") == "clip_lora"
     with pytest.raises(ValueError, match=r"logger\.init_args\.name"):
         method_name({}, "name")
+    assert weights_name("ViT-B-16", "hf-hub:org/other-clip") == "org/other-clip"
+
+
+@pytest.mark.parametrize(
+    ("folder", "name"),
+    [("BUSI", "BUSI"), ("ln_1", "LN-1"), ("LN-2", "LN-2"), ("microUS", "Prostate"), ("tn3k", "TN3K"), ("x", "x")],
+)
+def test_dataset_folders_map_to_the_paper_names(folder, name):
+    assert dataset_name(folder) == name
+
+
+# --- Table 3: groups -------------------------------------------------------------------------------------------------
+
+
+def test_table3_prints_zero_shot_then_supervised_and_ranks_within_each_group(tmp_path):
+    root = tmp_path / "sweep"
+    cls = {"model": model_args(), "task": "ClassificationTask"}
+    for seed in (1, 2):
+        # the same method name in both groups: separate rows
+        sweep_run(root, "table3", "supervised", "CLIP (Mona)", "LN-1", seed, {"acc": 0.85, "auc": 0.90}, **cls)
+        sweep_run(root, "table3", "supervised", "ResNet18", "LN-1", seed, {"acc": 0.95, "auc": 0.99}, **cls)
+        sweep_run(root, "table3", "supervised", "MetaCLIP", "LN-1", seed, {"acc": 0.80, "auc": 0.92}, **cls)
+        sweep_run(root, "table3", "zero-shot", "CLIP (Mona)", "LN-1", seed, {"acc": 0.55, "auc": 0.52}, **cls)
+        sweep_run(root, "table3", "zero-shot", "CLIP (vanilla)", "LN-1", seed, {"acc": 0.58, "auc": 0.50}, **cls)
+        sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "LN-1", seed, seg(0.7))
+    out = tmp_path / "report"
+    assert report([root, "--output", out]) == 0
+    lines = [line for line in (out / "table3.md").read_text().splitlines() if line.startswith("| ")]
+    assert lines[0] == "| Group | Method | LN-1 Acc ↑ | LN-1 AUC ↑ |"
+    assert lines[1:] == [
+        "| Zero-shot | CLIP (vanilla) | **58.00 ± 0.00** | <u>50.00 ± 0.00</u> |",
+        "|  | CLIP (Mona) | <u>55.00 ± 0.00</u> | **52.00 ± 0.00** |",
+        "| Supervised | ResNet18 † | 95.00 ± 0.00 | 99.00 ± 0.00 |",
+        "|  | MetaCLIP | <u>80.00 ± 0.00</u> | **92.00 ± 0.00** |",
+        "|  | CLIP (Mona) | **85.00 ± 0.00** | <u>90.00 ± 0.00</u> |",
+    ]
+    rows = [(r["group"], r["method"]) for r in read_csv(out / "table3.csv")]
+    assert rows[:2] == [("zero-shot", "CLIP (vanilla)"), ("zero-shot", "CLIP (Mona)")]
+    assert "Dice" not in (out / "table3.md").read_text() and "Acc" not in (out / "table2.md").read_text()
+
+
+def test_all_metrics_adds_sensitivity_specificity_and_f1_to_table3_only():
+    cls = {"acc": 0.8, "auc": 0.9, "sensitivity": 0.7, "specificity": 0.85, "f1": 0.75}
+    runs = [_run("CLIP (Mona)", cls, group="supervised", table="table3"), _run("CLIP (Mona)", seg(0.8))]
+    tables = aggregate(runs)
+    assert md_rows(format_markdown(tables["table3"]))[0] == ["BUSI Acc ↑", "BUSI AUC ↑"]
+    header, rows = md_rows(format_markdown(tables["table3"], all_metrics=True))
+    assert header == ["BUSI Acc ↑", "BUSI AUC ↑", "BUSI Sens ↑", "BUSI Spec ↑", "BUSI F1 ↑"]
+    assert rows["CLIP (Mona)"][2:] == ["**70.00 ± 0.00**", "**85.00 ± 0.00**", "**75.00 ± 0.00**"]
+    assert md_rows(format_markdown(tables["table2"], all_metrics=True))[0] == [f"BUSI {t}" for t in SEG_TITLES]
+
+
+SEG_TITLES = ("Dice ↑", "IoU ↑", "HD95 ↓", "ASD ↓")
+
+
+def test_zero_shot_and_external_test_runs_without_sweep_run(tmp_path):
+    zs = {"model_name": "ViT-B-16", "pretrained": "openai", "prompts": "lymph_node", "adapter_checkpoint": None}
+    run = make_run(tmp_path / "zs", {"acc": 0.6, "auc": 0.5}, task="ZeroShotClassifier", model=zs, root="/d/LN1")
+    result = load_run(run)
+    assert (result.table, result.group, result.dataset, result.method) == (
+        "table3",
+        "zero-shot",
+        "LN-1",
+        "OpenAI CLIP ViT-B-16",
+    )
+    # LN-2: a test-only run of an LN-1 model: the dataset is the external test folder
+    run = make_run(tmp_path / "ln2", seg(0.7), root=None, test_root="/data/LN2")
+    assert load_run(run).dataset == "LN-2"
+
+
+# --- the paper's numbers ---------------------------------------------------------------------------------------------
+
+
+def test_published_numbers_ship_with_the_package_in_the_paper_layout():
+    from usclip.paper import TABLES, published
+
+    values = published()
+    assert len(values) == 10 * 6 * 4 + 5 * 3 * 2 + 9 * 3 * 2
+    lookup = published_lookup()
+    assert lookup["table2", "segmentation", "UNet", "LN-1", "dice"] == 79.72
+    assert lookup["table3", "supervised", "CLIP (Mona, ft.)", "LN-2", "auc"] == 85.04
+    assert {v.unit for v in values if v.metric in ("HD95", "ASD")} == {"px"}
+    for spec in TABLES.values():  # every cell of the layout has a published value, and nothing else
+        cells = {
+            (spec.name, g, m, d, k)
+            for g in spec.groups
+            for m in spec.methods[g]
+            for d in spec.datasets
+            for k in spec.metrics
+        }
+        assert cells == {key for key in lookup if key[0] == spec.name}
+        # methods in the file's (the paper's) order
+        for group in spec.groups:
+            in_file = list(dict.fromkeys(v.method for v in values if v.table == spec.name and v.task == group))
+            assert tuple(in_file) == spec.methods[group]
+
+
+@pytest.mark.parametrize("protocol", ["authors", "strict", None])
+def test_compare_paper_puts_the_published_value_and_the_exact_difference_beside_ours(tmp_path, protocol):
+    root = tmp_path / "sweep"
+    for seed, (dice, hd95) in enumerate(((0.80, 10.0), (0.82, 12.0), (0.84, 14.0)), start=1):
+        metrics = seg(dice, iou=0.7, hd95=hd95, asd=3.0)
+        sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "BUSI", seed, metrics, protocol=protocol)
+        sweep_run(root, "table2", "segmentation", "my method", "BUSI", seed, metrics, protocol=protocol)
+    out = tmp_path / "report"
+    assert report([root, "--output", out, "--compare-paper"]) == 0
+    paper = {m: published_lookup()["table2", "segmentation", "CLIP (Mona)", "BUSI", m] for m in SEG}
+    header, rows = md_rows((out / "table2.md").read_text())
+    ours = {"dice": 82.0, "iou": 70.0, "hd95": 12.0, "asd": 3.0}  # percent / pixels
+    stds = {"dice": 2.0, "iou": 0.0, "hd95": 2.0, "asd": 0.0}
+    for metric in SEG:
+        cell = rows["CLIP (Mona)"][[h.split()[1] for h in header].index(_title(metric))]
+        expected = f"{ours[metric]:.2f} ± {stds[metric]:.2f} ({paper[metric]:.2f}, {ours[metric] - paper[metric]:+.2f})"
+        assert re.sub(r"\*\*|<u>|</u>", "", cell) == expected
+    # a method the paper does not have: ours only
+    assert rows["my method"][0] in ("**82.00 ± 2.00**", "82.00 ± 2.00")
+    csv_rows = {r["method"]: r for r in read_csv(out / "table2.csv")}
+    mona = csv_rows["CLIP (Mona)"]
+    assert float(mona["BUSI_dice_paper"]) == pytest.approx(paper["dice"] / 100, abs=1e-12)  # raw units, like _mean
+    assert float(mona["BUSI_dice_diff"]) == pytest.approx(0.82 - paper["dice"] / 100, abs=1e-12)
+    assert float(mona["BUSI_hd95_paper"]) == paper["hd95"]
+    assert float(mona["BUSI_hd95_diff"]) == pytest.approx(12.0 - paper["hd95"], abs=1e-12)
+    assert csv_rows["my method"]["BUSI_dice_paper"] == csv_rows["my method"]["BUSI_dice_diff"] == ""
+    text = (out / "table2.md").read_text()
+    assert f"Metric protocol: `{protocol or 'strict'}`." in text
+    assert ("not like for like" in text) == (protocol != "authors")
+    # Table 2 has 10 methods x 6 datasets x 4 metrics; CLIP (Mona) on BUSI fills 4 of them
+    assert "236 of the paper's cells of this table have no run (the first: UNet on LN-1, Dice, segmentation)." in text
+
+
+# --- metric protocols ------------------------------------------------------------------------------------------------
+
+
+def test_a_table_that_mixes_metric_protocols_is_refused_naming_two_runs(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    strict = sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "BUSI", 1, seg(0.8), protocol="strict")
+    sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "BUSI", 2, seg(0.8))  # missing = strict
+    authors = sweep_run(root, "table2", "segmentation", "CLIP (LoRA)", "BUSI", 1, seg(0.8), protocol="authors")
+    assert report([root, "--output", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert "table2 mixes metric protocols" in err and str(strict) in err and str(authors) in err
+    assert not (tmp_path / "out" / "table2.md").exists()
+
+
+def test_tables_may_differ_in_protocol_and_each_prints_its_own(tmp_path):
+    root = tmp_path / "sweep"
+    cls = {"task": "ClassificationTask"}
+    sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "BUSI", 1, seg(0.8), protocol="authors")
+    sweep_run(root, "table3", "supervised", "CLIP (Mona)", "BUSI", 1, {"acc": 0.8, "auc": 0.9}, **cls)
+    assert report([root, "--output", tmp_path / "out"]) == 0
+    assert "Metric protocol: `authors`." in (tmp_path / "out" / "table2.md").read_text()
+    assert "Metric protocol: `strict`." in (tmp_path / "out" / "table3.md").read_text()
+    assert [r["protocol"] for r in read_csv(tmp_path / "out" / "table3.csv")] == ["strict"]
+
+
+def test_bad_protocol_and_bad_sweep_run_files_are_clear_errors(tmp_path):
+    run = make_run(tmp_path / "a", seg(0.8), protocol="loose")
+    with pytest.raises(ValueError, match=r"a/results/test_metrics\.json: metric_protocol must be one of .*'loose'"):
+        load_run(run)
+    run = sweep_run(tmp_path, "table2", "supervised", "CLIP (Mona)", "BUSI", 1, seg(0.8))
+    with pytest.raises(ValueError, match=r"sweep_run\.json: group of table2 must be one of \('segmentation',\)"):
+        load_run(run)
+    run = make_run(tmp_path / "b", seg(0.8), sweep={"table": "table9", "group": "x", "method": "m", "dataset": "d"})
+    with pytest.raises(ValueError, match=r"table must be one of \['table2', 'table3'\], got 'table9'"):
+        load_run(run)
+
+
+# --- old runs --------------------------------------------------------------------------------------------------------
+
+
+def test_old_runs_without_sweep_run_or_protocol_still_work(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for adapter, base in (("lora", 0.6), ("mona", 0.7)):
+        for seed in (0, 1, 2):
+            metrics = seg(base + seed / 100) | {"dice_std": 0.1}
+            make_run(
+                root / f"busi_{adapter}" / f"version_{seed}", metrics, model=model_args(adapter=adapter), seed=seed
+            )
+    out = tmp_path / "report"
+    assert report([root, "--output", out]) == 0
+    rows = {r["method"]: r for r in read_csv(out / "table2.csv")}
+    assert sorted(rows) == ["OpenAI CLIP ViT-B-16 + LoRA", "OpenAI CLIP ViT-B-16 + Mona"]
+    assert float(rows["OpenAI CLIP ViT-B-16 + Mona"]["BUSI_dice_mean"]) == pytest.approx(0.71)
+    assert float(rows["OpenAI CLIP ViT-B-16 + Mona"]["BUSI_dice_std"]) == pytest.approx(0.01)
+    assert {r["protocol"] for r in rows.values()} == {"strict"}
+    assert "Metric protocol: `strict`." in capsys.readouterr().out
 
 
 def test_report_errors_name_the_run_dir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as exc:
-        main(["report", str(tmp_path / "empty")])
-    assert exc.value.code == 2
+    assert report([tmp_path / "empty"]) == 2
     assert f"RUN_DIR {tmp_path / 'empty'} holds no tested run" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match=r"has no config\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"has no results/test_metrics\.json"):
+        load_run(tmp_path / "empty")
+    (tmp_path / "empty" / "results").mkdir()
+    (tmp_path / "empty" / "results" / "test_metrics.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has no config\.yaml \(and no sweep_run\.json\)"):
         load_run(tmp_path / "empty")
 
 
-def test_overlay_grid_compares_methods_on_the_same_images(runs, tmp_path):
+# --- overlay grids ---------------------------------------------------------------------------------------------------
+
+
+def test_overlay_grid_compares_methods_on_the_same_images(tmp_path):
     colours = {"lora": (255, 0, 0), "mona": (0, 0, 255)}
-    for (adapter, _seed), run in runs.items():
-        for k, image_id in enumerate(("a", "b", "c")):
-            if adapter == "mona" and image_id == "c":
-                continue  # only ids every method has make it into the grid
-            picture = np.zeros((16, 16, 3), dtype=np.uint8)
-            picture[:] = colours[adapter]
-            picture[0, 0] = (k, k, k)
-            (run / "overlays").mkdir(exist_ok=True)
-            Image.fromarray(picture).save(run / "overlays" / f"{image_id}.png")
-    (grid_path,) = write_overlay_grids([load_run(d) for d in find_run_dirs([tmp_path / "runs"])], tmp_path / "out")
-    assert grid_path.name == "overlays_synthetic.png"
+    root = tmp_path / "runs"
+    for adapter in colours:
+        for seed in (0, 1, 2):
+            run = make_run(root / adapter / f"version_{seed}", seg(0.7), model=model_args(adapter=adapter), seed=seed)
+            for k, image_id in enumerate(("a", "b", "c")):
+                if adapter == "mona" and image_id == "c":
+                    continue  # only ids every method has make it into the grid
+                picture = np.zeros((16, 16, 3), dtype=np.uint8)
+                picture[:] = colours[adapter]
+                picture[0, 0] = (k, k, k)
+                (run / "overlays").mkdir(exist_ok=True)
+                Image.fromarray(picture).save(run / "overlays" / f"{image_id}.png")
+    (grid_path,) = write_overlay_grids([load_run(d) for d in find_run_dirs([root])], tmp_path / "out")
+    assert grid_path.name == "overlays_BUSI.png"
     grid = np.asarray(Image.open(grid_path))
     pad, title = 4, 18
     assert grid.shape == (title + 2 * (16 + title) + 3 * pad, 2 * 16 + 3 * pad, 3)
-    for r, k in enumerate((0, 1)):  # rows: images a, b; columns: lora, mona
+    for r, k in enumerate((0, 1)):  # rows: images a, b; columns: LoRA, Mona (alphabetical)
         top = title + pad + r * (16 + title + pad) + title
         for c, adapter in enumerate(("lora", "mona")):
             left = pad + c * (16 + pad)
             assert tuple(grid[top, left]) == (k, k, k)
             assert tuple(grid[top + 8, left + 8]) == colours[adapter]
+
+
+def test_long_method_names_are_cut_in_the_middle_for_grid_titles():
+    assert short_title("CLIP (Mona)", 22) == "CLIP (Mona)"
+    cut = short_title("OpenAI CLIP ViT-B-16 + Mona (ft.)", 22)
+    assert cut == "OpenAI CLIP…Mona (ft.)" and len(cut) == 22
+    assert short_title("OpenAI CLIP ViT-B-16 + Mona", 22) != short_title("OpenAI CLIP ViT-B-16 + Mona (ft.)", 22)
+
+
+@pytest.mark.slow
+def test_real_fit_and_test_in_the_sweep_layout_then_report(tmp_path):
+    """The contract's logger options put a real run where the report reads it; names with and without sweep_run."""
+    from pathlib import Path
+
+    conf = Path(__file__).parent / "conf" / "segmentation_mona.yaml"
+    run_dir = tmp_path / "sweep" / "table2" / "BUSI" / "clip_mona" / "seed_1"
+    common = [
+        f"--config={conf}",
+        f"--data.init_args.root={tmp_path / 'data' / 'BUSI'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'sweep' / 'table2' / 'BUSI'}",
+        "--trainer.logger.init_args.name=clip_mona",
+        "--trainer.logger.init_args.version=seed_1",
+        "--seed_everything=1",
+    ]
+    run_dir.mkdir(parents=True)
+    info = {"table": "table2", "group": "segmentation", "method": "CLIP (Mona)", "dataset": "BUSI", "seed": 1}
+    (run_dir / "sweep_run.json").write_text(json.dumps(info | {"manifest": "paper", "commands": []}))
+    main(["fit", *common])
+    main(["test", *common, f"--ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"])
+    metrics = json.loads((run_dir / "results" / "test_metrics.json").read_text())
+    out = tmp_path / "report"
+    assert report([tmp_path / "sweep", "--output", out, "--grid-images", "0"]) == 0
+    (row,) = read_csv(out / "table2.csv")
+    assert row["method"] == "CLIP (Mona)" and float(row["BUSI_dice_mean"]) == metrics["dice"]
+    (run_dir / "sweep_run.json").unlink()
+    result = load_run(run_dir)  # the test's resolved config.yaml
+    assert (result.method, result.dataset, result.seed) == ("usclip-test-vit (random init) + Mona", "BUSI", 1)

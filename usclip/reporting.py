@@ -1,42 +1,73 @@
-"""Paper-style result tables over seeds: methods x datasets, mean +- std, best and second best marked.
+"""Paper-style result tables over seeds: the paper's Tables 2 and 3 from tested runs, mean ± std, best marked.
 
 ``usclip report RUN_DIR...`` (see :mod:`usclip.commands.report`) collects the test results that the tasks write
-(``<run>/results/test_metrics.json``) together with each run's resolved ``config.yaml``, groups runs by task, method
-and dataset, and aggregates over seeds. Two tables come out, laid out like the paper's: segmentation (Dice, IoU,
-HD95, ASD) and classification (accuracy, AUC, sensitivity, specificity, F1), each as Markdown and CSV.
+(``<run>/results/test_metrics.json``) and says which cell of the paper's tables each run fills: from the run's
+``sweep_run.json`` (written by ``usclip sweep``: the paper's table, row group, method, dataset and seed) or, without
+one, from its resolved ``config.yaml``. Runs of one (table, group, method, dataset) are seeds of one experiment; the
+report lays out Table 2 (segmentation: Dice, IoU, HD95, ASD) and Table 3 (classification: zero-shot and supervised
+groups, Acc and AUC) in the paper's row and column order (:data:`usclip.paper.TABLES`), as Markdown and CSV, and can
+set the paper's published numbers beside ours (:func:`usclip.paper.published`).
 
-The std is the sample standard deviation over seeds (``ddof=1``; 0 for a single seed).
+The std is the sample standard deviation over seeds (``ddof=1``; 0 for a single seed). Best and second best are
+marked among the compared methods of each row group; the reference rows (UNet, ResNet18) are not ranked. A table
+never mixes metric protocols (``"metric_protocol"`` of ``test_metrics.json``: ``strict``, the default, or
+``authors``).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import statistics
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from usclip._io import atomic_path, write_text_atomic
+from usclip.paper import TABLES, PaperTable, published_lookup
+from usclip.run_results import (
+    PROTOCOLS,
+    SWEEP_RUN_FILE,
+    MethodFrom,
+    RunResult,
+    dataset_name,
+    find_run_dirs,
+    load_run,
+    method_name,
+    weights_name,
+)
 from usclip.visualize import overlay_grid, save_png
+
+__all__ = [
+    "PROTOCOLS",
+    "SWEEP_RUN_FILE",
+    "Cell",
+    "MethodFrom",
+    "ResultTable",
+    "RunResult",
+    "aggregate",
+    "dataset_name",
+    "find_run_dirs",
+    "format_markdown",
+    "load_run",
+    "method_name",
+    "missing_paper_cells",
+    "ranks",
+    "short_title",
+    "weights_name",
+    "write_csv",
+    "write_overlay_grids",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
-MethodFrom = Literal["config", "name"]
-
-SEGMENTATION_METRICS = ("dice", "iou", "hd95", "asd")
-CLASSIFICATION_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "segmentation": SEGMENTATION_METRICS,
-    "classification": CLASSIFICATION_METRICS,
-}
+# --all-metrics: what each table shows besides the paper's metrics
+EXTRA_METRICS: dict[str, tuple[str, ...]] = {"table2": (), "table3": ("sensitivity", "specificity", "f1")}
 LOWER_IS_BETTER = frozenset({"hd95", "asd"})
 # shown as percentages in Markdown (fractions in [0, 1]); CSVs keep the raw values
 PERCENT_METRICS = frozenset({"dice", "iou", "acc", "auc", "sensitivity", "specificity", "f1"})
@@ -54,27 +85,6 @@ METRIC_TITLES = {
 
 
 @dataclass(frozen=True)
-class RunResult:
-    """The test result of one run.
-
-    Attributes:
-        path: the run directory.
-        task: ``"segmentation"`` or ``"classification"``.
-        method: method name (from the config, or the logger name).
-        dataset: the data root's folder name.
-        seed: ``seed_everything`` of the run (``None`` when unset).
-        metrics: the numbers of ``results/test_metrics.json``.
-    """
-
-    path: Path
-    task: str
-    method: str
-    dataset: str
-    seed: int | None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Cell:
     """Mean and sample std of one metric of one (method, dataset) over seeds."""
 
@@ -83,214 +93,307 @@ class Cell:
     n: int
 
 
-def _nested(config: dict[str, Any], *keys: str) -> Any:
-    node: Any = config
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
+@dataclass(frozen=True)
+class ResultTable:
+    """One of the paper's tables filled with our runs: cells over seeds, in the paper's order.
 
-
-def method_name(config: dict[str, Any], method_from: MethodFrom = "config") -> str:
-    """The method of a run, from its resolved LightningCLI config.
-
-    ``method_from="config"``: the adapter (``lora``, ``mona``), ``<model_name>`` for whole baseline models
-    (``head: native``), ``<model_name>/<head>`` without an adapter. ``method_from="name"``: the logger's name.
-
-    Raises:
-        ValueError: if ``method_from`` is unknown or ``"name"`` is asked and the config has no logger name.
+    Attributes:
+        spec: the paper's layout of this table.
+        protocol: the runs' metric protocol (one per table).
+        cells: ``{(group, method, dataset): {metric: Cell}}``.
+        references: ``(group, method)`` of the reference rows.
+        runs: the runs aggregated.
     """
-    if method_from == "name":
-        name = _nested(config, "trainer", "logger", "init_args", "name")
-        if not name:
-            raise ValueError("method_from='name' needs trainer.logger.init_args.name in the run's config.yaml")
-        return str(name)
-    if method_from != "config":
-        raise ValueError(f"method_from must be 'config' or 'name', got {method_from!r}")
-    args = _nested(config, "model", "init_args") or {}
-    adapter, model, head = args.get("adapter"), args.get("model_name"), args.get("head")
-    if adapter:
-        return str(adapter)
-    if head == "native":
-        return str(model)
-    return f"{model}/{head or 'paper'}"
+
+    spec: PaperTable
+    protocol: str
+    cells: dict[tuple[str, str, str], dict[str, Cell]]
+    references: frozenset[tuple[str, str]]
+    runs: tuple[RunResult, ...]
+
+    @property
+    def name(self) -> str:
+        """``"table2"`` or ``"table3"``."""
+        return self.spec.name
+
+    def groups(self) -> list[str]:
+        """Row groups with runs, in the paper's order."""
+        present = {g for g, _, _ in self.cells}
+        return [g for g in self.spec.groups if g in present]
+
+    def methods(self, group: str) -> list[str]:
+        """The group's methods with runs: the paper's, in its order, then others alphabetically."""
+        present = {m for g, m, _ in self.cells if g == group}
+        paper = self.spec.methods.get(group, ())
+        return [m for m in paper if m in present] + sorted(present - set(paper))
+
+    def datasets(self) -> list[str]:
+        """Datasets with runs: the paper's, in its order, then others alphabetically."""
+        present = {d for _, _, d in self.cells}
+        return [d for d in self.spec.datasets if d in present] + sorted(present - set(self.spec.datasets))
+
+    def metrics(self, all_metrics: bool = False) -> list[str]:
+        """The paper's metrics of this table (and :data:`EXTRA_METRICS` with ``all_metrics``) that runs have."""
+        wanted = self.spec.metrics + (EXTRA_METRICS.get(self.name, ()) if all_metrics else ())
+        return [m for m in wanted if any(m in c for c in self.cells.values())]
+
+    def seed_counts(self) -> list[int]:
+        """The distinct numbers of seeds behind the cells, ascending."""
+        return sorted({c.n for cs in self.cells.values() for c in cs.values()})
 
 
-def _task_of(config: dict[str, Any], metrics: dict[str, float]) -> str:
-    class_path = str(_nested(config, "model", "class_path") or "")
-    if "Segmentation" in class_path or "dice" in metrics:
-        return "segmentation"
-    if "Classification" in class_path or "acc" in metrics:
-        return "classification"
-    raise ValueError(
-        f"cannot tell the task of model.class_path={class_path!r} (expected *SegmentationTask or *ClassificationTask)"
-    )
-
-
-def load_run(run_dir: str | Path, method_from: MethodFrom = "config") -> RunResult:
-    """Read one run directory (``config.yaml`` and ``results/test_metrics.json``).
-
-    Raises:
-        FileNotFoundError: if either file is missing.
-        ValueError: if a file cannot be parsed or the task is unknown.
-    """
-    run_dir = Path(run_dir)
-    config_path, metrics_path = run_dir / "config.yaml", run_dir / "results" / "test_metrics.json"
-    for path in (config_path, metrics_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"run directory {run_dir} has no {path.relative_to(run_dir)} (run `usclip test`)")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a YAML mapping, got {type(config).__name__}")
-    try:
-        metrics = {k: float(v) for k, v in json.loads(metrics_path.read_text()).items() if k != "metric_protocol"}
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ValueError(f"{metrics_path}: expected a JSON object of numbers ({err})") from err
-    root = _nested(config, "data", "init_args", "root")
-    seed = config.get("seed_everything")
-    return RunResult(
-        path=run_dir,
-        task=_task_of(config, metrics),
-        method=method_name(config, method_from),
-        dataset=Path(str(root)).name if root else "unknown",
-        seed=int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        metrics=metrics,
-    )
-
-
-def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories at or below ``paths``: folders holding ``config.yaml`` and ``results/test_metrics.json``.
-
-    Raises:
-        FileNotFoundError: if a path does not exist or holds no tested run.
-    """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"RUN_DIR {p} does not exist")
-        runs = sorted(
-            m.parent.parent for m in p.rglob("results/test_metrics.json") if (m.parent.parent / "config.yaml").is_file()
-        )
-        if not runs:
-            raise FileNotFoundError(
-                f"RUN_DIR {p} holds no tested run (no config.yaml next to results/test_metrics.json)"
+def _check_one_protocol(name: str, runs: Sequence[RunResult]) -> str:
+    first = runs[0]
+    for run in runs[1:]:
+        if run.protocol != first.protocol:
+            raise ValueError(
+                f"{name} mixes metric protocols: {first.path} has metric_protocol {first.protocol!r} and "
+                f"{run.path} has {run.protocol!r}; report them separately (one `usclip report` per protocol)"
             )
-        found += [r for r in runs if r not in found]
-    return found
+    return first.protocol
 
 
-def aggregate(runs: Sequence[RunResult]) -> dict[str, dict[tuple[str, str], dict[str, Cell]]]:
-    """Mean and sample std over seeds.
+def aggregate(runs: Sequence[RunResult]) -> dict[str, ResultTable]:
+    """Mean and sample std over seeds, per table.
 
     Returns:
-        ``{task: {(method, dataset): {metric: Cell}}}`` for the metrics of :data:`TASK_METRICS` that the runs have;
-        non-finite values (e.g. HD95 of an empty prediction) are left out of that metric's mean.
+        ``{table name: ResultTable}`` in the paper's order; a cell per (group, method, dataset) and metric that the
+        runs have (every numeric key of ``test_metrics.json``); non-finite values (e.g. HD95 of an empty
+        prediction) are left out of that metric's mean.
+
+    Raises:
+        ValueError: if the runs of one table differ in metric protocol (the message names two of them).
     """
-    groups: dict[str, dict[tuple[str, str], list[RunResult]]] = {}
+    by_table: dict[str, list[RunResult]] = {}
     for run in runs:
-        groups.setdefault(run.task, {}).setdefault((run.method, run.dataset), []).append(run)
-    table: dict[str, dict[tuple[str, str], dict[str, Cell]]] = {}
-    for task, by_key in groups.items():
-        for key, members in by_key.items():
-            seeds = [r.seed for r in members]
+        if run.table not in TABLES:
+            raise ValueError(f"{run.path}: table must be one of {sorted(TABLES)}, got {run.table!r}")
+        by_table.setdefault(run.table, []).append(run)
+    tables: dict[str, ResultTable] = {}
+    for name in [t for t in TABLES if t in by_table]:
+        members = by_table[name]
+        protocol = _check_one_protocol(name, members)
+        groups: dict[tuple[str, str, str], list[RunResult]] = {}
+        for run in members:
+            groups.setdefault((run.group, run.method, run.dataset), []).append(run)
+        cells: dict[tuple[str, str, str], dict[str, Cell]] = {}
+        for key, seeds_runs in groups.items():
+            seeds = [r.seed for r in seeds_runs]
             if len(set(seeds)) != len(seeds):
-                log.warning("%s on %s: several runs share a seed (%s)", *key, seeds)
-            cells: dict[str, Cell] = {}
-            for metric in TASK_METRICS[task]:
-                values = [r.metrics[metric] for r in members if math.isfinite(r.metrics.get(metric, math.nan))]
+                log.warning("%s: %s on %s: several runs share a seed (%s)", name, key[1], key[2], seeds)
+            cells[key] = {}
+            for metric in sorted({k for r in seeds_runs for k in r.metrics}):
+                values = [r.metrics[metric] for r in seeds_runs if math.isfinite(r.metrics.get(metric, math.nan))]
                 if values:
                     std = statistics.stdev(values) if len(values) > 1 else 0.0
-                    cells[metric] = Cell(statistics.fmean(values), std, len(values))
-            table.setdefault(task, {})[key] = cells
-    return table
+                    cells[key][metric] = Cell(statistics.fmean(values), std, len(values))
+        references = frozenset((r.group, r.method) for r in members if r.reference)
+        tables[name] = ResultTable(TABLES[name], protocol, cells, references, tuple(members))
+    return tables
 
 
-def _ranks(cells: dict[tuple[str, str], dict[str, Cell]], dataset: str, metric: str) -> dict[str, int]:
-    """Rank (0 best, 1 second) of each method in one column; ties share a rank."""
-    means = {m: c[metric].mean for (m, d), c in cells.items() if d == dataset and metric in c}
-    order = sorted(set(means.values()), reverse=metric not in LOWER_IS_BETTER)
-    return {m: order.index(v) for m, v in means.items()}
+def _scale(metric: str) -> float:
+    return 100.0 if metric in PERCENT_METRICS else 1.0
+
+
+def ranks(table: ResultTable, group: str, dataset: str, metric: str) -> dict[str, int]:
+    """Rank (0 best, 1 second, ...) of each compared method of ``group`` in one column.
+
+    Reference rows are left out. Means are compared as printed (two decimals, in percent or pixels), so methods
+    that print the same value share a rank.
+    """
+    shown = {
+        m: round(c[metric].mean * _scale(metric), 2)
+        for (g, m, d), c in table.cells.items()
+        if g == group and d == dataset and metric in c and (g, m) not in table.references
+    }
+    order = sorted(set(shown.values()), reverse=metric not in LOWER_IS_BETTER)
+    return {m: order.index(v) for m, v in shown.items()}
+
+
+def _paper_value(table: ResultTable, group: str, method: str, dataset: str, metric: str) -> float | None:
+    return published_lookup().get((table.name, group, method, dataset, metric))
+
+
+def missing_paper_cells(table: ResultTable) -> list[tuple[str, str, str, str]]:
+    """``(group, method, dataset, metric)`` of the paper's cells of this table that no run fills, in print order."""
+    spec = table.spec
+    return [
+        (g, m, d, k)
+        for g in spec.groups
+        for m in spec.methods[g]
+        for d in spec.datasets
+        for k in spec.metrics
+        if k not in table.cells.get((g, m, d), {})
+    ]
 
 
 def _fmt(cell: Cell, metric: str) -> str:
-    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    scale = _scale(metric)
     return f"{cell.mean * scale:.2f} ± {cell.std * scale:.2f}"
 
 
-def _axes(cells: dict[tuple[str, str], dict[str, Cell]]) -> tuple[list[str], list[str]]:
-    methods = sorted({m for m, _ in cells})
-    datasets = sorted({d for _, d in cells})
-    return methods, datasets
+def _units(metrics: Sequence[str]) -> str:
+    parts = []
+    percent = [METRIC_TITLES[m] for m in metrics if m in PERCENT_METRICS]
+    pixels = [METRIC_TITLES[m] for m in metrics if m in LOWER_IS_BETTER]
+    if percent:
+        parts.append(", ".join(percent) + " in %")
+    if pixels:
+        parts.append(", ".join(pixels) + " in pixels")
+    return "; ".join(parts)
 
 
-def format_markdown(task: str, cells: dict[tuple[str, str], dict[str, Cell]]) -> str:
-    """One paper-style Markdown table: a row per method, a column per dataset and metric.
+def _cell_text(table: ResultTable, key: tuple[str, str, str], metric: str, rank: int | None, most_seeds: int) -> str:
+    cell = table.cells.get(key, {}).get(metric)
+    if cell is None:
+        return "–"
+    text = _fmt(cell, metric) + (f" (n={cell.n})" if cell.n < most_seeds else "")
+    return f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
 
-    Cells read ``mean ± std`` over seeds (percent for metrics in [0, 1]); the best mean of a column is **bold**,
-    the second best _italic_; ↓ marks lower-is-better metrics, ↑ the others.
+
+def format_markdown(
+    table: ResultTable, compare_paper: bool = False, all_metrics: bool = False, datasets_per_block: int = 3
+) -> str:
+    """One of the paper's tables in Markdown: a row per method, grouped as the paper does; a column per metric.
+
+    Cells read ``mean ± std`` over seeds (percent for Dice/IoU/Acc/AUC, pixels for HD95/ASD); ``(n=k)`` marks a
+    cell over fewer seeds than the table's others. Within each row group the best compared method of a column is
+    **bold**, the second best underlined (``<u>``), as in the paper; reference rows (†) are not ranked. ↓ marks
+    lower-is-better metrics, ↑ the others. With ``compare_paper`` a cell reads ``ours (paper, ours − paper)`` where
+    the paper has that cell. Like the paper, the datasets are split over tables of ``datasets_per_block`` datasets
+    (0: one table). A list under the table gives the units, the metric protocol and, when comparing ``strict`` runs
+    with the paper (``authors`` protocol), a warning.
     """
-    methods, datasets = _axes(cells)
-    metrics = [m for m in TASK_METRICS[task] if any(m in c for c in cells.values())]
-    header = ["Method"] + [
-        f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in datasets for m in metrics
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ranks = {(d, m): _ranks(cells, d, m) for d in datasets for m in metrics}
-    for method in methods:
-        row = [method]
-        for d in datasets:
-            for m in metrics:
-                cell = cells.get((method, d), {}).get(m)
-                if cell is None:
-                    row.append("–")
-                    continue
-                text, rank = _fmt(cell, m), ranks[d, m].get(method)
-                row.append(f"**{text}**" if rank == 0 else f"_{text}_" if rank == 1 else text)
-        lines.append("| " + " | ".join(row) + " |")
-    n = sorted({c.n for cs in cells.values() for c in cs.values()})
-    units = ", ".join(METRIC_TITLES[m] for m in metrics if m in PERCENT_METRICS) + " in %"
-    if any(m in LOWER_IS_BETTER for m in metrics):
-        units += "; " + ", ".join(METRIC_TITLES[m] for m in metrics if m in LOWER_IS_BETTER) + " in pixels"
+    datasets, metrics = table.datasets(), table.metrics(all_metrics)
+    show_group = len(table.spec.groups) > 1
+    most_seeds = max(table.seed_counts(), default=0)
+    step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
+    column_ranks = {(g, d, m): ranks(table, g, d, m) for g in table.groups() for d in datasets for m in metrics}
+    compared = 0
+    blocks = []
+    for first in range(0, max(len(datasets), 1), step):
+        block = datasets[first : first + step]
+        header = (["Group"] if show_group else []) + ["Method"]
+        header += [f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in block for m in metrics]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for group in table.groups():
+            for i, method in enumerate(table.methods(group)):
+                row = [group.capitalize() if i == 0 else ""] if show_group else []
+                row.append(method + (" †" if (group, method) in table.references else ""))
+                for d in block:
+                    for m in metrics:
+                        rank = column_ranks[group, d, m].get(method)
+                        text = _cell_text(table, (group, method, d), m, rank, most_seeds)
+                        paper = _paper_value(table, group, method, d, m) if compare_paper else None
+                        cell = table.cells.get((group, method, d), {}).get(m)
+                        if paper is not None and cell is not None:
+                            compared += 1
+                            text += f" ({paper:.2f}, {cell.mean * _scale(m) - paper:+.2f})"
+                        row.append(text)
+                lines.append("| " + " | ".join(row) + " |")
+        blocks.append("\n".join(lines) + "\n")
+    n = table.seed_counts()
     seeds = f"{'/'.join(map(str, n))} seed{'s' if n != [1] else ''}"
-    lines.append("")
-    lines.append(f"Mean ± std over {seeds}; {units}. **Best**, _second best_.")
-    return "\n".join(lines) + "\n"
+    notes = [f"Mean ± std (sample std) over {seeds}; {_units(metrics)}."]
+    if len(n) > 1:
+        notes[0] += f" (n=…): a cell over fewer than {most_seeds} seeds."
+    notes.append("**Best**, <u>second best</u> among the compared methods of each group; † reference, not ranked.")
+    notes.append(f"Metric protocol: `{table.protocol}`.")
+    if compare_paper:
+        notes.append(
+            "Paper comparison: ours (paper, ours − paper); differences in percentage points for "
+            "Dice/IoU/Acc/AUC and pixels for HD95/ASD; the paper's values are means of three runs under the "
+            f"authors' metric protocol ({compared} cells compared)."
+        )
+        missing = missing_paper_cells(table)
+        if missing:
+            group, method, dataset, metric = missing[0]
+            notes.append(
+                f"{len(missing)} of the paper's cells of this table have no run "
+                f"(the first: {method} on {dataset}, {METRIC_TITLES[metric]}, {group})."
+            )
+        if table.protocol != "authors":
+            warning = (
+                f"Warning: these runs use the `{table.protocol}` metric protocol and the paper's numbers the "
+                "authors' (non-finite HD95/ASD dropped, directed ASD, empty ground truth skipped): the comparison is "
+                "not like for like."
+            )
+            notes.append(f"**{warning}**")
+            log.warning("%s: %s", table.name, warning.removeprefix("Warning: "))
+    return "\n".join(blocks) + "\n" + "".join(f"- {note}\n" for note in notes)
 
 
-def write_csv(task: str, cells: dict[tuple[str, str], dict[str, Cell]], path: str | Path) -> Path:
-    """The table as CSV: a row per method; ``<dataset>_<metric>_mean``, ``_std`` and ``_n`` columns (raw values)."""
-    methods, datasets = _axes(cells)
-    metrics = [m for m in TASK_METRICS[task] if any(m in c for c in cells.values())]
+def write_csv(table: ResultTable, path: str | Path, compare_paper: bool = False, all_metrics: bool = False) -> Path:
+    """The table as CSV, raw values (fractions for Dice/IoU/Acc/AUC, pixels for HD95/ASD).
+
+    Columns: ``table, group, method, reference, protocol``, then per dataset and metric ``<dataset>_<metric>_mean``,
+    ``_std`` and ``_n`` (seeds counted); with ``compare_paper`` also ``_paper`` (the published value in the same
+    raw units: percent / 100 for Dice/IoU/Acc/AUC) and ``_diff`` (mean − paper), empty where the paper has no value.
+    """
+    datasets, metrics = table.datasets(), table.metrics(all_metrics)
+    stats = ("mean", "std", "n", "paper", "diff") if compare_paper else ("mean", "std", "n")
     path = Path(path)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method"] + [f"{d}_{m}_{s}" for d in datasets for m in metrics for s in ("mean", "std", "n")])
-        for method in methods:
-            row: list[str | float | int] = [method]
-            for d in datasets:
-                for m in metrics:
-                    cell = cells.get((method, d), {}).get(m)
-                    row += ["", "", 0] if cell is None else [repr(cell.mean), repr(cell.std), cell.n]
-            writer.writerow(row)
+        header = ["table", "group", "method", "reference", "protocol"]
+        writer.writerow(header + [f"{d}_{m}_{s}" for d in datasets for m in metrics for s in stats])
+        for group in table.groups():
+            for method in table.methods(group):
+                row: list[str | float | int] = [table.name, group, method, int((group, method) in table.references)]
+                row.append(table.protocol)
+                for d in datasets:
+                    for m in metrics:
+                        cell = table.cells.get((group, method, d), {}).get(m)
+                        row += ["", "", 0] if cell is None else [repr(cell.mean), repr(cell.std), cell.n]
+                        if compare_paper:
+                            paper = _paper_value(table, group, method, d, m)
+                            raw = None if paper is None else paper / _scale(m)
+                            row.append("" if raw is None else repr(raw))
+                            row.append("" if raw is None or cell is None else repr(cell.mean - raw))
+                writer.writerow(row)
     return path
 
 
-def write_report(runs: Sequence[RunResult], out_dir: str | Path) -> dict[str, tuple[Path, Path, str]]:
-    """Write ``<task>.md`` and ``<task>.csv`` per task into ``out_dir``.
+def write_report(
+    runs: Sequence[RunResult],
+    out_dir: str | Path,
+    compare_paper: bool = False,
+    all_metrics: bool = False,
+    datasets_per_block: int = 3,
+) -> dict[str, tuple[Path, Path, str]]:
+    """Write ``<table>.md`` and ``<table>.csv`` (``table2``, ``table3``) into ``out_dir``.
+
+    ``compare_paper``, ``all_metrics`` and ``datasets_per_block`` as in :func:`format_markdown` and :func:`write_csv`.
 
     Returns:
-        ``{task: (markdown path, csv path, markdown text)}``.
+        ``{table name: (markdown path, csv path, markdown text)}``.
+
+    Raises:
+        ValueError: if one table's runs mix metric protocols.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for task, cells in sorted(aggregate(runs).items()):
-        text = format_markdown(task, cells)
-        md = out_dir / f"{task}.md"
-        write_text_atomic(md, f"# {task.capitalize()}\n\n{text}")
-        written[task] = (md, write_csv(task, cells, out_dir / f"{task}.csv"), text)
+    for name, table in aggregate(runs).items():
+        text = format_markdown(table, compare_paper, all_metrics, datasets_per_block)
+        md = out_dir / f"{name}.md"
+        write_text_atomic(md, f"# {table.spec.title}\n\n{text}")
+        written[name] = (md, write_csv(table, out_dir / f"{name}.csv", compare_paper, all_metrics), text)
     return written
+
+
+def short_title(name: str, max_chars: int) -> str:
+    """``name`` cut in the middle (``…``) to ``max_chars`` characters, keeping its start and its end.
+
+    Method names made from a config differ at both ends (``OpenAI CLIP ViT-B-16 + Mona`` vs ``... (ft.)``), so
+    both stay visible in a picture's column title.
+    """
+    if len(name) <= max_chars:
+        return name
+    keep = max(max_chars - 1, 2)
+    head = (keep + 1) // 2
+    return name[:head] + "…" + name[len(name) - (keep - head) :]
 
 
 def write_overlay_grids(
@@ -300,7 +403,8 @@ def write_overlay_grids(
 
     Rows are test images (the first ``num_images`` ids that every method has in ``<run>/overlays``), columns are
     methods; each method shows its run with the lowest seed. Pictures smaller than ``min_size`` pixels are
-    enlarged (nearest neighbour) to that size.
+    enlarged (nearest neighbour) to that size. Column titles longer than a picture is wide are cut in the middle
+    (:func:`short_title`; the full names go to the log).
 
     Returns:
         The grids written (none for a dataset whose methods share no overlay).
@@ -325,6 +429,8 @@ def write_overlay_grids(
                     row.append(np.asarray(im.convert("RGB")))
             cells.append(row)
         size = max(max(c.shape[0] for row in cells for c in row), min_size)
-        grid = overlay_grid(cells, row_titles=ids, col_titles=methods, size=size)
+        titles = [short_title(m, max(size // 7, 8)) for m in methods]
+        log.info("overlays_%s.png columns: %s", dataset, "; ".join(methods))
+        grid = overlay_grid(cells, row_titles=ids, col_titles=titles, size=size)
         written.append(save_png(grid, Path(out_dir) / f"overlays_{dataset}.png"))
     return written

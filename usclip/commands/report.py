@@ -1,7 +1,9 @@
-"""``usclip report RUN_DIR...``: paper-style tables (mean ± std over seeds) from tested runs.
+"""``usclip report RUN_DIR...``: the paper's Tables 2 and 3 (mean ± std over seeds) from tested runs.
 
-Each ``RUN_DIR`` is a run directory (``runs/<name>/version_<n>``) or a folder above several; every folder below
-that holds ``config.yaml`` and ``results/test_metrics.json`` counts. The logic lives in :mod:`usclip.reporting`.
+Each ``RUN_DIR`` is a run directory (``runs/<name>/version_<n>``, or ``<runs_root>/<table>/<dataset>/<method>/
+seed_<seed>`` from ``usclip sweep``) or a folder above several; every folder below that holds
+``results/test_metrics.json`` and ``sweep_run.json`` or ``config.yaml`` counts. The logic lives in
+:mod:`usclip.reporting` (and :mod:`usclip.run_results`); docs/reports.md describes the tables.
 """
 
 from __future__ import annotations
@@ -21,14 +23,30 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``usclip report`` argument parser."""
-    parser = argparse.ArgumentParser(prog="usclip report", description="Result tables over seeds (docs/reports.md).")
+    parser = argparse.ArgumentParser(
+        prog="usclip report", description="The paper's result tables over seeds (docs/reports.md)."
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or folders above")
-    parser.add_argument("--output", type=Path, default=Path("report"), help="folder for <task>.md/.csv (report/)")
+    parser.add_argument("--output", type=Path, default=Path("report"), help="folder for <table>.md/.csv (report/)")
     parser.add_argument(
         "--method-from",
-        choices=("config", "name"),
-        default="config",
-        help="method name from the config (adapter, model/head; default) or the logger name",
+        choices=("auto", "config", "name"),
+        default="auto",
+        help="row names: the paper's from sweep_run.json, else made from the config (auto; default); always from "
+        "the config (encoder, weights, adapter, ft.); or the logger name",
+    )
+    parser.add_argument(
+        "--compare-paper",
+        action="store_true",
+        help="set the paper's published value and the difference beside each cell: ours (paper, ours - paper)",
+    )
+    parser.add_argument("--all-metrics", action="store_true", help="Table 3 also shows sensitivity, specificity and F1")
+    parser.add_argument(
+        "--datasets-per-block",
+        type=int,
+        default=3,
+        help="datasets side by side in one Markdown table; more go into another below, as in the paper "
+        "(default: 3; 0: one wide table)",
     )
     parser.add_argument(
         "--grid-images", type=int, default=4, help="test images in each overlay grid (default: 4; 0: no grid)"
@@ -44,13 +62,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         dirs = find_run_dirs(args.run_dirs)
         runs = [load_run(d, args.method_from) for d in tqdm(dirs, desc="reading runs", unit="run", disable=None)]
-        written = write_report(runs, args.output)
+        written = write_report(runs, args.output, args.compare_paper, args.all_metrics, args.datasets_per_block)
         grids = write_overlay_grids(runs, args.output, args.grid_images, min_size=160) if args.grid_images > 0 else []
     except (FileNotFoundError, ValueError) as err:
         print(f"usclip report: {err}", file=sys.stderr)
         return 2
-    for task, (md, csv_path, text) in written.items():
-        print(f"## {task} ({sum(r.task == task for r in runs)} runs)\n\n{text}")
+    for name, (md, csv_path, text) in written.items():
+        print(f"## {name} ({sum(r.table == name for r in runs)} runs)\n\n{text}")
         print(f"wrote {md} and {csv_path}\n")
     for grid in grids:
         print(f"wrote {grid}")
