@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from usclip.cli import main
 from usclip.data.datasets import FolderDataset
@@ -127,8 +128,8 @@ def test_reference_yaml_builds_the_authors_structure(reference):
     assert isinstance(seq, A.Sequential) and seq.p == 0.5
     assert yaml.safe_load(REFERENCE.read_text())["model"]["init_args"]["normalization"] == "none"
     for branch, kmax, names in (
-        (strong, 9, ["NoOp", "AutoContrast", "Equalize", "GaussianBlur", "ColorJitter", "ColorJitter", "Sharpen",
-                     "Posterize", "Solarize"]),
+        (strong, 9, ["NoOp", "AutoContrast", "PilEqualize", "PilGaussianBlur", "ColorJitter", "ColorJitter",
+                     "PilSharpness", "Posterize", "Solarize"]),
         (weak, 4, ["RandomResizedCrop", "HorizontalFlip", "VerticalFlip", "NoOp"]),
     ):  # fmt: skip
         assert isinstance(branch, A.OneOf) and branch.p == 1.0
@@ -160,7 +161,8 @@ def _mask(h: int = 40, w: int = 56) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "name", ["NoOp", "AutoContrast", "Equalize", "GaussianBlur", "ColorJitter", "Sharpen", "Posterize", "Solarize"]
+    "name",
+    ["NoOp", "AutoContrast", "PilEqualize", "PilGaussianBlur", "ColorJitter", "PilSharpness", "Posterize", "Solarize"],
 )
 def test_intensity_ops_leave_the_mask_alone(reference, name):
     for t in reference["ops"][name]:
@@ -179,7 +181,7 @@ def test_autocontrast_stretches_to_full_range(reference):
 
 
 def test_equalize_flattens_the_histogram(reference):
-    (t,) = reference["ops"]["Equalize"]
+    (t,) = reference["ops"]["PilEqualize"]
     img = np.clip(np.random.default_rng(2).normal(110, 12, (64, 64)), 0, 255).astype(np.uint8)
     out = _apply(t, 0, image=img)["image"]
 
@@ -216,7 +218,7 @@ def test_solarize_inverts_above_the_threshold(reference):
 
 
 def test_blur_smooths_with_sigma_075_to_125(reference):
-    (t,) = reference["ops"]["GaussianBlur"]
+    (t,) = reference["ops"]["PilGaussianBlur"]
     img = _speckle()
     lo = cv2.GaussianBlur(img, (0, 0), 1.25).std()
     hi = cv2.GaussianBlur(img, (0, 0), 0.75).std()
@@ -243,19 +245,39 @@ def test_contrast_and_brightness_factors_within_075_125(reference):
     assert min(seen_c) < 0.85 and max(seen_c) > 1.15 and min(seen_b) < 0.85 and max(seen_b) > 1.15
 
 
-def test_sharpness_sharpens_by_at_most_pil_factor_125(reference):
-    (t,) = reference["ops"]["Sharpen"]
+def test_sharpness_blurs_or_sharpens_with_pil_factor_075_to_125(reference):
+    (t,) = reference["ops"]["PilSharpness"]
     img = cv2.GaussianBlur(_speckle(), (0, 0), 1.0)
-    lap = np.array([[1, 1, 1], [1, -8, 1], [1, 1, 1]], np.float32)
-    base = np.abs(cv2.filter2D(img.astype(np.float32), -1, lap))[2:-2, 2:-2].mean()
-    # PIL's Sharpness(1.25): x + 0.25 * (x - smooth(x)), smooth = [[1,1,1],[1,5,1],[1,1,1]] / 13
     x = img.astype(np.float32)
-    pil_max = x + 0.25 * (x - cv2.filter2D(x, -1, np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13))
-    for seed in range(10):
+    # PIL's Sharpness(f): x + (f - 1) * (x - smooth(x)), smooth = [[1,1,1],[1,5,1],[1,1,1]] / 13, border kept
+    detail = (x - cv2.filter2D(x, -1, np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13))[1:-1, 1:-1]
+    factors = []
+    for seed in range(30):
         out = _apply(t, seed, image=img)["image"].astype(np.float32)
-        sharp = np.abs(cv2.filter2D(out, -1, lap))[2:-2, 2:-2].mean()
-        assert sharp >= base - 0.5  # never blurs (the authors' PIL op also blurs, with factors 0.75-1)
-        assert np.abs(out - x)[1:-1, 1:-1].max() <= np.abs(pil_max - x)[1:-1, 1:-1].max() + 1
+        assert np.array_equal(out[0], x[0]) and np.array_equal(out[:, -1], x[:, -1])
+        f = 1 + float(np.sum((out[1:-1, 1:-1] - x[1:-1, 1:-1]) * detail) / np.sum(detail**2))
+        assert np.abs(out[1:-1, 1:-1] - (x[1:-1, 1:-1] + (f - 1) * detail)).max() <= 1.5  # PIL's integer rounding
+        factors.append(f)
+    assert 0.74 <= min(factors) < 0.85 and 1.15 < max(factors) <= 1.26  # blurs and sharpens
+
+
+def test_pil_ops_equal_pil_at_fixed_magnitudes():
+    img = _speckle()
+    pil = Image.fromarray(img)
+    cases = [
+        ({"PilEqualize": {"p": 1.0}}, ImageOps.equalize(pil)),
+        ({"PilGaussianBlur": {"sigma_limit": [0.8, 0.8], "p": 1.0}}, pil.filter(ImageFilter.GaussianBlur(0.8))),
+        ({"PilSharpness": {"factor_limit": [0.8, 0.8], "p": 1.0}}, ImageEnhance.Sharpness(pil).enhance(0.8)),
+    ]
+    for spec, expected in cases:
+        (t,) = build_augmentations(spec)
+        assert np.array_equal(_apply(t, 0, image=img)["image"], np.asarray(expected))
+    # PIL's output feeds in-place albumentations ops (a read-only array from PIL made Posterize fail)
+    chain = build_transform(40, [{"PilEqualize": {"p": 1.0}}, {"Posterize": {"num_bits": 4, "p": 1.0}}], seed=0)
+    out = chain(image=cv2.resize(img, (40, 40), interpolation=cv2.INTER_AREA))["image"]
+    assert out.shape == (40, 40) and not (out & 0x0F).any()
+    with pytest.raises(ValueError, match=r"sigma_limit must be \[low, high\].*got \[2, 1\]"):
+        build_augmentations({"PilGaussianBlur": {"sigma_limit": [2, 1]}})
 
 
 def test_flips_move_a_marked_pixel_with_the_mask(reference):

@@ -5,7 +5,9 @@ Augmentations are configs as data. A spec is a mapping from albumentations class
 (the same transform may then appear twice). Containers (``OneOf``, ``SomeOf``, ``RandomOrder``, ``Sequential``,
 ``OneOrOther``) take their children as a nested spec under ``transforms:``, so random choices between whole
 pipelines are data too (``configs/augment/reference.yaml`` reproduces the authors' strong/weak augmentation).
-A crop transform whose ``size`` is left out gets ``(image_size, image_size)``.
+A crop transform whose ``size`` is left out gets ``(image_size, image_size)``. Besides albumentations' classes, a
+spec may name usclip's PIL-exact operations (``PilEqualize``, ``PilGaussianBlur``, ``PilSharpness``, see
+``usclip.data.pil_ops``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import albumentations as A
 import cv2
+
+from usclip.data.pil_ops import PIL_TRANSFORMS
 
 #: One augmentation spec as YAML data: ``{class name: kwargs}`` or ``[{class name: kwargs}, ...]``.
 AugmentationSpec = dict[str, Any] | list[dict[str, Any]]
@@ -97,12 +101,12 @@ def build_augmentations(
     transforms: list[A.BasicTransform | A.BaseCompose] = []
     for name, kwargs in _entries(spec or {}, where):
         here = f"{where}.{name}"
-        cls = getattr(A, name, None) if isinstance(name, str) else None
+        cls = (PIL_TRANSFORMS.get(name) or getattr(A, name, None)) if isinstance(name, str) else None
         if name in _NOT_NESTABLE or not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
             hint = " (nest pipelines with Sequential)" if name in _NOT_NESTABLE else ""
             raise ValueError(
                 f"{where}: {name!r} is not an albumentations transform or container{hint}; expected a class name "
-                "such as 'HorizontalFlip', 'OneOf' or 'Sequential'"
+                f"such as 'HorizontalFlip', 'OneOf' or 'Sequential', or one of usclip's {sorted(PIL_TRANSFORMS)}"
             )
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ValueError(f"{here}: expected a mapping of keyword arguments, got {kwargs!r}")
