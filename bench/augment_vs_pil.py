@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from usclip.data.imageio import read_image
+from usclip.data.pil_ops import PilEqualize, PilGaussianBlur, PilSharpness
 from usclip.data.synthetic import generate_sample
 
 
@@ -31,27 +32,49 @@ def _cases() -> list[tuple[str, Callable[[Image.Image], Image.Image], A.BasicTra
         return A.ColorJitter(**(args | kw), p=1.0)
 
     cases: list[tuple[str, Callable[[Image.Image], Image.Image], A.BasicTransform]] = [
-        ("autocontrast", ImageOps.autocontrast, A.AutoContrast(method="pil", p=1.0)),
+        ("autocontrast (method pil, used)", ImageOps.autocontrast, A.AutoContrast(method="pil", p=1.0)),
         ("equalize (mode cv)", ImageOps.equalize, A.Equalize(mode="cv", p=1.0)),
         ("equalize (mode pil)", ImageOps.equalize, A.Equalize(mode="pil", p=1.0)),
+        ("equalize (PilEqualize, used)", ImageOps.equalize, PilEqualize(p=1.0)),
     ]
     for s in (0.75, 1.0, 1.25):
         blur = A.GaussianBlur(blur_limit=0, sigma_limit=(s, s), p=1.0)
         cases.append((f"blur sigma {s}", lambda im, s=s: im.filter(ImageFilter.GaussianBlur(radius=s)), blur))
+    pil_blur = PilGaussianBlur(sigma_limit=(0.75, 0.75), p=1.0)
+    cases.append(
+        ("blur sigma 0.75 (PilGaussianBlur, used)", lambda im: im.filter(ImageFilter.GaussianBlur(0.75)), pil_blur)
+    )
     for v in (0.75, 1.25):
-        cases.append((f"contrast {v}", lambda im, v=v: ImageEnhance.Contrast(im).enhance(v), jitter(contrast=(v, v))))
         cases.append(
-            (f"brightness {v}", lambda im, v=v: ImageEnhance.Brightness(im).enhance(v), jitter(brightness=(v, v)))
+            (
+                f"contrast {v} (ColorJitter, used)",
+                lambda im, v=v: ImageEnhance.Contrast(im).enhance(v),
+                jitter(contrast=(v, v)),
+            )
+        )
+        cases.append(
+            (
+                f"brightness {v} (ColorJitter, used)",
+                lambda im, v=v: ImageEnhance.Brightness(im).enhance(v),
+                jitter(brightness=(v, v)),
+            )
         )
     for v in (1.1, 1.25):  # PIL's x + (v-1)(x - smooth(x)) is Sharpen's kernel at alpha = (v-1)/13, lightness 1
         a = (v - 1) / 13
         sharpen = A.Sharpen(alpha=(a, a), lightness=(1.0, 1.0), p=1.0)
-        cases.append((f"sharpness {v}", lambda im, v=v: ImageEnhance.Sharpness(im).enhance(v), sharpen))
+        cases.append((f"sharpness {v} (Sharpen)", lambda im, v=v: ImageEnhance.Sharpness(im).enhance(v), sharpen))
+    for v in (0.75, 1.25):
+        pil_sharp = PilSharpness(factor_limit=(v, v), p=1.0)
+        cases.append(
+            (f"sharpness {v} (PilSharpness, used)", lambda im, v=v: ImageEnhance.Sharpness(im).enhance(v), pil_sharp)
+        )
     for b in (4, 7):
-        cases.append((f"posterize {b} bits", lambda im, b=b: ImageOps.posterize(im, b), A.Posterize(num_bits=b, p=1)))
+        cases.append(
+            (f"posterize {b} bits (used)", lambda im, b=b: ImageOps.posterize(im, b), A.Posterize(num_bits=b, p=1))
+        )
     for t in (1, 128, 255):
         solarize = A.Solarize(threshold_range=(t / 255, t / 255), p=1.0)
-        cases.append((f"solarize {t}", lambda im, t=t: ImageOps.solarize(im, t), solarize))
+        cases.append((f"solarize {t} (used)", lambda im, t=t: ImageOps.solarize(im, t), solarize))
     return cases
 
 

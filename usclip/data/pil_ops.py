@@ -7,7 +7,8 @@ solarize, brightness exactly; contrast and autocontrast within 1-2 grey levels).
 - ``Equalize``: albumentations' ``mode="pil"`` counts each grey level's own pixels into its lookup value (PIL
   counts only the levels below it), and ``mode="cv"`` is OpenCV's formula; on BUSI both differ from
   ``ImageOps.equalize`` by up to 115 grey levels (mean 4-5, ``bench/augment_vs_pil.py``).
-- ``GaussianBlur``: PIL approximates the Gaussian with box blurs and extends edges; up to 13 grey levels apart.
+- ``GaussianBlur``: PIL approximates the Gaussian with box blurs and extends edges; on BUSI up to 34 grey levels
+  apart at the border and 9 inside.
 - ``Sharpen``: cannot blur (its ``alpha`` must be >= 0), while PIL's sharpness factor 0.75-1 blurs.
 
 These transforms call PIL itself on the uint8 image, so they equal the authors' operations by construction. They
