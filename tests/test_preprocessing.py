@@ -400,3 +400,20 @@ def test_reference_overlay_composes_and_trains_through_the_cli(tmp_path: Path):
     transform = cli.datamodule.train_dataloader().dataset.dataset.transform
     assert [type(t).__name__ for t in transform.transforms] == ["Resize", "Sequential"]
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize("base", ["busi_seg", "busi_cls"])
+@pytest.mark.parametrize("overlays", [["reference"], ["reference", "default"], ["reference", "none"]])
+def test_augment_overlays_compose_after_paper_configs(base: str, overlays: list[str], tmp_path: Path):
+    configs = [REPO / "configs" / f"{base}.yaml"] + [REPO / "configs" / "augment" / f"{o}.yaml" for o in overlays]
+    args = [a for c in configs for a in ("--config", str(c))]
+    args += ["--model.init_args.model_name=usclip-test-vit", "--model.init_args.layers=[1,2,3]"]
+    args += ["--model.init_args.pretrained=null", "--data.init_args.image_size=64"]
+    args += [f"--data.init_args.root={tmp_path}", f"--trainer.default_root_dir={tmp_path}"]
+    cli = main(args, run=False)
+    last = overlays[-1]
+    assert cli.model.hparams["normalization"] == ("clip" if last == "default" else "none")
+    assert cli.model.encoder_args["adapter"] == "mona"  # the paper config's adapter is kept
+    spec = cli.datamodule.augmentations
+    first = {"reference": "Sequential", "default": "HorizontalFlip", "none": None}[last]
+    assert (next(iter(spec[0])) if spec else None) == first  # a later overlay replaces the list, never merges
