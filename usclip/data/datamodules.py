@@ -33,7 +33,7 @@ from usclip.data.splits import (
     validate_split_files,
     write_splits,
 )
-from usclip.data.transforms import DEFAULT_AUGMENTATIONS, build_transform
+from usclip.data.transforms import DEFAULT_AUGMENTATIONS, AugmentationSpec, build_transform
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,10 @@ class BaseDataModule(L.LightningDataModule):
         split_seed: seed of the split (independent of the training seed).
         train_fraction: use only this seeded, label-stratified share of the training split (few-shot runs:
             0.01 ... 0.5); 1.0 uses all. The validation and test splits are unchanged.
-        augmentations: train-time albumentations as ``{class name: kwargs}``; ``{}`` switches them off.
+        augmentations: train-time albumentations as ``{class name: kwargs}`` or a list of such mappings;
+            containers (``OneOf``, ``RandomOrder``, ``Sequential``, ...) nest a spec under ``transforms``
+            (``configs/augment/reference.yaml``: the authors' strong/weak augmentation). ``{}`` switches them off;
+            ``null`` uses the defaults (``configs/augment/default.yaml``).
         label_names: class names in index order; inferred from ``labels.csv`` when ``None``.
         test_root: an external test set (same layouts) used for ``test`` instead of the held-out split; it is
             never split or trained on.
@@ -101,7 +104,7 @@ class BaseDataModule(L.LightningDataModule):
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         split_seed: int = 0,
         train_fraction: float = 1.0,
-        augmentations: dict[str, dict[str, Any]] | None = None,
+        augmentations: AugmentationSpec | None = None,
         label_names: list[str] | None = None,
         test_root: str | None = None,
         predict_root: str | None = None,
@@ -132,7 +135,8 @@ class BaseDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.augmentations = DEFAULT_AUGMENTATIONS if augmentations is None else augmentations
+        self.augmentations: AugmentationSpec = DEFAULT_AUGMENTATIONS if augmentations is None else augmentations
+        build_transform(image_size, self.augmentations)  # a bad spec fails here, naming the transform, not in a worker
         self.synthetic = synthetic
         self.seed = seed
         self.label_names = label_names

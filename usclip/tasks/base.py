@@ -25,6 +25,9 @@ from usclip.models.baselines import TimmEncoder, build_native_model
 
 log = logging.getLogger(__name__)
 
+#: input normalisations: the encoder's mean and std, or none (the authors' code)
+NORMALIZATIONS = ("clip", "none")
+
 
 class BaseTask(L.LightningModule):
     """Common training logic; subclasses define the head, the loss and the metrics.
@@ -49,6 +52,8 @@ class BaseTask(L.LightningModule):
             classification).
         num_classes: output classes (linked from the DataModule by the CLI).
         image_size: input side length (linked from the DataModule by the CLI).
+        normalization: ``clip`` feeds ``(x - mean) / std`` with the encoder's own mean and std (CLIP's, or the
+            ``timm`` / native model's); ``none`` feeds the ``[0, 1]`` images unchanged, as the authors' code does.
         embed_dim: width each selected block is projected to before fusion (512, CLIP ViT-B/16's embedding width).
         fusion: how projected block features are fused: ``concat`` (the paper) or ``sum``.
         lr: AdamW learning rate.
@@ -82,6 +87,7 @@ class BaseTask(L.LightningModule):
         head: Literal["paper", "native"] = "paper",
         num_classes: int = 2,
         image_size: int = 224,
+        normalization: Literal["clip", "none"] = "clip",
         embed_dim: int = 512,
         fusion: Literal["concat", "sum"] = "concat",
         lr: float = 1e-4,
@@ -96,6 +102,8 @@ class BaseTask(L.LightningModule):
             raise ValueError(
                 f"num_classes must be at least 2 (background/benign and lesion/malignant), got {num_classes}"
             )
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.save_hyperparameters()
         #: the :class:`CLIPEncoder` arguments among the hyperparameters
         self.encoder_args: dict[str, Any] = {
@@ -175,7 +183,9 @@ class BaseTask(L.LightningModule):
 
     # ----------------------------------------------------------------- forward
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise ``[0, 1]`` images with the encoder's mean and std."""
+        """Normalise ``[0, 1]`` images with the encoder's mean and std; unchanged with ``normalization: none``."""
+        if self.hparams.get("normalization", "clip") == "none":  # checkpoints from before the switch: clip
+            return images
         return (images - self.pixel_mean) / self.pixel_std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
