@@ -60,6 +60,7 @@ class BaseTask(L.LightningModule):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr: learning rate the cosine decays to (0; the authors' code: 1e-8, ``CosineAnnealingLR(eta_min)``).
         early_stopping_patience: stop after this many validation epochs without improvement; ``None`` never stops.
         save_frozen_backbone: store the frozen encoder weights in checkpoints. ``None`` (auto) stores them only for
             random initialisation (``pretrained: null``), which cannot be rebuilt; pretrained weights are reloaded from
@@ -94,6 +95,7 @@ class BaseTask(L.LightningModule):
         weight_decay: float = 1e-2,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 0,
+        min_lr: float = 0.0,
         early_stopping_patience: int | None = None,
         save_frozen_backbone: bool | None = None,
     ) -> None:
@@ -209,12 +211,16 @@ class BaseTask(L.LightningModule):
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.hparams["warmup_steps"], total - 1)
+        lr, min_lr = float(self.hparams["lr"]), float(self.hparams.get("min_lr", 0.0))
+        if not 0.0 <= min_lr <= lr:
+            raise ValueError(f"min_lr={min_lr} must be in [0, lr={lr}] (the cosine decays from lr to min_lr)")
+        floor = min_lr / lr if lr > 0 else 0.0
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

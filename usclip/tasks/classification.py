@@ -33,6 +33,9 @@ class ClassificationTask(BaseTask):
     Args:
         gamma: focal-loss focusing parameter (0 gives cross-entropy).
         alpha: focal-loss weight of the positive class for two classes; ``None`` weighs classes equally.
+        focal_activation: ``softmax`` over the classes (default) or ``sigmoid`` per class (MONAI's default, which
+            the authors' ``FocalLoss(to_onehot_y=True)`` uses).
+        best_by: validation metric that selects ``best.ckpt``: ``auc`` (default) or ``acc`` (the authors' code).
         metric_protocol: ``strict`` or ``authors``, recorded in ``results/test_metrics.json`` so that reports never
             mix protocols. The classification numbers are the same under both (the authors' binary torchmetrics
             over the whole test set, decisions at 0.5, are what this task computes; see ``docs/metrics.md``).
@@ -45,10 +48,21 @@ class ClassificationTask(BaseTask):
     monitor_mode: Literal["min", "max"] = "max"
 
     def __init__(
-        self, gamma: float = 2.0, alpha: float | None = None, metric_protocol: MetricProtocol = "strict", **kwargs: Any
+        self,
+        gamma: float = 2.0,
+        alpha: float | None = None,
+        focal_activation: Literal["softmax", "sigmoid"] = "softmax",
+        best_by: Literal["auc", "acc"] = "auc",
+        metric_protocol: MetricProtocol = "strict",
+        **kwargs: Any,
     ) -> None:
+        if focal_activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"focal_activation must be 'softmax' or 'sigmoid', got {focal_activation!r}")
+        if best_by not in ("auc", "acc"):
+            raise ValueError(f"best_by must be 'auc' or 'acc' (the validation metric of best.ckpt), got {best_by!r}")
         super().__init__(**kwargs)
         check_metric_protocol(metric_protocol)
+        self.monitor = f"val_{best_by}"
 
     def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
         return ClassificationHead(
@@ -59,7 +73,8 @@ class ClassificationTask(BaseTask):
         alpha = self.hparams["alpha"]
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (weight of the positive class) or null, got {alpha}")
-        self.criterion = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=self.hparams["gamma"], alpha=alpha)
+        softmax = self.hparams.get("focal_activation", "softmax") == "softmax"
+        self.criterion = FocalLoss(to_onehot_y=True, use_softmax=softmax, gamma=self.hparams["gamma"], alpha=alpha)
 
     def configure_metrics(self) -> None:  # noqa: D102
         metrics = build_classification_metrics(self.hparams["num_classes"])

@@ -35,6 +35,10 @@ class SegmentationTask(BaseTask):
     Args:
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the cross-entropy term.
+        dice_squared_pred: square the predictions in the Dice denominator (MONAI's ``squared_pred``; the authors'
+            code: ``true``).
+        dice_smooth: Dice smoothing added to numerator and denominator (MONAI's ``smooth_nr``/``smooth_dr``; 1e-5,
+            MONAI's default; the authors' code: 1e-8).
         num_overlays: test images written as overlay pictures.
         text_prompt: CLIPSeg's text prompt (``model_name: clipseg:...``): a dataset name (``busi``, ``ddti``,
             ``tn3k``, ``ln1``, ``ln2``, ``prostate``: the authors' prompt for it), an organ name or your own sentence.
@@ -55,6 +59,8 @@ class SegmentationTask(BaseTask):
         self,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        dice_squared_pred: bool = False,
+        dice_smooth: float = 1e-5,
         num_overlays: int = 8,
         text_prompt: str | None = None,
         metric_protocol: MetricProtocol = "strict",
@@ -78,6 +84,9 @@ class SegmentationTask(BaseTask):
             softmax=True,
             lambda_dice=self.hparams["lambda_dice"],
             lambda_ce=self.hparams["lambda_ce"],
+            squared_pred=bool(self.hparams.get("dice_squared_pred", False)),
+            smooth_nr=float(self.hparams.get("dice_smooth", 1e-5)),
+            smooth_dr=float(self.hparams.get("dice_smooth", 1e-5)),
         )
 
     def configure_metrics(self) -> None:  # noqa: D102
