@@ -52,6 +52,10 @@ def main(args: ArgsType = None, run: bool = True) -> UsclipCLI:
         from usclip.commands.report import main as report_main
 
         raise SystemExit(report_main(argv[1:]))
+    if isinstance(argv, list) and argv[:1] == ["sweep"]:
+        from usclip.commands.sweep import main as sweep_main
+
+        raise SystemExit(sweep_main(argv[1:]))
     if isinstance(argv, list) and argv[:1] == ["captions"]:
         from usclip.commands.captions import main as captions_main
 
