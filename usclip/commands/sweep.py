@@ -14,6 +14,7 @@ from pathlib import Path
 
 from usclip.reproduce import (
     ManifestError,
+    Run,
     RunFailedError,
     SweepPlan,
     dry_run_lines,
@@ -94,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
             known = {r.key: r for r in runs}
             if args.run not in known:
                 raise ManifestError(f"--run {args.run!r} is not a run of {args.manifest} (e.g. {next(iter(known))})")
-            selected, deps = [known[args.run]], []
+            selected, deps = [known[args.run]], list[Run]()
         else:
             selected, deps = select_runs(runs, args.only)
         if deps:
@@ -109,9 +110,7 @@ def main(argv: Sequence[str]) -> int:
                 f"{sorted({n for r in ordered for n in r.needs})} (a YAML file 'NAME: /path/to/folder')"
             )
         if args.launcher == "slurm":
-            files = write_slurm_scripts(
-                ordered, plan, args.slurm_out, args.manifest, args.datasets, args.sbatch_option
-            )
+            files = write_slurm_scripts(ordered, plan, args.slurm_out, args.manifest, args.datasets, args.sbatch_option)
             for path in files:
                 print(f"wrote {path}")
             print(f"submit with: bash {files[-1]}")
@@ -125,4 +124,3 @@ def main(argv: Sequence[str]) -> int:
         return 1
     print(", ".join(f"{k}: {len(v)}" for k, v in outcome.items()))
     return 0
-

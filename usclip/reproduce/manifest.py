@@ -161,7 +161,7 @@ def _subcommands(value: Any, where: str) -> list[str]:
     return subs
 
 
-def expand_runs(manifest: dict[str, Any], seeds: list[int] | None = None) -> list[Run]:  # noqa: C901
+def expand_runs(manifest: dict[str, Any], seeds: list[int] | None = None) -> list[Run]:
     """Every run of ``manifest`` (from :func:`load_manifest`) at every seed, in the manifest's order.
 
     Args:
@@ -310,7 +310,8 @@ def select_runs(runs: list[Run], only: list[str] | None) -> tuple[list[Run], lis
     for value in only:
         kinds = [k for k, get in fields.items() if any(value in get(r) for r in runs)]
         if not kinds:
-            valid = sorted({v for r in runs for k in ("table", "group", "dataset", "method") for v in fields[k](r) if v})
+            kinds_shown = ("table", "group", "dataset", "method")
+            valid = sorted({v for r in runs for k in kinds_shown for v in fields[k](r) if v})
             raise ManifestError(f"--only {value!r} matches no table, group, dataset, method or run; valid: {valid}")
         wanted.setdefault(kinds[0], set()).add(value)
     chosen = [r for r in runs if all(get_values & fields[k](r) for k, get_values in wanted.items())]

@@ -97,7 +97,8 @@ def build_commands(run: Run, plan: SweepPlan) -> list[list[str]]:
     for option, value in run.args.items():
         base += [option, _substitute(value, plan.datasets, run)]
     if run.adapter_from is not None:
-        base += ["--model.init_args.adapter_checkpoint", str(plan.run_dir(run.adapter_from) / "adapters" / "best.safetensors")]
+        adapters = plan.run_dir(run.adapter_from) / "adapters" / "best.safetensors"
+        base += ["--model.init_args.adapter_checkpoint", str(adapters)]
     base += [
         "--seed_everything",
         str(run.seed),
@@ -159,15 +160,18 @@ def _run_in_process(argv: list[str], log_file: Path) -> int:
     """Run ``usclip argv`` in this process, stdout/stderr into ``log_file``; returns an exit status."""
     from usclip.cli import main
 
-    with log_file.open("a", encoding="utf-8") as handle:
-        with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-            try:
-                main(argv)
-            except SystemExit as err:
-                return err.code if isinstance(err.code, int) else 1
-            except Exception:
-                traceback.print_exc(file=handle)
-                return 1
+    with (
+        log_file.open("a", encoding="utf-8") as handle,
+        contextlib.redirect_stdout(handle),
+        contextlib.redirect_stderr(handle),
+    ):
+        try:
+            main(argv)
+        except SystemExit as err:
+            return err.code if isinstance(err.code, int) else 1
+        except Exception:
+            traceback.print_exc(file=handle)
+            return 1
     return 0
 
 
@@ -360,7 +364,8 @@ def write_slurm_scripts(
         written.append(path)
     submit = [
         "#!/bin/bash",
-        "# Submit the sweep's job arrays in dependency order (written by usclip sweep --launcher slurm; never run by it).",
+        "# Submits the sweep's job arrays in dependency order (written by `usclip sweep --launcher slurm`, which",
+        "# never submits anything itself).",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
     ]
