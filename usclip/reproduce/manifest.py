@@ -122,9 +122,9 @@ def _args(value: Any, where: str) -> dict[str, str]:
     for option, arg in _mapping(value, where).items():
         if not str(option).startswith("--"):
             raise ManifestError(f"{where}: option {option!r} must start with '--' (e.g. --data.init_args.root)")
-        if isinstance(arg, (dict, list)) or arg is None:
-            raise ManifestError(f"{where}: {option} must be a string or a number, got {arg!r}")
-        out[str(option)] = str(arg).lower() if isinstance(arg, bool) else str(arg)
+        if isinstance(arg, (dict, list)):
+            raise ManifestError(f"{where}: {option} must be a string, a number or null, got {arg!r} (quote JSON)")
+        out[str(option)] = "null" if arg is None else str(arg).lower() if isinstance(arg, bool) else str(arg)
     return out
 
 
@@ -303,7 +303,7 @@ def select_runs(runs: list[Run], only: list[str] | None) -> tuple[list[Run], lis
         "table": lambda r: {r.table},
         "group": lambda r: {r.group},
         "dataset": lambda r: {r.dataset},
-        "method": lambda r: {r.method, r.slug},
+        "method": lambda r: {r.method, r.slug} if r.table else {r.method},  # prerequisites: by description
         "run": lambda r: {r.key},
     }
     wanted: dict[str, set[str]] = {}
