@@ -357,13 +357,18 @@ def _prepare(tmp_path: Path) -> None:
     write_synthetic_dataset(tmp_path / "B", num_samples=12, size=96, seed=1)
 
 
-def test_sweep_runs_the_tiny_manifest_end_to_end_and_skips_finished_runs(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "seeds", [pytest.param("1", id="one_seed"), pytest.param("1,2", id="two_seeds", marks=pytest.mark.slow)]
+)
+def test_sweep_runs_the_tiny_manifest_end_to_end_and_skips_finished_runs(tmp_path, capsys, seeds):
+    # 2 datasets x 3 methods (one "ft." behind a caption run, B an external test of the A model) x seeds
     _prepare(tmp_path)
-    assert _sweep(tmp_path, TINY) == 0
-    assert "ran: 14, done: 0, missing: 0, blocked: 0" in capsys.readouterr().out
+    n, last = len(seeds.split(",")), seeds.split(",")[-1]
+    assert _sweep(tmp_path, TINY, "--seeds", seeds) == 0
+    assert f"ran: {7 * n}, done: 0, missing: 0, blocked: 0" in capsys.readouterr().out
     runs = tmp_path / "runs"
     cells = sorted(p.parent.parent for p in runs.glob("table2/*/*/seed_*/results/test_metrics.json"))
-    assert len(cells) == 12
+    assert len(cells) == 6 * n
     by_cell: dict[tuple[str, str], list[float]] = {}
     for run_dir in cells:
         info = json.loads((run_dir / "sweep_run.json").read_text())
@@ -371,23 +376,27 @@ def test_sweep_runs_the_tiny_manifest_end_to_end_and_skips_finished_runs(tmp_pat
         assert (info["table"], info["group"], info["dataset"], f"seed_{info['seed']}") == (
             "table2", "segmentation", dataset, seed)  # fmt: skip
         assert slugify(info["method"]) == slug and info["manifest"] == str(TINY)
-        assert info["commands"][0][0] == "usclip"
+        assert [c[:2] for c in info["commands"]] == ([["usclip", "test"]] if dataset == "B" else
+                                                     [["usclip", "fit"], ["usclip", "test"]])  # fmt: skip
         metrics = json.loads((run_dir / "results" / "test_metrics.json").read_text())
-        by_cell.setdefault((info["method"], dataset), []).append(metrics["test_dice"])
+        assert 0.0 <= metrics["dice"] <= 1.0
+        # the external set is scored whole (12 images) with the A model of the same method and seed
+        held_out = (run_dir / "splits" / "test.txt").read_text().split() if dataset == "A" else range(12)
+        assert metrics["num_images"] == len(held_out) > 0
+        by_cell.setdefault((info["method"], dataset), []).append(metrics["dice"])
         assert (run_dir / "sweep.log").read_text().startswith("# ")
-    assert all(len(v) == 2 for v in by_cell.values()) and len(by_cell) == 6
-    # the external test set was scored with the A model of the same method and seed: all 12 B images
-    per_image = (runs / "table2/B/clip_mona_ft/seed_2/results/test_per_image.csv").read_text().splitlines()
-    assert len(per_image) == 1 + 12
-    ft = json.loads((runs / "table2/A/clip_mona_ft/seed_2/sweep_run.json").read_text())["commands"][0]
+    assert len(by_cell) == 6 and all(len(v) == n for v in by_cell.values())
+    ext = json.loads((runs / f"table2/B/clip_mona_ft/seed_{last}/sweep_run.json").read_text())["commands"][0]
+    assert ext[ext.index("--ckpt_path") + 1] == str(runs / f"table2/A/clip_mona_ft/seed_{last}/checkpoints/best.ckpt")
+    ft = json.loads((runs / f"table2/A/clip_mona_ft/seed_{last}/sweep_run.json").read_text())["commands"][0]
     assert ft[ft.index("--model.init_args.adapter_checkpoint") + 1] == str(
-        runs / "captions/clip_mona/seed_2/adapters/best.safetensors"
+        runs / f"captions/clip_mona/seed_{last}/adapters/best.safetensors"
     )
-    assert (runs / "captions/clip_mona/seed_1/adapters/best.safetensors").is_file()
+    assert (runs / f"captions/clip_mona/seed_{last}/adapters/best.safetensors").is_file()
     # started again: nothing reruns, no file changes
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
-    assert _sweep(tmp_path, TINY) == 0
-    assert "ran: 0, done: 14" in capsys.readouterr().out
+    assert _sweep(tmp_path, TINY, "--seeds", seeds) == 0
+    assert f"ran: 0, done: {7 * n}" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == stamps
 
 

@@ -165,6 +165,11 @@ def _run_in_process(argv: list[str], log_file: Path) -> int:
         contextlib.redirect_stdout(handle),
         contextlib.redirect_stderr(handle),
     ):
+        # log records too (handlers made earlier keep the old stderr): Lightning's loggers do not propagate
+        handler = logging.StreamHandler(handle)
+        loggers = [logging.getLogger(name) for name in ("", "lightning.pytorch", "lightning.fabric")]
+        for logger in loggers:
+            logger.addHandler(handler)
         try:
             main(argv)
         except SystemExit as err:
@@ -172,6 +177,9 @@ def _run_in_process(argv: list[str], log_file: Path) -> int:
         except Exception:
             traceback.print_exc(file=handle)
             return 1
+        finally:
+            for logger in loggers:
+                logger.removeHandler(handler)
     return 0
 
 
