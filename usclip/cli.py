@@ -1,8 +1,9 @@
 """The ``usclip`` command: a thin LightningCLI shell over the library (no logic, no defaults here).
 
 ``usclip fit|validate|test|predict --config configs/<name>.yaml``; the YAML's ``class_path`` picks the task and the
-DataModule (subclass mode for both, like torchgeo's CLI). ``usclip data ...`` (dataset tools) and ``usclip report ...``
-(result tables) are routed to ``usclip.commands`` before LightningCLI sees the arguments.
+DataModule (subclass mode for both, like torchgeo's CLI). ``usclip data ...`` (dataset tools), ``usclip report ...``
+(result tables) and ``usclip sweep ...`` (manifests of runs) are routed to ``usclip.commands`` before LightningCLI
+sees the arguments.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class UsclipCLI(LightningCLI):
 DATA_EPILOG = (
     "dataset tools: usclip data check ROOT | usclip data duplicates ROOT (see usclip data --help); "
     "result tables: usclip report RUN_DIR... (see usclip report --help); "
-    "captions: usclip captions refine IN.jsonl OUT.jsonl (see usclip captions --help)"
+    "captions: usclip captions refine IN.jsonl OUT.jsonl (see usclip captions --help); "
+    "the paper's experiments: usclip sweep paper --dry-run (see usclip sweep --help)"
 )
 
 
