@@ -313,6 +313,20 @@ def test_zero_shot_data_scores_the_test_split_or_every_image(tmp_path):
         ZeroShotDataModule(score_on="val", root=str(tmp_path / "d"))
 
 
+@pytest.mark.parametrize(("score_on", "expected"), [("test", 2), ("all", 24)])
+def test_usclip_test_zero_shot_scores_the_chosen_images(tmp_path, score_on, expected):
+    conf = REPO / "tests" / "conf" / "vision_language"
+    cli = main([
+        "test", "--config", str(conf / "zeroshot.yaml"), f"--model.init_args.prompts={conf / 'prompts_tiny.yaml'}",
+        "--data.class_path=usclip.data.ZeroShotDataModule", f"--data.init_args.score_on={score_on}",
+        f"--data.init_args.root={tmp_path / 'data'}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ])  # fmt: skip
+    metrics = json.loads((Path(cli.trainer.log_dir) / "results" / "test_metrics.json").read_text())
+    assert metrics["num_images"] == expected == len(cli.datamodule.splits["test"])
+    written = (Path(cli.trainer.log_dir) / "splits" / "test.txt").read_text().split()
+    assert len(written) == expected  # the run records which images it scored
+
+
 def test_zero_shot_configs_resolve_for_the_three_datasets():
     parser = _grab_parser()
     for name, prompts in (("ln1", "lymph_node"), ("ln2", "lymph_node"), ("busi", "breast")):

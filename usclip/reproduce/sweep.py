@@ -208,9 +208,15 @@ def execute_run(run: Run, plan: SweepPlan, in_process: bool = False) -> None:
     for i in range(_progress(run_dir), len(commands)):
         argv = commands[i][1:]
         resumed = argv[0] == "fit" and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if resumed:
             argv += ["--ckpt_path", "last"]
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        elif argv[0] == "fit" and (run_dir / "checkpoints").exists():
+            # killed before its first last.ckpt: a best.ckpt of that attempt would shadow the new run's (Lightning
+            # would write best-v1.ckpt), so the old checkpoints are moved aside, not deleted
+            stale = run_dir / f"checkpoints_stale_{stamp.replace(':', '')}"
+            (run_dir / "checkpoints").rename(stale)
+            log.warning("%s: no last.ckpt to resume from; moved the old checkpoints to %s", run.key, stale)
         with log_file.open("a", encoding="utf-8") as handle:
             handle.write(f"# {stamp} {'resume: ' if resumed else ''}{shlex.join(['usclip', *argv])}\n")
         log.info("%s: usclip %s%s", run.key, argv[0], " (resuming from last.ckpt)" if resumed else "")
