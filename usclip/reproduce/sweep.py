@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -156,10 +157,19 @@ def _record(run: Run, plan: SweepPlan, commands: list[list[str]]) -> None:
     write_text_atomic(plan.run_dir(run) / "sweep_run.json", json.dumps(info, indent=2) + "\n")
 
 
-def _run_in_process(argv: list[str], log_file: Path) -> int:
-    """Run ``usclip argv`` in this process, stdout/stderr into ``log_file``; returns an exit status."""
+def _run_in_process(argv: list[str], log_file: Path, cwd: Path) -> int:
+    """Run ``usclip argv`` in this process from ``cwd``, stdout/stderr into ``log_file``; returns an exit status."""
     from usclip.cli import main
 
+    previous = Path.cwd()
+    os.chdir(cwd)  # the manifest's config paths start at the config root, as in a subprocess
+    try:
+        return _main_logged(main, argv, log_file)
+    finally:
+        os.chdir(previous)
+
+
+def _main_logged(main: Callable[[list[str]], object], argv: list[str], log_file: Path) -> int:
     with (
         log_file.open("a", encoding="utf-8") as handle,
         contextlib.redirect_stdout(handle),
@@ -220,7 +230,8 @@ def execute_run(run: Run, plan: SweepPlan, in_process: bool = False) -> None:
         with log_file.open("a", encoding="utf-8") as handle:
             handle.write(f"# {stamp} {'resume: ' if resumed else ''}{shlex.join(['usclip', *argv])}\n")
         log.info("%s: usclip %s%s", run.key, argv[0], " (resuming from last.ckpt)" if resumed else "")
-        status = _run_in_process(argv, log_file) if in_process else _run_subprocess(argv, log_file, plan.config_root)
+        runner = _run_in_process if in_process else _run_subprocess
+        status = runner(argv, log_file, plan.config_root)
         if status != 0:
             raise RunFailedError(
                 f"run {run.key} ({run.method}, {run.dataset}, seed {run.seed}) failed: `usclip {argv[0]}` exited with "
