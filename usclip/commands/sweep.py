@@ -90,7 +90,8 @@ def main(argv: Sequence[str]) -> int:
         manifest = load_manifest(args.manifest)
         runs = expand_runs(manifest, args.seeds)
         datasets = load_datasets(args.datasets) if args.datasets is not None else None
-        plan = SweepPlan(args.runs_root.resolve(), datasets, args.config_root.resolve(), str(args.manifest))
+        manifest_ref = "paper" if args.manifest == "paper" else str(Path(args.manifest).resolve())
+        plan = SweepPlan(args.runs_root.resolve(), datasets, args.config_root.resolve(), manifest_ref)
         if args.run is not None:
             known = {r.key: r for r in runs}
             if args.run not in known:
@@ -110,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
                 f"{sorted({n for r in ordered for n in r.needs})} (a YAML file 'NAME: /path/to/folder')"
             )
         if args.launcher == "slurm":
-            files = write_slurm_scripts(ordered, plan, args.slurm_out, args.manifest, args.datasets, args.sbatch_option)
+            files = write_slurm_scripts(ordered, plan, args.slurm_out, manifest_ref, args.datasets, args.sbatch_option)
             for path in files:
                 print(f"wrote {path}")
             print(f"submit with: bash {files[-1]}")
