@@ -51,7 +51,8 @@ def count(kind: str, task_name: str, kwargs: dict[str, Any], batch: int = 2) -> 
     with torch.inference_mode(), (counter := flop_counter()):
         task(images)
     infer = counter.get_total_flops() / batch
-    return {"kind": kind, "train_gflop_per_image": round(train / 1e9, 1), "infer_gflop_per_image": round(infer / 1e9, 1)}
+    gflop = {"train_gflop_per_image": round(train / 1e9, 1), "infer_gflop_per_image": round(infer / 1e9, 1)}
+    return {"kind": kind, **gflop}
 
 
 def main() -> None:
