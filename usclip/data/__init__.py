@@ -10,9 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from usclip.data.captions import CaptionDataModule
-    from usclip.data.datamodules import BaseDataModule, ClassificationDataModule, SegmentationDataModule, SyntheticSpec
+    from usclip.data.datamodules import (
+        BaseDataModule,
+        ClassificationDataModule,
+        SegmentationDataModule,
+        SyntheticSpec,
+        ZeroShotDataModule,
+    )
 
-__all__ = ["BaseDataModule", "CaptionDataModule", "ClassificationDataModule", "SegmentationDataModule", "SyntheticSpec"]
+__all__ = [
+    "BaseDataModule",
+    "CaptionDataModule",
+    "ClassificationDataModule",
+    "SegmentationDataModule",
+    "SyntheticSpec",
+    "ZeroShotDataModule",
+]
 
 _LAZY = {
     "CaptionDataModule": "usclip.data.captions",
@@ -20,6 +33,7 @@ _LAZY = {
     "ClassificationDataModule": "usclip.data.datamodules",
     "SegmentationDataModule": "usclip.data.datamodules",
     "SyntheticSpec": "usclip.data.datamodules",
+    "ZeroShotDataModule": "usclip.data.datamodules",
 }
 
 

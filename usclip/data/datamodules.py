@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -334,3 +334,29 @@ class ClassificationDataModule(BaseDataModule):
     """Images with benign/malignant (or other) labels from ``labels.csv``."""
 
     requires_labels = True
+
+
+class ZeroShotDataModule(ClassificationDataModule):
+    """Labelled images for zero-shot scoring: the held-out test split (default) or every image of ``root``.
+
+    Args:
+        score_on: ``test`` scores the test split (the same 8:1:1 split as the supervised runs, so zero-shot and
+            supervised numbers come from the same images); ``all`` scores every image of ``root`` (train, val and
+            test: what the authors' zero-shot script does, and what the paper's Table 3 zero-shot numbers are
+            computed on). Nothing is trained either way; ``test_root`` (an external set) is always scored whole.
+        **kwargs: :class:`ClassificationDataModule` arguments.
+    """
+
+    def __init__(self, score_on: Literal["test", "all"] = "test", **kwargs: Any) -> None:
+        if score_on not in ("test", "all"):
+            raise ValueError(f"data.score_on must be 'test' or 'all', got {score_on!r}")
+        super().__init__(**kwargs)
+        self.score_on = score_on
+
+    def _make_splits(self) -> dict[str, list[str]]:
+        splits = super()._make_splits()
+        if self.score_on == "all":
+            assert self._index is not None
+            splits["test"] = list(self._index.ids)
+            log.info("data.score_on=all: scoring all %d images of %s", len(splits["test"]), self.root)
+        return splits

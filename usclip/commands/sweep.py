@@ -1,0 +1,127 @@
+"""``usclip sweep MANIFEST``: run (or print, or write SLURM scripts for) a manifest's experiments.
+
+``MANIFEST`` is a YAML path or ``paper`` (the packaged Tables 2 and 3). The logic lives in :mod:`usclip.reproduce`;
+docs/reproduce.md shows the whole path from datasets to tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from usclip.reproduce import (
+    ManifestError,
+    Run,
+    RunFailedError,
+    SweepPlan,
+    dry_run_lines,
+    expand_runs,
+    load_datasets,
+    load_manifest,
+    order_runs,
+    run_sweep,
+    select_runs,
+    write_slurm_scripts,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects integers like '1,2,3', got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``usclip sweep`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="usclip sweep",
+        description="Run a manifest of experiments (tables x methods x datasets x seeds); see docs/reproduce.md.",
+    )
+    parser.add_argument("manifest", help="manifest YAML, or 'paper' for the packaged Tables 2 and 3")
+    parser.add_argument("--datasets", type=Path, help="YAML: dataset name -> folder (e.g. 'BUSI: /data/BUSI')")
+    parser.add_argument("--runs-root", type=Path, default=Path("runs/paper"), help="run folders (runs/paper)")
+    parser.add_argument(
+        "--config-root", type=Path, default=Path("."), help="folder the manifest's config paths start from (.)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="keep runs of this table, group, dataset or method (repeatable; same kind: or, different kinds: and); "
+        "their dependencies are kept",
+    )
+    parser.add_argument("--seeds", type=_seeds, help="seeds instead of the manifest's, e.g. '1' or '1,2,3'")
+    parser.add_argument("--dry-run", action="store_true", help="print every command in dependency order; run nothing")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local", help="local runs or sbatch scripts")
+    parser.add_argument("--slurm-out", type=Path, help="folder for the sbatch scripts and submit.sh (--launcher slurm)")
+    parser.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="an #SBATCH line for every job, e.g. '--gres=gpu:1' or '--time=12:00:00' (repeatable)",
+    )
+    parser.add_argument("--run", metavar="KEY", help="run only this run (its folder under --runs-root); SLURM tasks")
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the usclip commands in this process (no subprocess per command)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also print the library's log messages")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``usclip sweep`` with ``argv`` (without the leading ``sweep``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.launcher == "slurm" and args.slurm_out is None:
+        parser.error("--launcher slurm needs --slurm-out DIR (the scripts are written there, never submitted)")
+    try:
+        manifest = load_manifest(args.manifest)
+        runs = expand_runs(manifest, args.seeds)
+        datasets = load_datasets(args.datasets) if args.datasets is not None else None
+        manifest_ref = "paper" if args.manifest == "paper" else str(Path(args.manifest).resolve())
+        plan = SweepPlan(args.runs_root.resolve(), datasets, args.config_root.resolve(), manifest_ref)
+        if args.run is not None:
+            known = {r.key: r for r in runs}
+            if args.run not in known:
+                raise ManifestError(f"--run {args.run!r} is not a run of {args.manifest} (e.g. {next(iter(known))})")
+            selected, deps = [known[args.run]], list[Run]()
+        else:
+            selected, deps = select_runs(runs, args.only)
+        if deps:
+            print(f"# {len(deps)} runs kept as dependencies of the selection: {[d.key for d in deps][:5]}...")
+        ordered = order_runs(deps + selected)
+        if args.dry_run:
+            print("\n".join(dry_run_lines(ordered, plan, deps)))
+            return 0
+        if plan.datasets is None and any(r.needs for r in ordered):
+            raise ManifestError(
+                "--datasets is required to run: the runs read "
+                f"{sorted({n for r in ordered for n in r.needs})} (a YAML file 'NAME: /path/to/folder')"
+            )
+        if args.launcher == "slurm":
+            files = write_slurm_scripts(ordered, plan, args.slurm_out, manifest_ref, args.datasets, args.sbatch_option)
+            for path in files:
+                print(f"wrote {path}")
+            print(f"submit with: bash {files[-1]}")
+            return 0
+        outcome = run_sweep(ordered, plan, args.in_process, known={r.key: r for r in runs})
+    except (FileNotFoundError, ManifestError) as err:
+        print(f"usclip sweep: {err}", file=sys.stderr)
+        return 2
+    except RunFailedError as err:
+        print(f"usclip sweep: {err}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{k}: {len(v)}" for k, v in outcome.items()))
+    return 0

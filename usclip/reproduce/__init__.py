@@ -1,0 +1,48 @@
+"""Reproduce the paper: its experiments as a manifest (``paper.yaml``) and ``usclip sweep`` to run them.
+
+See docs/reproduce.md for the datasets, the commands and the time each experiment takes.
+"""
+
+from usclip.reproduce.manifest import (
+    PAPER_MANIFEST,
+    ManifestError,
+    Run,
+    expand_runs,
+    load_datasets,
+    load_manifest,
+    order_runs,
+    select_runs,
+    slugify,
+)
+from usclip.reproduce.sweep import (
+    RunFailedError,
+    SweepPlan,
+    build_commands,
+    dry_run_lines,
+    execute_run,
+    is_done,
+    missing_configs,
+    run_sweep,
+    write_slurm_scripts,
+)
+
+__all__ = [
+    "PAPER_MANIFEST",
+    "ManifestError",
+    "Run",
+    "RunFailedError",
+    "SweepPlan",
+    "build_commands",
+    "dry_run_lines",
+    "execute_run",
+    "expand_runs",
+    "is_done",
+    "load_datasets",
+    "load_manifest",
+    "missing_configs",
+    "order_runs",
+    "run_sweep",
+    "select_runs",
+    "slugify",
+    "write_slurm_scripts",
+]
