@@ -239,6 +239,10 @@ def expand_runs(manifest: dict[str, Any], seeds: list[int] | None = None) -> lis
                             **common,
                             **_args(dspec.get("args"), f"{dat}.args"),
                             **_args(mspec.get("args"), f"{mat}.args"),
+                            **_args(
+                                _mapping(mspec.get("dataset_args") or {}, f"{mat}.dataset_args").get(dataset),
+                                f"{mat}.dataset_args[{dataset!r}]",
+                            ),
                         },
                         subcommands=["test"] if external is not None else subs,
                         reference=bool(mspec.get("reference", False)),
