@@ -348,6 +348,27 @@ def _load_visual(visual: nn.Module, state: dict[str, torch.Tensor], source: str 
     visual.load_state_dict(visual_state, strict=True)
 
 
+def _build_tower(embed_dim: int, vision_cfg: dict[str, Any], quick_gelu: bool, empty: bool) -> nn.Module:
+    """open_clip's vision tower; ``empty=True`` skips the random initialisation that loaded weights overwrite.
+
+    The tower is then built on the meta device and given uninitialised CPU storage (``to_empty``): every tensor is
+    a parameter or persistent buffer that the strict load fills (:func:`_check_keys` refuses a partial file). A
+    tower with non-persistent buffers, which no file fills, or one whose constructor needs real tensors, is built
+    normally. Random initialisation of ViT-B/16 takes seconds on a small CPU; the meta build a fraction of one.
+    """
+    if empty:
+        try:
+            with torch.device("meta"):
+                visual = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
+        except Exception:  # a constructor that reads tensor values (.item()) cannot run on meta
+            log.debug("vision tower cannot be built on the meta device; initialising it normally", exc_info=True)
+        else:
+            persistent = set(visual.state_dict())
+            if all(name in persistent for name, _ in visual.named_buffers()):
+                return visual.to_empty(device="cpu")
+    return _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
+
+
 class CLIPEncoder(nn.Module):
     """Frozen CLIP vision tower with optional adapters, returning the patch features of selected blocks.
 
@@ -417,7 +438,7 @@ class CLIPEncoder(nn.Module):
                 _load_full_model(model, state, source)
             visual = model.visual
         else:
-            visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
+            visual = _build_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu, empty=state is not None)
             if state is not None:
                 _load_visual(visual, state, source)
         if is_timm and image_size is not None:
