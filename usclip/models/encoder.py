@@ -65,6 +65,15 @@ KNOWN_WEIGHT_FILES: dict[str, str] = {
         "UniMed-CLIP ViT-B/16 (use model_name ViT-B-16-quickgelu): download unimed_clip_vit_b16.pt from the link in "
         "the README of https://github.com/mbzuai-oryx/UniMed-CLIP and save it at that path"
     ),
+    # the authors' ckpt/ folder (github.com/jinggqu/NextGen-UIA, ckpt/README.md)
+    "ViT-B-16.pt": (
+        "OpenAI CLIP ViT-B/16 as OpenAI distributed it (a TorchScript archive: it needs allow_unsafe_torchscript); "
+        "pretrained: openai loads the same weights as safetensors from the Hugging Face Hub instead"
+    ),
+    "dinov2_vitb14_pretrain.pth": (
+        "DINOv2 ViT-B/14; configs/baselines/dinov2.yaml loads the same weights through timm "
+        "(model_name timm:vit_base_patch14_dinov2, pretrained lvd142m)"
+    ),
 }
 # Non-weight entries of OpenAI's TorchScript state dicts (and open_clip's non-persistent causal mask).
 _TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
