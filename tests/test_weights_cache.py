@@ -254,11 +254,7 @@ def test_tag_resolves_to_its_repo_and_file(cache: Cache, vitb16_file, model_name
     assert quick_gelu is True and preprocess["mean"] == open_clip.OPENAI_DATASET_MEAN
 
 
-#: loading ViT-B/16 twice costs ~10 s on a loaded 2-core CPU: MetaCLIP's full load runs with -m slow (its file is
-#: the same bytes; test_tag_resolves_to_its_repo_and_file checks it is found in its own repo)
-@pytest.mark.parametrize(
-    ("model_name", "tag", "repo"), [TAGS[0], pytest.param(*TAGS[1], marks=pytest.mark.slow, id="metaclip")]
-)
+@pytest.mark.parametrize(("model_name", "tag", "repo"), TAGS)
 def test_tag_resolves_to_the_cached_file_loads_strictly_and_gives_its_features(
     cache: Cache, vitb16_file: dict[str, torch.Tensor], model_name: str, tag: str, repo: str
 ):
@@ -326,9 +322,8 @@ def test_hf_hub_tokenizer_files_come_from_the_cache(cache: Cache, biomedclip_fil
     assert tokens[0, :10].tolist() == [5, 8, 9, 10, 11, 13, 12, 16, 6, 0]  # [CLS] a hypo ##echo ##ic ... [SEP] [PAD]
 
 
-@pytest.mark.slow
 def test_hf_hub_whole_model_loads_strictly_with_its_text_tower(cache: Cache, biomedclip_file):
-    """keep_text builds BiomedCLIP with its BERT from the cached config and loads every tensor (timm init: slow)."""
+    """keep_text builds BiomedCLIP with its BERT from the cached config and loads every tensor."""
     enc = CLIPEncoder(BIOMEDCLIP, pretrained=BIOMEDCLIP, layers=LAYERS, keep_text=True).eval()
     for key, value in enc.text_model.state_dict().items():
         torch.testing.assert_close(value, biomedclip_file[key].float(), rtol=0, atol=0, msg=key)
