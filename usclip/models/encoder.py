@@ -96,11 +96,11 @@ def _hf_cache_note() -> str:
     if constants.is_offline_mode():
         return (
             f"HF_HUB_OFFLINE is set, so nothing is downloaded and the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-            "must already hold it"
+            "must already hold the files"
         )
     return (
         f"it is downloaded once into the Hugging Face cache ({constants.HF_HUB_CACHE}); without network access "
-        "that cache must already hold it"
+        "that cache must already hold the files"
     )
 
 
