@@ -11,7 +11,7 @@ from usclip.tasks import ClassificationTask, SegmentationTask
 
 def test_timm_vit_encoder_under_paper_head():
     # timm's tiny test ViT stands in for DINOv2 ViT-B/14 (same class, same forward_intermediates contract)
-    task = SegmentationTask(model_name="timm:test_vit", layers=[0, 1], image_size=64, embed_dim=8)
+    task = SegmentationTask(model_name="timm:test_vit", pretrained=None, layers=[0, 1], image_size=64, embed_dim=8)
     assert isinstance(task.encoder, TimmEncoder)
     x = torch.rand(2, 3, 64, 64)
     assert task(x).shape == (2, 2, 64, 64)
@@ -28,10 +28,10 @@ def test_timm_cnn_stages_are_brought_to_one_grid():
 
 
 def test_native_models_train_fully():
-    seg = SegmentationTask(model_name="smp:Unet/resnet18", head="native", image_size=64)
+    seg = SegmentationTask(model_name="smp:Unet/resnet18", pretrained=None, head="native", image_size=64)
     assert seg(torch.rand(2, 3, 64, 64)).shape == (2, 2, 64, 64)
     assert all(p.requires_grad for p in seg.parameters())
-    cls = ClassificationTask(model_name="timm:resnet18", head="native", num_classes=3, image_size=64)
+    cls = ClassificationTask(model_name="timm:resnet18", pretrained=None, head="native", num_classes=3, image_size=64)
     assert cls(torch.rand(2, 3, 64, 64)).shape == (2, 3)
 
 
@@ -56,4 +56,4 @@ def test_native_model_loads_local_weights(tmp_path):
 )
 def test_baseline_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SegmentationTask(image_size=64, **kwargs)
+        SegmentationTask(image_size=64, pretrained=None, **kwargs)

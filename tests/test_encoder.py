@@ -23,8 +23,8 @@ from usclip.adapters import (
     merge_adapters,
     save_adapters,
 )
-from usclip.models import CLIPEncoder
-from usclip.models.encoder import is_torchscript_archive, load_checkpoint_file
+from usclip.models import CLIPEncoder, PretrainedWeightsError
+from usclip.models.encoder import _build_tower, is_torchscript_archive, load_checkpoint_file
 
 TINY = "usclip-test-vit"
 TIMM = "usclip-test-timm-vit"
@@ -127,6 +127,10 @@ def test_only_adapters_trainable_and_adapter_state_dict():
         ({"layers": ()}, ValueError, "must be block indices"),
         ({"model_name": "ViT-Nope"}, ValueError, "model_name='ViT-Nope' is not an open_clip model config"),
         ({"pretrained": "no_such_tag"}, ValueError, "neither an existing file nor a pretrained tag"),
+        ({"pretrained": "missing/w.safetensors"}, PretrainedWeightsError, r"'missing/w.safetensors' does not exist"),
+        ({"pretrained": "w.pt"}, PretrainedWeightsError, r"'w.pt' does not exist \(resolved to /"),
+        ({"pretrained": ""}, ValueError, "pretrained='' is empty"),
+        ({"model_name": "hf-hub:org/a", "pretrained": "hf-hub:org/b"}, ValueError, "two different Hub models"),
         ({"adapter_kwargs": {"r": 4}}, ValueError, "without an adapter"),
         ({"model_name": "RN50"}, ValueError, "ModifiedResNet vision tower"),
     ],
@@ -199,8 +203,29 @@ def test_tags_resolve_quick_gelu_without_download(monkeypatch, tmp_path):
 
 
 def test_offline_tag_download_fails_with_a_hint():
-    with pytest.raises(RuntimeError, match="could not fetch the 'ViT-B-16' 'openai' weights"):
+    with pytest.raises(PretrainedWeightsError) as err:  # a RuntimeError: callers catching that still do
         CLIPEncoder("ViT-B-16", pretrained="openai")
+    msg = str(err.value)
+    assert "could not fetch the 'ViT-B-16' 'openai' weights" in msg
+    assert "'timm/vit_base_patch16_clip_224.openai'" in msg and "'open_clip_model.safetensors'" in msg
+    assert "HF_HUB_OFFLINE is set" in msg and "local weights file" in msg
+
+
+def test_tower_for_loaded_weights_skips_random_init_only_when_safe(monkeypatch):
+    cfg = open_clip.get_model_config(TINY)
+    empty = _build_tower(cfg["embed_dim"], copy.deepcopy(cfg["vision_cfg"]), False, empty=True)
+    assert all(p.device.type == "cpu" for p in empty.parameters())
+    assert [k for k, _ in empty.named_parameters()] == [k for k, _ in _clip(TINY).visual.named_parameters()]
+
+    class WithBuffer(nn.Module):  # a non-persistent buffer: no file fills it, so to_empty would leave garbage
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(3.0), persistent=False)
+
+    monkeypatch.setattr(encoder_module, "_build_vision_tower", lambda *a, **k: WithBuffer())
+    built = _build_tower(0, {}, False, empty=True)
+    assert torch.equal(built.table, torch.arange(3.0))
 
 
 @pytest.mark.slow

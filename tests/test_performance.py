@@ -76,6 +76,7 @@ def test_compile_encoder_keeps_state_dict_and_outputs(monkeypatch):
         return real_compile(module, backend="eager")  # inductor would take minutes; the wiring is what is tested
 
     kwargs = {"model_name": "usclip-test-vit", "layers": [1, 3], "adapter": "mona", "image_size": 64}
+    kwargs["pretrained"] = None  # random weights, written out (BaseTask has no default)
     torch.manual_seed(0)
     plain = SegmentationTask(**kwargs).eval()
     monkeypatch.setattr(torch, "compile", eager_compile)

@@ -4,8 +4,8 @@ Importing this package registers usclip's extra open_clip model configs (``uscli
 ``usclip-demo-vit``) with ``open_clip.add_model_config``.
 """
 
-from usclip.models.encoder import CLIPEncoder, register_model_configs
+from usclip.models.encoder import CLIPEncoder, PretrainedWeightsError, register_model_configs
 
 register_model_configs()
 
-__all__ = ["CLIPEncoder", "register_model_configs"]
+__all__ = ["CLIPEncoder", "PretrainedWeightsError", "register_model_configs"]

@@ -22,11 +22,15 @@ from torch import nn
 from usclip.callbacks import AtomicCheckpoints, FiniteLossGuard, OutOfMemoryAdvice, SeedEachEpoch
 from usclip.models import CLIPEncoder
 from usclip.models.baselines import TimmEncoder, build_native_model
+from usclip.models.encoder import check_weights_file
 
 log = logging.getLogger(__name__)
 
 #: input normalisations: the encoder's mean and std, or none (the authors' code)
 NORMALIZATIONS = ("clip", "none")
+
+#: the default of ``BaseTask(pretrained=...)``: not a value, an error asking for one (``null`` means random weights)
+PRETRAINED_REQUIRED = "<required: an open_clip tag, a weights file, an hf-hub: id, or null for random weights>"
 
 
 class BaseTask(L.LightningModule):
@@ -34,8 +38,10 @@ class BaseTask(L.LightningModule):
 
     Args:
         model_name: open_clip model config (``ViT-B-16``) or ``hf-hub:org/repo``.
-        pretrained: open_clip tag (``openai``, ``metaclip_400m``), a local checkpoint file, an ``hf-hub:`` id, or
-            ``null`` for random weights.
+        pretrained: required (the default is an error). An open_clip tag (``openai``, ``metaclip_400m``), a local
+            checkpoint file, an ``hf-hub:`` id, or ``null`` for random weights, written out: a config that forgets it
+            stops instead of training a random encoder. Weights that cannot be found, fetched or loaded stop with one
+            error saying where to get them.
         layers: 0-based encoder blocks whose patch features feed the head (the paper: 3, 6, 9).
         adapter: ``mona``, ``lora`` or ``null`` (frozen encoder, head only).
         adapter_kwargs: fields of the adapter's config (:class:`usclip.adapters.MonaConfig` /
@@ -76,7 +82,7 @@ class BaseTask(L.LightningModule):
     def __init__(
         self,
         model_name: str = "ViT-B-16",
-        pretrained: str | None = None,
+        pretrained: str | None = PRETRAINED_REQUIRED,
         layers: list[int] | tuple[int, ...] = (3, 6, 9),
         adapter: Literal["mona", "lora"] | None = None,
         adapter_kwargs: dict[str, Any] | None = None,
@@ -106,6 +112,13 @@ class BaseTask(L.LightningModule):
             )
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if pretrained == PRETRAINED_REQUIRED:
+            raise ValueError(
+                "pretrained is required and was not given (model.init_args.pretrained in a config): write an "
+                "open_clip tag (openai), a weights file, an hf-hub: id, or null for random weights. There is no "
+                "default, so that a config that forgets it does not train a random encoder without saying so."
+            )
+        check_weights_file(pretrained, model_name)
         self.save_hyperparameters()
         #: the :class:`CLIPEncoder` arguments among the hyperparameters
         self.encoder_args: dict[str, Any] = {
