@@ -66,6 +66,24 @@ def test_class_embeddings_average_normalised_prompt_embeddings():
     assert float(enc.logit_scale.exp()) == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's initial logit scale
 
 
+def test_similarity_averaging_is_the_mean_of_scaled_cosines_over_prompts():
+    """The authors' scoring: mean over a class's prompts of scale * cos(image, prompt), not renormalised."""
+    clf = _classifier(class_names=["benign", "malignant"], prompt_averaging="similarity")
+    images = torch.rand(3, 3, 64, 64)
+    enc = clf.encoder
+    img = F.normalize(enc.encode_image((images - clf.pixel_mean) / clf.pixel_std, normalize=False), dim=-1)
+    scale = enc.logit_scale.exp()
+    expected = []
+    for name in ("benign", "malignant"):
+        e = F.normalize(enc.encode_text(clf.tokenizer(read_prompts(TINY_PROMPTS)[name]), normalize=False), dim=-1)
+        expected.append((scale * img @ e.T).mean(1))  # (B,) mean over the two prompts
+    torch.testing.assert_close(clf(images), torch.stack(expected, 1))
+    default = _classifier(class_names=["benign", "malignant"])(images)
+    assert not torch.allclose(default, clf(images))  # the class embeddings' norms differ from 1
+    with pytest.raises(ValueError, match="prompt_averaging must be 'embedding' or 'similarity', got 'max'"):
+        _classifier(prompt_averaging="max")
+
+
 def test_class_order_follows_the_label_names():
     images = torch.rand(2, 3, 64, 64)
     a = _classifier(class_names=["benign", "malignant"])(images)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -80,9 +80,14 @@ def count_tokens(tokenizer: Any, text: str) -> int | None:
     return None
 
 
-def class_embedding(text_embeddings: torch.Tensor) -> torch.Tensor:
-    """One class embedding ``(D,)`` from its prompts' embeddings ``(P, D)``: normalise, average, renormalise."""
-    return F.normalize(F.normalize(text_embeddings, dim=-1).mean(0), dim=-1)
+def class_embedding(text_embeddings: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    """One class embedding ``(D,)`` from its prompts' embeddings ``(P, D)``: normalise, average, renormalise.
+
+    With ``renormalize=False`` the average of the unit prompt embeddings is kept as it is, so that
+    ``image @ embedding`` is the mean over the prompts of the cosine similarities (the authors' scoring).
+    """
+    mean = F.normalize(text_embeddings, dim=-1).mean(0)
+    return F.normalize(mean, dim=-1) if renormalize else mean
 
 
 class ZeroShotClassifier(ClassificationTask):
@@ -94,6 +99,11 @@ class ZeroShotClassifier(ClassificationTask):
             DataModule's, or the YAML's order.
         text_adapter_checkpoint: text LoRA file from caption fine-tuning with ``text_adapter: lora``
             (``adapters/text_best.safetensors``).
+        prompt_averaging: how several prompts of a class combine: ``embedding`` (default: the renormalised mean
+            of the unit prompt embeddings, CLIP's prompt ensembling) or ``similarity`` (the mean over prompts of
+            the scaled cosine similarities, no renormalisation: the authors' ``clip_cls_zero_shot.py``). With one
+            prompt per class both give the same logits; with several, the classes' mean embeddings have different
+            norms, so predictions and AUC can differ.
         **kwargs: :class:`~usclip.tasks.BaseTask` arguments; used: ``model_name``, ``pretrained``,
             ``adapter_checkpoint`` (visual adapters, e.g. ``adapters/best.safetensors``), ``quick_gelu``,
             ``allow_unsafe_torchscript``, ``image_size``, ``num_classes`` (linked from the data), ``layers``
@@ -107,8 +117,11 @@ class ZeroShotClassifier(ClassificationTask):
         prompts: str = "breast",
         class_names: list[str] | None = None,
         text_adapter_checkpoint: str | None = None,
+        prompt_averaging: Literal["embedding", "similarity"] = "embedding",
         **kwargs: Any,
     ) -> None:
+        if prompt_averaging not in ("embedding", "similarity"):
+            raise ValueError(f"prompt_averaging must be 'embedding' or 'similarity', got {prompt_averaging!r}")
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:
@@ -163,7 +176,8 @@ class ZeroShotClassifier(ClassificationTask):
         rows = []
         for name in labels:
             tokens = self.tokenizer(self.prompts[by_lower[name.lower()]]).to(self.pixel_mean.device)
-            rows.append(class_embedding(self.encoder.encode_text(tokens, normalize=False).float()))
+            renormalize = self.hparams.get("prompt_averaging", "embedding") == "embedding"
+            rows.append(class_embedding(self.encoder.encode_text(tokens, normalize=False).float(), renormalize))
         self.class_embeddings = torch.stack(rows)  # (K, D)
         self.class_order = labels
         log.info("zero-shot classes %s from %s", labels, self.hparams["prompts"])
