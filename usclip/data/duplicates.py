@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from usclip._io import atomic_path, write_text_atomic
+from usclip._io import atomic_path, write_csv_atomic
 from usclip.data.crop import find_scan_box
 from usclip.data.imageio import read_image
 
@@ -160,7 +160,7 @@ def write_groups_csv(groups: Mapping[str, str], path: str | Path, overwrite: boo
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    write_text_atomic(path, "id,group\n" + "".join(f"{i},{g}\n" for i, g in sorted(groups.items())))
+    write_csv_atomic(path, ["id", "group"], sorted(groups.items()))
     return path
 
 

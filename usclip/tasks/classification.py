@@ -12,7 +12,7 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
-from usclip._io import atomic_path, write_text_atomic
+from usclip._io import atomic_path, write_csv_atomic, write_text_atomic
 from usclip.metrics import MetricProtocol, build_classification_metrics, check_metric_protocol, roc_curve
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
@@ -125,8 +125,7 @@ class ClassificationTask(BaseTask):
         if out is None or not self.trainer.is_global_zero:
             return
         header = ["id", "label", *self._probability_columns()]
-        lines = [",".join(header)] + [",".join(str(v) for v in row) for row in self._test_rows]
-        write_text_atomic(out / "results" / "test_predictions.csv", "\n".join(lines) + "\n")
+        write_csv_atomic(out / "results" / "test_predictions.csv", header, self._test_rows)
         summary: dict[str, float | int | str] = {k.removeprefix("test_"): v for k, v in values.items()}
         protocol = self.hparams.get("metric_protocol", "strict")
         summary |= {"num_images": len(self._test_rows), "metric_protocol": protocol}
@@ -143,9 +142,8 @@ class ClassificationTask(BaseTask):
         labels = torch.tensor([row[1] for row in self._test_rows])
         probs = torch.tensor([row[2:] for row in self._test_rows], dtype=torch.float32)
         matrix = confusion_matrix(labels.numpy(), probs.argmax(1).numpy(), num_classes)
-        lines = ["true\\predicted," + ",".join(names)]
-        lines += [",".join([names[i], *(str(int(v)) for v in matrix[i])]) for i in range(num_classes)]
-        write_text_atomic(results / "test_confusion_matrix.csv", "\n".join(lines) + "\n")
+        rows = [[names[i], *(int(v) for v in matrix[i])] for i in range(num_classes)]
+        write_csv_atomic(results / "test_confusion_matrix.csv", ["true\\predicted", *names], rows)
         save_png(draw_confusion_matrix(matrix, names), results / "test_confusion_matrix.png")
         if len(labels.unique()) < 2:  # a ROC curve needs both positives and negatives
             log.warning("test set has a single class: no ROC curve written")
