@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("usclip.commands.report", "tables of many runs over seeds, as in the paper (Markdown, CSV)"),
     "captions": ("usclip.commands.captions", "refine report captions with an LLM to CLIP's 77 tokens"),
     "sweep": ("usclip.commands.sweep", "run the paper's experiments from a manifest (or write SLURM scripts)"),
+    "configs": ("usclip.commands.configs", "list the configs shipped in the package (usable as --config NAME)"),
 }
 
 HELP = f"""usage: usclip [-h] [--version] SUBCOMMAND ...
@@ -117,6 +118,12 @@ def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI:
         print(HELP, end="")
         raise SystemExit(0 if first else 2)
     from usclip.lightning_cli import run_lightning_cli
+    from usclip.packaged_configs import resolve_config
+
+    if args is not None:
+        args = _with_packaged_configs(list(args), resolve_config)
+    elif (resolved := _with_packaged_configs(argv, resolve_config)) != argv:
+        sys.argv[1:] = resolved  # LightningCLI reads sys.argv itself when args is None
 
     if os.environ.get("USCLIP_DEBUG", "") not in ("", "0"):
         return run_lightning_cli(args, run=run)
@@ -130,6 +137,17 @@ def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI:
         print(f"usclip: error: {configuration_error_message(err)}", file=sys.stderr)
         print("(the full message: rerun with USCLIP_DEBUG=1)", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _with_packaged_configs(argv: list[str], resolve: Callable[[str], str]) -> list[str]:
+    """``--config NAME`` / ``--config=NAME`` point to the packaged config when ``NAME`` is not a file here."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve(arg.removeprefix("--config="))
+    return out
 
 
 def _is_configuration_error(err: BaseException) -> bool:

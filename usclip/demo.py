@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from usclip._io import write_text_atomic
 from usclip.cli import main as cli_main
+from usclip.packaged_configs import resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def run_demo(config: str | Path = "configs/demo.yaml", overrides: Sequence[str] 
     Raises:
         FileNotFoundError: if ``config`` does not exist.
     """
-    config = Path(config)
+    config = Path(resolve_config(str(config)))  # the packaged demo.yaml outside the repository
     if not config.is_file():
         raise FileNotFoundError(f"demo config {config} not found; run from the repository root or pass --config")
     start = time.perf_counter()

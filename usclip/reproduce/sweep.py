@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usclip._io import write_text_atomic
+from usclip.packaged_configs import resolve_config
 from usclip.reproduce.manifest import PLACEHOLDER, ManifestError, Run
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def build_commands(run: Run, plan: SweepPlan) -> list[list[str]]:
 
 def missing_configs(run: Run, plan: SweepPlan) -> list[str]:
     """Config files of ``run`` that do not exist under the config root."""
-    return [c for c in run.configs if not (plan.config_root / c).is_file()]
+    return [c for c in run.configs if not Path(plan.config_root, resolve_config(c, plan.config_root)).is_file()]
 
 
 def _progress(run_dir: Path) -> int:
