@@ -119,6 +119,7 @@ def test_fixed_temperature_is_not_trained():
     ("kwargs", "match"),
     [
         ({"temperature": 0.0}, "temperature must be"),
+        ({"temperature": "learned"}, "temperature must be .* .pretrained."),
         ({"context_length": 77}, r"context_length must be in \[1, 16\]"),  # the tiny text tower reads 16 tokens
         ({"text_adapter_kwargs": {"r": 2}}, "without text_adapter"),
         ({"text_adapter": "mona"}, "text_adapter must be 'lora'"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from usclip.data.captions import CaptionDataModule
+    from usclip.data.captions import CaptionDataModule, CaptionSource
     from usclip.data.datamodules import (
         BaseDataModule,
         ClassificationDataModule,
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BaseDataModule",
     "CaptionDataModule",
+    "CaptionSource",
     "ClassificationDataModule",
     "SegmentationDataModule",
     "SyntheticSpec",
@@ -29,6 +30,7 @@ __all__ = [
 
 _LAZY = {
     "CaptionDataModule": "usclip.data.captions",
+    "CaptionSource": "usclip.data.captions",
     "BaseDataModule": "usclip.data.datamodules",
     "ClassificationDataModule": "usclip.data.datamodules",
     "SegmentationDataModule": "usclip.data.datamodules",

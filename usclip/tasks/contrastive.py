@@ -3,7 +3,15 @@
 The whole CLIP model is kept (``CLIPEncoder(keep_text=True)``); Mona or LoRA adapters in the visual tower train,
 the text tower stays frozen unless ``text_adapter: lora`` adds LoRA to its attention blocks. Captions are tokenised
 with the model's own open_clip tokenizer. The loss is the symmetric InfoNCE of CLIP (open_clip's ``ClipLoss``)
-with CLIP's learned logit scale, trained too, or a fixed ``temperature``.
+with CLIP's learned logit scale, trained too (``temperature: null``), the checkpoint's logit scale frozen
+(``temperature: pretrained``: what the authors' ``clip_finetune.py`` does, 100 for OpenAI CLIP) or a fixed
+``temperature`` (e.g. 0.07). Only trainable tensors reach the optimiser, so a frozen scale is not in it.
+
+**Text embedding cache.** With the text tower frozen (no text LoRA, no trainable text parameter), a caption's
+embedding never changes, so each one is computed once and reused in later epochs and validations
+(``cache_text: true``, the default): a dictionary keyed by the caption's token ids. A batch with any caption not
+yet cached is embedded whole, exactly as without the cache, and its rows are stored. The cache is emptied and
+bypassed as soon as any text-tower parameter is trainable, and emptied whenever a state dict is loaded.
 
 Validation embeds the whole validation split and reports image-to-text and text-to-image recall@1 and @5 over it.
 **Duplicated captions** (templated captions such as BUSI's, where many images share one sentence): a retrieved
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: CLIP clamps the learned logit scale at 100 (log 100 = 4.6052)
 MAX_LOGIT_SCALE = 100.0
+#: ``temperature`` value that freezes the checkpoint's own logit scale
+PRETRAINED_TEMPERATURE = "pretrained"
 
 
 def retrieval_recall(similarity: torch.Tensor, captions: Sequence[str], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -102,10 +112,15 @@ class CaptionFinetuneTask(BaseTask):
         text_adapter: ``lora`` adds LoRA to the text tower's attention blocks (trained too); ``None`` keeps the
             text tower frozen.
         text_adapter_kwargs: fields of :class:`~usclip.adapters.LoraConfig` for the text LoRA.
-        temperature: fixed softmax temperature (logits = cos / temperature, e.g. 0.07); ``None`` trains CLIP's
-            learned logit scale from its pretrained value (clamped at 100, as CLIP does).
+        temperature: ``None`` trains CLIP's learned logit scale from its pretrained value (clamped at 100, as CLIP
+            does); ``"pretrained"`` keeps the checkpoint's logit scale frozen (``exp(logit_scale)``: 100 for OpenAI
+            CLIP, i.e. temperature 0.01; the authors' paper-time ``clip_finetune.py``); a number fixes the softmax
+            temperature (logits = cos / temperature, e.g. 0.07, the authors' later ``src/`` code). In the last two
+            cases the logit scale is frozen and not in the optimiser.
         context_length: token length of the captions; ``None`` uses the model's (77 for CLIP ViT-B/16). Longer
             captions are truncated by the tokenizer (end-of-text token kept).
+        cache_text: with a frozen text tower, embed each distinct caption once and reuse it (same loss, less
+            compute per step: docs/benchmarks.md); ignored while any text-tower parameter is trainable.
         **kwargs: encoder and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
             ``pretrained``, ``adapter``, ``adapter_kwargs``, ``adapter_checkpoint``, ``quick_gelu``, ``lr``,
             ``weight_decay``, ``betas``, ``warmup_steps``, ...). ``layers`` is only recorded in the adapter files
@@ -122,10 +137,13 @@ class CaptionFinetuneTask(BaseTask):
         self,
         text_adapter: Literal["lora"] | None = None,
         text_adapter_kwargs: dict[str, Any] | None = None,
-        temperature: float | None = None,
+        temperature: float | Literal["pretrained"] | None = None,
         context_length: int | None = None,
+        cache_text: bool = True,
         **kwargs: Any,
     ) -> None:
+        #: token ids (bytes) -> float32 normalised text embedding; see the module docstring
+        self._text_cache: dict[bytes, torch.Tensor] = {}
         super().__init__(**kwargs)
 
     # ----------------------------------------------------------------- construction
@@ -147,8 +165,19 @@ class CaptionFinetuneTask(BaseTask):
         temperature = hp["temperature"]
         if temperature is None:
             self.encoder.logit_scale.requires_grad_(True)
-        elif not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0 (0.07) or null (learned); got {temperature!r}")
+        elif temperature != PRETRAINED_TEMPERATURE and not (
+            isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+        ):
+            raise ValueError(
+                f"temperature must be a number > 0 (e.g. 0.07), 'pretrained' (the checkpoint's logit scale, frozen) "
+                f"or null (learned); got {temperature!r}"
+            )
+        # every text-tower tensor but the logit scale (and bias): while all are frozen, caption embeddings are fixed
+        self._text_params = [
+            p
+            for n, p in clip.named_parameters()
+            if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")
+        ]
 
         model_context = int(getattr(clip, "context_length", 0)) or None
         context = hp["context_length"]
@@ -158,11 +187,13 @@ class CaptionFinetuneTask(BaseTask):
         self.criterion = ClipLoss()
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info(
-            "CaptionFinetuneTask(%s): trainable %s parameters (visual adapters%s%s)",
+            "CaptionFinetuneTask(%s): trainable %s parameters (visual adapters%s%s); logit scale %s%s",
             args["model_name"],
             f"{n_train:,}",
             ", text LoRA" if text_adapter else "",
             ", logit scale" if temperature is None else "",
+            "learned" if temperature is None else f"frozen at {float(self.logit_scale()):.4g}",
+            "; text embeddings cached" if self.text_cache_active() else "",
         )
 
     def build_head(self, in_channels: list[int]) -> torch.nn.Module:  # noqa: D102
@@ -176,11 +207,17 @@ class CaptionFinetuneTask(BaseTask):
 
     # ----------------------------------------------------------------- forward
     def logit_scale(self) -> torch.Tensor:
-        """The multiplier of the cosine similarities: ``exp(learned)`` clamped at 100, or ``1 / temperature``."""
+        """The multiplier of the cosine similarities.
+
+        ``exp(learned)`` clamped at 100 (``temperature: null``), ``exp`` of the frozen checkpoint value
+        (``pretrained``), or ``1 / temperature``.
+        """
         temperature = self.hparams["temperature"]
-        if temperature is not None:
-            return torch.tensor(1.0 / temperature, device=self.pixel_mean.device)
-        return self.encoder.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if temperature is None:
+            return self.encoder.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if temperature == PRETRAINED_TEMPERATURE:
+            return self.encoder.logit_scale.detach().exp()
+        return torch.tensor(1.0 / temperature, device=self.pixel_mean.device)
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Token ids ``(B, context_length)`` on the module's device."""
@@ -190,11 +227,42 @@ class CaptionFinetuneTask(BaseTask):
         """L2-normalised image embeddings ``(B, D)`` of ``[0, 1]`` images."""
         return self.encoder.encode_image(self.normalize(images))
 
+    def text_cache_active(self) -> bool:
+        """Whether caption embeddings are cached: ``cache_text`` on and no text-tower parameter trainable."""
+        return bool(self.hparams["cache_text"]) and not any(p.requires_grad for p in self._text_params)
+
+    def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
+        """Normalised caption embeddings ``(B, D)`` in float32, from the cache where it applies.
+
+        A batch with a caption not yet cached is embedded whole (the uncached computation, unchanged) and every row
+        is stored; a batch whose captions are all cached is assembled from the cache without running the text
+        tower.
+        """
+        tokens = self.tokenize(captions)
+        if not self.text_cache_active():
+            self._text_cache.clear()  # a trainable text tower makes stored embeddings stale
+            return self.encoder.encode_text(tokens).float()
+        keys = [row.tobytes() for row in tokens.cpu().numpy()]
+        if all(k in self._text_cache for k in keys):
+            return torch.stack([self._text_cache[k] for k in keys]).to(tokens.device)
+        text = self.encoder.encode_text(tokens).float()
+        # validation runs under inference mode; a tensor made there cannot join autograd later, so store a copy
+        # made outside it (the text tower is frozen: the stored rows carry no graph either way)
+        with torch.inference_mode(False), torch.no_grad():
+            rows = text.detach().clone()
+        for key, row in zip(keys, rows, strict=True):
+            self._text_cache.setdefault(key, row)
+        return text
+
     def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and caption embeddings of a batch, in float32."""
         image = self(batch["image"]).float()
-        text = self.encoder.encode_text(self.tokenize(batch["caption"])).float()
-        return image, text
+        return image, self.encode_captions(batch["caption"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load weights and empty the text embedding cache (the text tower may have changed)."""
+        self._text_cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
         image, text = self.embed(batch)
