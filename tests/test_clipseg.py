@@ -100,7 +100,9 @@ def test_prompt_changes_the_output(net):
 
 def test_only_the_decoder_trains():
     torch.manual_seed(0)
-    task = SegmentationTask(model_name=f"clipseg:{TINY}", head="native", image_size=64, text_prompt="busi")
+    task = SegmentationTask(
+        model_name=f"clipseg:{TINY}", head="native", image_size=64, text_prompt="busi", pretrained=None
+    )
     model = task.net.model
     assert all(not p.requires_grad for p in model.clip.parameters())
     assert all(p.requires_grad for p in model.decoder.parameters())

@@ -37,7 +37,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _tiny_task(normalization: str, **kwargs: Any) -> SegmentationTask:
-    args = {"model_name": "usclip-test-vit", "layers": [1, 3], "image_size": 64, "embed_dim": 8}
+    args = {"model_name": "usclip-test-vit", "pretrained": None, "layers": [1, 3], "image_size": 64, "embed_dim": 8}
     return SegmentationTask(normalization=normalization, **(args | kwargs))
 
 
@@ -78,13 +78,15 @@ def test_normalization_clip_uses_the_encoder_constants():
 
 def test_normalization_follows_timm_and_native_models():
     timm_task = SegmentationTask(
-        model_name="timm:test_vit", layers=[0, 1], image_size=64, embed_dim=8, normalization="clip"
+        model_name="timm:test_vit", pretrained=None, layers=[0, 1], image_size=64, embed_dim=8, normalization="clip"
     )
     images = torch.rand(1, 3, 64, 64)
     mean = torch.tensor(timm_task.encoder.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(timm_task.encoder.image_std).view(1, 3, 1, 1)
     torch.testing.assert_close(_encoder_input(timm_task, timm_task.encoder, images), (images - mean) / std)
-    native = ClassificationTask(model_name="timm:resnet18", head="native", image_size=64, normalization="none")
+    native = ClassificationTask(
+        model_name="timm:resnet18", pretrained=None, head="native", image_size=64, normalization="none"
+    )
     assert torch.equal(_encoder_input(native, native.net, images), images)
 
 

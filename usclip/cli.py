@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: argparse subcommands: name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("usclip.commands.data", "dataset tools: check a folder, find near-duplicate scans (groups.csv)"),
+    "data": ("usclip.commands.data", "dataset tools: usclip data check ROOT, usclip data duplicates ROOT"),
     "report": ("usclip.commands.report", "tables of many runs over seeds, as in the paper (Markdown, CSV)"),
     "captions": ("usclip.commands.captions", "refine report captions with an LLM to CLIP's 77 tokens"),
     "sweep": ("usclip.commands.sweep", "run the paper's experiments from a manifest (or write SLURM scripts)"),
