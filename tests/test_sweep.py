@@ -7,11 +7,13 @@ The end-to-end tests run a reduced manifest (tests/conf/manifests/sweep_tiny.yam
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -22,10 +24,11 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from usclip.cli import UsclipCLI, main
+from usclip.commands.report import main as main_report
 from usclip.data import ZeroShotDataModule
 from usclip.data.datamodules import BaseDataModule
 from usclip.data.synthetic import write_synthetic_dataset
-from usclip.reporting import find_run_dirs
+from usclip.reporting import aggregate, find_run_dirs, load_run
 from usclip.reproduce import (
     ManifestError,
     SweepPlan,
@@ -405,8 +408,18 @@ def test_sweep_runs_the_tiny_manifest_end_to_end_and_skips_finished_runs(tmp_pat
         by_cell.setdefault((info["method"], dataset), []).append(metrics["dice"])
         assert (run_dir / "sweep.log").read_text().startswith("# ")
     assert len(by_cell) == 6 and all(len(v) == n for v in by_cell.values())
-    # `usclip report runs/` finds exactly the cells (the caption runs have no test results)
+    # `usclip report runs/` finds exactly the cells (the caption runs have no test results), names them as the
+    # manifest does, and each cell is the mean and sample std of its runs' result files
     assert sorted(find_run_dirs([runs])) == cells
+    table = aggregate([load_run(d) for d in cells])["table2"]
+    assert set(table.cells) == {("segmentation", m, d) for m, d in by_cell}
+    for (method, dataset), dices in by_cell.items():
+        cell = table.cells[("segmentation", method, dataset)]["dice"]
+        assert cell.n == n and cell.mean == pytest.approx(statistics.fmean(dices), abs=1e-12)
+        assert cell.std == pytest.approx(statistics.stdev(dices) if n > 1 else 0.0, abs=1e-12)
+    assert main_report([str(runs), "--output", str(tmp_path / "report")]) == 0
+    report_csv = list(csv.DictReader((tmp_path / "report" / "table2.csv").open()))
+    assert {r["method"] for r in report_csv} == {m for m, _ in by_cell}
     ext = json.loads((runs / f"table2/B/clip_mona_ft/seed_{last}/sweep_run.json").read_text())["commands"][0]
     assert ext[ext.index("--ckpt_path") + 1] == str(runs / f"table2/A/clip_mona_ft/seed_{last}/checkpoints/best.ckpt")
     ft = json.loads((runs / f"table2/A/clip_mona_ft/seed_{last}/sweep_run.json").read_text())["commands"][0]
