@@ -34,6 +34,7 @@ from usclip.data.splits import (
     write_splits,
 )
 from usclip.data.transforms import DEFAULT_AUGMENTATIONS, AugmentationSpec, build_transform
+from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +229,9 @@ class BaseDataModule(L.LightningDataModule):
 
     def _write_split_files(self) -> None:
         trainer = getattr(self, "trainer", None)
-        log_dir = trainer.log_dir if trainer is not None else None
-        if trainer is not None and log_dir is not None and trainer.is_global_zero:
-            write_splits(self.splits, Path(log_dir) / "splits")
+        run = run_dir_of(trainer) if trainer is not None else None
+        if trainer is not None and run is not None and trainer.is_global_zero:
+            write_splits(self.splits, run / "splits")
 
     # ----------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:
