@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,190 @@ def test_check_logger_installed_passes_for_loggers_without_extra_packages():
             check_logger_installed("somewhere.FakeLogger")
         finally:
             del run_dirs.LOGGER_PACKAGES["FakeLogger"]
+
+
+# ------------------------------------------------------------------ a read-only dataset folder, groups from elsewhere
+def _forbid_writes_under(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every write below ``root`` fail (as on a read-only mount, even as root) and record the attempts."""
+    import builtins
+    import io
+    import os
+
+    attempts: list[str] = []
+    root = root.resolve()
+
+    def under(path: object) -> bool:
+        try:
+            return Path(os.fsdecode(path)).resolve().is_relative_to(root)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+
+    def guard(name: str, fn, writes=lambda *a, **k: True):
+        def wrapped(path, *args, **kwargs):
+            if under(path) and writes(*args, **kwargs):
+                attempts.append(f"{name} {path}")
+                raise PermissionError(13, "Read-only file system", str(path))
+            return fn(path, *args, **kwargs)
+
+        return wrapped
+
+    def write_mode(mode="r", *args, **kwargs):
+        return any(c in str(mode) for c in "wax+")
+
+    def write_flags(flags, *args, **kwargs):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    monkeypatch.setattr(builtins, "open", guard("open", builtins.open, write_mode))
+    monkeypatch.setattr(io, "open", guard("open", io.open, write_mode))
+    monkeypatch.setattr(os, "open", guard("os.open", os.open, write_flags))
+    monkeypatch.setattr(os, "mkdir", guard("mkdir", os.mkdir))
+    for name in ("replace", "rename"):  # the destination counts
+        fn = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda src, dst, *a, _fn=fn, _n=name, **k: guard(_n, lambda d: _fn(src, d))(dst))
+    return attempts
+
+
+def test_a_read_only_dataset_folder_with_groups_from_elsewhere(tmp_path, monkeypatch):
+    from usclip.data.splits import read_split_file
+    from usclip.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, num_samples=24, size=96, seed=0)
+    (root / "groups.csv").unlink()
+    ids = sorted(p.stem for p in (root / "images").glob("*.png"))
+    groups_file = tmp_path / "elsewhere" / "groups.csv"
+    groups_file.parent.mkdir()
+    groups_file.write_text("id,group\n" + "".join(f"{i},g{k // 2}\n" for k, i in enumerate(ids)))  # 12 pairs
+    attempts = _forbid_writes_under(root, monkeypatch)
+    if os.geteuid() != 0:  # a real read-only folder too, where chmod means something
+        for p in [root, *root.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        extra = [f"--data.init_args.groups_csv={groups_file}", "--data.init_args.synthetic=null"]
+        extra.append("--data.init_args.split_fractions=[0.5,0.25,0.25]")
+        fit = main(["fit", *_args(tmp_path, *extra)])
+        run = Path(fit.trainer.log_dir)
+        main(["test", *_args(tmp_path, *extra), f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"])
+    finally:
+        if os.geteuid() != 0:
+            for p in [root, *root.rglob("*")]:
+                p.chmod(p.stat().st_mode | 0o200)
+    assert attempts == []
+    split_of = {i: s for s in ("train", "val", "test") for i in read_split_file(run / "splits" / f"{s}.txt")}
+    assert sorted(split_of) == ids
+    for k in range(12):  # each group of the external file lies in one split
+        assert split_of[ids[2 * k]] == split_of[ids[2 * k + 1]]
+
+
+def test_the_write_guard_catches_writes_under_root(tmp_path, monkeypatch):
+    from usclip._io import write_text_atomic
+
+    attempts = _forbid_writes_under(tmp_path / "ro", monkeypatch)
+    (tmp_path / "ok.txt").write_text("fine")  # elsewhere: allowed, also beside root with a common prefix
+    (tmp_path / "ro.txt").write_text("fine")
+    for write in (
+        lambda: (tmp_path / "ro" / "splits").mkdir(parents=True),
+        lambda: write_text_atomic(tmp_path / "ro" / "a.txt", "x"),
+        lambda: open(tmp_path / "ro" / "b.txt", "w"),  # noqa: SIM115
+    ):
+        with pytest.raises(PermissionError):
+            write()
+    assert len(attempts) == 3
+
+
+def test_groups_csv_errors_name_the_argument(tmp_path):
+    from usclip.data import SegmentationDataModule
+    from usclip.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, num_samples=12, size=64, seed=0)
+    dm = SegmentationDataModule(root=str(root), image_size=32, groups_csv=str(tmp_path / "missing.csv"))
+    with pytest.raises(FileNotFoundError, match=r"data.groups_csv=.*missing.csv' does not exist; expected .*id,group"):
+        dm.setup("fit")
+    other = tmp_path / "other.csv"
+    other.write_text("id,group\nbenign_001,a\n")
+    dm = SegmentationDataModule(root=str(root), image_size=32, groups_csv=str(other))
+    with pytest.raises(ValueError, match=r"none of its 1 ids is an image id of the dataset"):
+        dm.setup("fit")
+
+
+# ------------------------------------------------------------------ BUSI without groups.csv: one warning and the fix
+@pytest.mark.parametrize("which", ["release", "generic"])
+def test_busi_without_groups_warns_with_the_command_that_fixes_it(which, tmp_path, caplog):
+    from tests.test_data import make_busi_pair
+    from usclip.data import SegmentationDataModule
+
+    release, generic = make_busi_pair(tmp_path)
+    root = release if which == "release" else generic
+    dm = SegmentationDataModule(root=str(root), image_size=16, split_fractions=(0.6, 0.2, 0.2))
+    with caplog.at_level(logging.WARNING, logger="usclip"):
+        dm.setup("fit")
+    (message,) = [m for m in _usclip_messages(caplog) if "groups.csv" in m]
+    assert "looks like a BUSI release and has no groups.csv" in message
+    assert "duplicate scans on both sides of the split" in message
+    assert f"`usclip data duplicates {root}`" in message
+    # with groups (in root, or from data.groups_csv) there is nothing to warn about
+    (root / "groups.csv").write_text("id,group\n" + "".join(f"{i},{i}\n" for i in dm._index.ids))  # type: ignore[union-attr]
+    for kwargs in ({}, {"groups_csv": str(root / "groups.csv")}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="usclip"):
+            SegmentationDataModule(root=str(root), image_size=16, split_fractions=(0.6, 0.2, 0.2), **kwargs).setup(
+                "fit"
+            )
+        assert not [m for m in _usclip_messages(caplog) if "BUSI" in m]
+
+
+def test_no_busi_warning_for_other_datasets(tmp_path, caplog):
+    from usclip.data import SegmentationDataModule
+    from usclip.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "thyroid"
+    write_synthetic_dataset(root, num_samples=12, size=64, seed=0)
+    (root / "groups.csv").unlink()
+    with caplog.at_level(logging.WARNING, logger="usclip"):
+        SegmentationDataModule(root=str(root), image_size=32).setup("fit")
+    assert not [m for m in _usclip_messages(caplog) if "BUSI" in m]
+
+
+def test_data_check_warns_about_busi_without_groups(tmp_path, capsys):
+    from tests.test_data import make_busi_pair
+
+    release, _ = make_busi_pair(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(release)])
+    out = capsys.readouterr().out
+    assert "looks like a BUSI release and has no groups.csv" in out and f"usclip data duplicates {release}" in out
+    groups = tmp_path / "g.csv"
+    groups.write_text("id,group\nbenign_001,a\nbenign_002,a\nghost,b\n")
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(release), "--groups", str(groups)])
+    out = capsys.readouterr().out
+    assert "no groups.csv" not in out and "1 ids have no image and are ignored: ['ghost']" in out
+
+
+# ------------------------------------------------------------------ progress bars on data check / duplicates
+def test_data_commands_show_a_progress_bar_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    import usclip.data.checks
+    import usclip.data.duplicates
+    from usclip.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, num_samples=6, size=64, seed=0)
+    bars: list[tuple[str, int, object]] = []
+
+    def fake_tqdm(items, **kwargs):
+        items = list(items)
+        bars.append((kwargs.get("desc"), len(items), kwargs.get("disable")))
+        return iter(items)
+
+    for module in (usclip.data.checks, usclip.data.duplicates):
+        monkeypatch.setattr(module, "tqdm", fake_tqdm)
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(root)])
+    with pytest.raises(SystemExit):
+        main(["data", "duplicates", str(root), "--output", str(tmp_path / "groups.csv")])
+    # one bar over every image each; disable=None: shown on a terminal, hidden in pipes and logs
+    assert bars == [("checking images", 6, None), ("reading images", 6, None)]
+    bars.clear()
+    usclip.data.checks.check_dataset(root)  # the library stays quiet unless asked
+    assert bars == [("checking images", 6, True)]
