@@ -80,19 +80,21 @@ def test_csv_logger_overlay_keeps_the_run_directory_and_report_reads_it(tmp_path
 
 
 class TrackingLogger(Logger):
-    """A logger like MLflow's: ``trainer.log_dir`` is its bare ``save_dir``, runs are ``<experiment>/<run id>``."""
+    """A logger like MLflow's: ``trainer.log_dir`` is its bare ``save_dir``; runs are ``<experiment id>/<run id>``,
+    a new random run id each time unless ``run_id`` continues a run."""
 
-    def __init__(self, save_dir: str = "mlruns") -> None:
+    def __init__(self, save_dir: str = "mlruns", experiment_name: str = "usclip", run_id: str | None = None) -> None:
         super().__init__()
         self._save_dir = save_dir
+        self._run_id = run_id or f"run{os.urandom(4).hex()}"
 
     @property
     def name(self) -> str:
-        return "0"
+        return "0"  # the experiment id
 
     @property
     def version(self) -> str:
-        return "run-a1b2"
+        return self._run_id
 
     @property
     def save_dir(self) -> str:
@@ -105,22 +107,32 @@ class TrackingLogger(Logger):
         pass
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # the resumed run's own
 def test_a_logger_whose_log_dir_is_shared_still_gets_one_directory_per_run(tmp_path, capsys):
-    # trainer.log_dir would be tmp_path/mlruns for every run: config.yaml, splits, results and overlays would be
-    # written over by the next run and sit apart from checkpoints/ (which Lightning puts in <experiment>/<run id>)
+    # trainer.log_dir is tmp_path/mlruns for every run: config.yaml, splits, results and overlays would be written
+    # over by the next run and sit apart from checkpoints/ (which Lightning puts in <experiment id>/<run id>)
     logger = ["--trainer.logger.class_path=tests.test_first_hour.TrackingLogger"]
     args = [*_args(tmp_path, *logger), f"--trainer.logger.init_args.save_dir={tmp_path / 'mlruns'}"]
     fit = main(["fit", *args])
     assert Path(fit.trainer.log_dir) == tmp_path / "mlruns"
-    run = tmp_path / "mlruns" / "0" / "run-a1b2"
-    for name in ("config.yaml", "checkpoints/best.ckpt", "splits/test.txt"):
+    run = tmp_path / "mlruns" / "0" / fit.trainer.logger.version
+    for name in ("config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "splits/test.txt"):
         assert (run / name).is_file(), name
     assert not (tmp_path / "mlruns" / "config.yaml").exists() and not (tmp_path / "mlruns" / "splits").exists()
-    main(["test", *args, f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"])
-    assert (run / "results" / "test_metrics.json").is_file() and len(list((run / "overlays").glob("*.png"))) == 1
+    # --ckpt_path last finds <experiment>/<run>/checkpoints/last.ckpt; the test is a new run of its own
+    test = main(["test", *args, "--ckpt_path=last"])
+    assert test.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    test_run = tmp_path / "mlruns" / "0" / test.trainer.logger.version
+    assert test_run != run and (test_run / "config.yaml").is_file()
+    assert (test_run / "results" / "test_metrics.json").is_file()
+    assert len(list((test_run / "overlays").glob("*.png"))) == 1
     capsys.readouterr()
     assert report_main([str(tmp_path / "mlruns"), "--output", str(tmp_path / "report"), "--grid-images", "1"]) == 0
     assert "(1 runs)" in capsys.readouterr().out
+    # fit --ckpt_path last continues the run it resumes (MLflow: run_id), not a new one
+    resumed = main(["fit", *args, "--ckpt_path=last", "--trainer.max_epochs=2"])
+    assert resumed.trainer.logger.version == run.name and resumed.trainer.current_epoch == 2
+    assert sorted(p.name for p in (tmp_path / "mlruns" / "0").iterdir()) == sorted([run.name, test_run.name])
 
 
 @pytest.mark.parametrize("name", ["csv", "tensorboard", "mlflow", "wandb"])
