@@ -50,6 +50,11 @@ def test_test_says_where_results_went_and_which_run_trained(tmp_path, caplog):
     assert f"checkpoint {best}" in line and f"trained in the run {fit_run};" in line
     assert (test_run / "results" / "test_metrics.json").is_file()
     assert not (fit_run / "results").exists()  # the fit run is never written over
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="usclip"):
+        predict = main(["predict", *_args(tmp_path), f"--ckpt_path={best}"])
+    (line,) = [m for m in _usclip_messages(caplog) if m.startswith("usclip predict: results in")]
+    assert line.startswith(f"usclip predict: results in {Path(predict.trainer.log_dir) / 'predictions'} (")
 
 
 def test_checkpoint_run():
