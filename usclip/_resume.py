@@ -67,11 +67,15 @@ def _version_key(path: Path) -> tuple[float, int]:
 def find_last_checkpoint(runs_dir: str | Path) -> Path:
     """The most recently written ``<runs_dir>/*/checkpoints/last.ckpt`` (ties: the highest ``version_N``).
 
+    Runs one level deeper (``<runs_dir>/<experiment>/<run id>/checkpoints``: MLflow) are found when there are none
+    at the first level.
+
     Raises:
         FileNotFoundError: if no run under ``runs_dir`` has a ``last.ckpt``.
     """
     runs_dir = Path(runs_dir)
     found = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if p.is_file()]
+    found = found or [p for p in runs_dir.glob("*/*/checkpoints/last.ckpt") if p.is_file()]
     if not found:
         raise FileNotFoundError(
             f"--ckpt_path last: no run under {runs_dir} has checkpoints/last.ckpt (runs: "
@@ -92,15 +96,25 @@ def _logger_args(trainer: Any) -> Any | None:
 
 
 def _runs_dir(trainer: Any) -> tuple[Path, Any | None]:
-    """The folder holding the ``version_*`` runs of the configured logger, and the logger's ``init_args``."""
+    """The folder holding the runs of the configured logger, and the logger's ``init_args``.
+
+    TensorBoard, CSV: ``<save_dir>/<name>``; W&B: ``<save_dir>/<project>`` (its ``name`` is the run's display
+    name); MLflow: the local folder of its tracking URI (``<save_dir>``; runs are ``<experiment id>/<run id>``),
+    ``default_root_dir`` for a remote tracking server.
+    """
     args = _logger_args(trainer)
     root = trainer.get("default_root_dir") or "."
     if trainer.get("logger") is False:
         raise ValueError("--ckpt_path last needs a logger (trainer.logger is false): give the checkpoint file itself")
     if args is None:  # Lightning's default TensorBoardLogger(save_dir=default_root_dir, name="lightning_logs")
         return Path(root) / "lightning_logs", None
+    if "experiment_name" in args:  # MLflow
+        uri = args.get("tracking_uri")
+        if uri:
+            return Path(uri.removeprefix("file:")) if uri.startswith("file:") else Path(root), args
+        return Path(args.get("save_dir") or root), args
     save_dir = args.get("save_dir") or root
-    name = args.get("name")
+    name = args.get("project") if "project" in args else args.get("name")
     return Path(save_dir) / (name or ""), args
 
 
@@ -139,7 +153,10 @@ def prepare_subcommand(subcommand: str, config: Any) -> None:
             if subcommand == "fit" and logger_args is not None:  # keep writing into the resumed run's directory
                 run = path.parents[1].name
                 match = re.fullmatch(r"version_(\d+)", run)
-                logger_args["version"] = int(match.group(1)) if match else run
+                if "run_id" in logger_args:  # MLflow: continue the tracked run
+                    logger_args["run_id"] = run
+                elif "version" in logger_args:
+                    logger_args["version"] = int(match.group(1)) if match else run
         log.info("--ckpt_path last: %s", path)
         config["ckpt_path"] = ckpt = str(path)
     if ckpt and Path(ckpt).is_file():

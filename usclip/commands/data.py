@@ -5,8 +5,9 @@
 - ``usclip data duplicates ROOT``: find near-duplicate images and write ``groups.csv`` (never over an existing
   file unless ``--overwrite``).
 
-The logic lives in :mod:`usclip.data.checks` and :mod:`usclip.data.duplicates`; this module only parses arguments
-and prints reports (program output on stdout, errors on stderr).
+Both show a progress bar on a terminal (none in logs or pipes). The logic lives in :mod:`usclip.data.checks` and
+:mod:`usclip.data.duplicates`; this module only parses arguments and prints reports (program output on stdout,
+errors on stderr).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--layout", choices=LAYOUTS, default="auto", help="folder layout (default: auto)")
     check.add_argument("--crop", choices=CROP_MODES, default="auto", help="crop whose effect is reported")
     check.add_argument("--labels", help="expected class names, comma separated (e.g. benign,malignant)")
+    check.add_argument("--groups", type=Path, help="groups file to use instead of ROOT/groups.csv")
     check.add_argument("--max-problems", type=int, default=200, help="problems printed at most (default: 200)")
 
     dup = sub.add_parser("duplicates", help="find near-duplicate images and write groups.csv")
@@ -58,7 +60,9 @@ def run_check(args: argparse.Namespace) -> int:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     from usclip.data.checks import check_dataset
 
-    report = check_dataset(args.root, layout=args.layout, crop=args.crop, label_names=labels)
+    report = check_dataset(
+        args.root, layout=args.layout, crop=args.crop, label_names=labels, groups_csv=args.groups, progress=True
+    )
     print(report.format(args.max_problems))
     return 1 if report.errors else 0
 
@@ -86,6 +90,7 @@ def run_duplicates(args: argparse.Namespace) -> int:
         hash_distance=args.hash_distance,
         screen_threshold=args.screen_threshold,
         crop=not args.no_crop,
+        progress=True,
     )
     groups = group_ids(index.ids, pairs)
     sizes = Counter(groups.values())

@@ -15,10 +15,18 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from usclip.data.crop import Box, CropMode, check_box, crop_box_for
 from usclip.data.imageio import ImageReadError, binarise_mask, read_image
-from usclip.data.layouts import DatasetIndex, detect_layout, index_busi_release, index_folder, read_csv_column
+from usclip.data.layouts import (
+    DatasetIndex,
+    busi_groups_warning,
+    detect_layout,
+    index_busi_release,
+    index_folder,
+    read_csv_column,
+)
 from usclip.data.splits import SPLITS, groups_across_splits, read_split_file
 
 log = logging.getLogger(__name__)
@@ -187,6 +195,8 @@ def check_dataset(
     layout: str = "auto",
     crop: CropMode = "auto",
     label_names: list[str] | None = None,
+    groups_csv: str | Path | None = None,
+    progress: bool = False,
 ) -> DatasetReport:
     """Read every file of a dataset folder and collect counts, statistics and problems.
 
@@ -196,6 +206,8 @@ def check_dataset(
         crop: crop mode whose effect is reported (``auto``: the share of pixels the scan-area crop removes, and
             masks that reach outside it).
         label_names: the expected class names; other labels are errors. ``None`` accepts any label.
+        groups_csv: read the groups from this file instead of ``<root>/groups.csv`` (a read-only folder).
+        progress: show a progress bar while the images are read (on a terminal only: ``tqdm(disable=None)``).
 
     Returns:
         The report; ``report.errors`` is empty when training can use the folder as it is.
@@ -208,8 +220,18 @@ def check_dataset(
     index = _index(root, layout, report)
     if index is None:
         return report
+    if groups_csv is not None:
+        try:
+            groups = read_csv_column(groups_csv, "group")
+        except (OSError, ValueError) as err:
+            report.add("error", groups_csv, str(err))
+        else:
+            extra = sorted(set(groups) - set(index.images))
+            if extra:
+                report.add("warning", groups_csv, f"{len(extra)} ids have no image and are ignored: {extra[:5]}")
+            index.groups = {k: v for k, v in groups.items() if k in index.images}
     report.num_images = len(index.images)
-    for sid in index.ids:
+    for sid in tqdm(index.ids, desc="checking images", unit="image", disable=None if progress else True):
         path = index.images[sid]
         try:
             image = read_image(path)
@@ -254,7 +276,7 @@ def check_dataset(
                 lost = int(mask.sum() - mask[y0:y1, x0:x1].sum())
                 report.add("warning", path, f"{lost} lesion pixels lie outside the {crop} crop box {box}")
     _check_labels(index, report, label_names)
-    _check_groups_and_splits(index, report)
+    _check_groups_and_splits(index, report, groups_csv)
     return report
 
 
@@ -276,8 +298,11 @@ def _check_labels(index: DatasetIndex, report: DatasetReport, label_names: list[
             report.add("error", source, f"unknown label {name!r} (ids {ids[:5]}); expected one of {list(label_names)}")
 
 
-def _check_groups_and_splits(index: DatasetIndex, report: DatasetReport) -> None:
+def _check_groups_and_splits(index: DatasetIndex, report: DatasetReport, groups_csv: str | Path | None) -> None:
     root = index.root
+    warning = busi_groups_warning(index, groups_csv)
+    if warning and not (root / "train.txt").is_file():  # predefined train/val/test files need no groups
+        report.add("warning", root, warning.removeprefix(f"{root} "))
     if index.groups:
         sizes = Counter(index.groups.values())
         report.num_groups = len(sizes) + len(set(index.images) - set(index.groups))

@@ -22,7 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 from usclip.data.cache import SampleCache
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
-from usclip.data.layouts import LAYOUTS, DatasetIndex, Layout, index_dataset, index_folder
+from usclip.data.layouts import (
+    LAYOUTS,
+    DatasetIndex,
+    Layout,
+    busi_groups_warning,
+    index_dataset,
+    index_folder,
+    read_csv_column,
+)
 from usclip.data.samplers import build_sampler, derive_seed
 from usclip.data.splits import (
     SPLITS,
@@ -34,6 +42,7 @@ from usclip.data.splits import (
     write_splits,
 )
 from usclip.data.transforms import DEFAULT_AUGMENTATIONS, AugmentationSpec, build_transform
+from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,10 @@ class BaseDataModule(L.LightningDataModule):
             Samples carry ``crop_box`` so that predictions map back to the original image.
         cache_mb: memory budget (MB) of each worker's cache of decoded and cropped images; 0 switches it off.
         cache_dir: also cache decoded and cropped images as ``.npz`` files here (shared by workers and runs).
+        groups_csv: read the groups (``id,group``) from this file instead of ``<root>/groups.csv``: for a
+            read-only dataset folder, write them elsewhere with ``usclip data duplicates ROOT --output PATH``.
+            Nothing is ever written into ``root`` (split files go to ``<run dir>/splits``), except the synthetic
+            dataset when ``synthetic`` asks for it.
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
@@ -114,6 +127,7 @@ class BaseDataModule(L.LightningDataModule):
         crop: CropMode = "auto",
         cache_mb: float = 1024.0,
         cache_dir: str | None = None,
+        groups_csv: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < train_fraction <= 1.0:
@@ -130,6 +144,7 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError("synthetic data needs a root folder to be written to; set data.root")
         self.save_hyperparameters(ignore=["synthetic"])
         self.root = Path(root) if root is not None else None
+        self.groups_csv = Path(groups_csv) if groups_csv is not None else None
         self.test_root = Path(test_root) if test_root is not None else None
         self.predict_root = Path(predict_root) if predict_root is not None else None
         self.image_size = image_size
@@ -189,6 +204,9 @@ class BaseDataModule(L.LightningDataModule):
                 "(train.txt, val.txt, test.txt), test.txt alone (the rest is split train:val), or none"
             )
         else:
+            warning = busi_groups_warning(index, self.groups_csv)
+            if warning:
+                log.warning(warning)
             fractions = list(self.hparams["split_fractions"])
             held = predefined.get("test", [])
             if held:  # predefined test set (TN3K, micro-US): the rest is split train : (val + test), 8:2 for 8:1:1
@@ -201,8 +219,9 @@ class BaseDataModule(L.LightningDataModule):
         crossing = groups_across_splits(splits, index.groups)
         if crossing:
             log.warning(
-                "%d groups of groups.csv span several splits (e.g. %s); duplicates may leak between them",
+                "%d groups of %s span several splits (e.g. %s); duplicates may leak between them",
                 len(crossing),
+                self.groups_csv or "groups.csv",
                 dict(list(crossing.items())[:3]),
             )
         return splits
@@ -211,6 +230,8 @@ class BaseDataModule(L.LightningDataModule):
         """Read labels and fix the split (unless a checkpoint already carried one)."""
         if self.root is not None:
             self._index = index_dataset(self.root, self.layout, masks=self.requires_masks)
+            if self.groups_csv is not None:
+                self._index.groups = self._read_groups(self.groups_csv, set(self._index.images))
             self._labels = self._encode_labels(self._index)
             if not self.splits:
                 self.splits = self._make_splits()
@@ -218,6 +239,25 @@ class BaseDataModule(L.LightningDataModule):
             self._write_split_files()
         elif stage in ("fit", "validate"):
             raise ValueError(f"data.root is required for {stage!r}; only test/predict can run on test_root alone")
+
+    @staticmethod
+    def _read_groups(path: Path, ids: set[str]) -> dict[str, str]:
+        """``data.groups_csv``: ``id -> group`` for the ids that have an image (others are logged and dropped)."""
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.groups_csv={str(path)!r} does not exist; expected a CSV file with the header id,group "
+                "(written by `usclip data duplicates ROOT --output PATH`)"
+            )
+        groups = read_csv_column(path, "group")
+        extra = sorted(set(groups) - ids)
+        if extra:
+            log.warning("%s: %d ids have no image and are ignored: %s", path, len(extra), extra[:5])
+        if not set(groups) & ids:
+            raise ValueError(
+                f"data.groups_csv={str(path)!r}: none of its {len(groups)} ids is an image id of the dataset "
+                f"(e.g. {sorted(ids)[:3]}); is it the groups file of another dataset?"
+            )
+        return {k: v for k, v in groups.items() if k in ids}
 
     def _subsample_train(self) -> None:
         frac = self.hparams["train_fraction"]
@@ -228,9 +268,9 @@ class BaseDataModule(L.LightningDataModule):
 
     def _write_split_files(self) -> None:
         trainer = getattr(self, "trainer", None)
-        log_dir = trainer.log_dir if trainer is not None else None
-        if trainer is not None and log_dir is not None and trainer.is_global_zero:
-            write_splits(self.splits, Path(log_dir) / "splits")
+        run = run_dir_of(trainer) if trainer is not None else None
+        if trainer is not None and run is not None and trainer.is_global_zero:
+            write_splits(self.splits, run / "splits")
 
     # ----------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from usclip._io import atomic_path, write_csv_atomic
 from usclip.data.crop import find_scan_box
@@ -73,6 +74,7 @@ def find_duplicates(
     screen_threshold: float = 0.98,
     crop: bool = True,
     block: int = 1024,
+    progress: bool = False,
 ) -> list[DuplicatePair]:
     """All pairs of near-duplicate images.
 
@@ -84,6 +86,7 @@ def find_duplicates(
             disables.
         crop: compare the scan areas (recommended) rather than the whole screens.
         block: rows compared at once (memory grows with ``block x len(images)``).
+        progress: show a progress bar while the images are read (on a terminal only: ``tqdm(disable=None)``).
 
     Returns:
         The pairs, ``id_a < id_b``, sorted by decreasing NCC (of the crops).
@@ -91,7 +94,8 @@ def find_duplicates(
     ids = sorted(images)
     if len(ids) < 2:
         return []
-    sigs = [signatures(read_image(images[i]), crop) for i in ids]
+    bar = tqdm(ids, desc="reading images", unit="image", disable=None if progress else True)
+    sigs = [signatures(read_image(images[i]), crop) for i in bar]
     v = np.stack([s[0] for s in sigs])  # (N, 1024)
     w = np.stack([s[1] for s in sigs])  # (N, 1024)
     b = np.stack([s[2] for s in sigs]).astype(np.float32)  # (N, 256)

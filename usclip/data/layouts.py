@@ -247,6 +247,39 @@ def index_busi_release(root: str | Path, include_normal: bool = False) -> Datase
     )
 
 
+_BUSI_ID = re.compile(r"^(benign|malignant|normal)_\d+$")
+
+
+def looks_like_busi(index: DatasetIndex) -> bool:
+    """Whether ``index`` is a BUSI release: the ``busi`` layout, or the generic one with BUSI ids or folder name."""
+    if index.layout == "busi":
+        return True
+    return "busi" in index.root.resolve().name.lower() or (
+        bool(index.images) and all(_BUSI_ID.match(i) for i in index.images)
+    )
+
+
+def busi_groups_warning(index: DatasetIndex, groups_source: str | Path | None = None) -> str | None:
+    """The warning for a BUSI release without ``groups.csv``, or ``None`` when there is nothing to warn about.
+
+    BUSI holds repeated scans of the same lesions; a random split without groups puts copies of one lesion on both
+    sides of the split and inflates the test scores. The message names the command that writes the groups.
+
+    Args:
+        index: the indexed dataset.
+        groups_source: where the groups came from when not ``<root>/groups.csv`` (``data.groups_csv``).
+    """
+    if index.groups or groups_source is not None or not looks_like_busi(index):
+        return None
+    return (
+        f"{index.root} looks like a BUSI release and has no groups.csv: BUSI holds repeated scans of the same "
+        "lesions, and a random split without groups can put duplicate scans on both sides of the split (test "
+        f"scores then measure memorisation). Fix: `usclip data duplicates {index.root}` writes "
+        f"{index.root / 'groups.csv'}; for a read-only folder, `usclip data duplicates {index.root} --output "
+        "groups.csv` and pass --data.init_args.groups_csv groups.csv"
+    )
+
+
 def detect_layout(root: str | Path) -> str:
     """``"busi"`` when ``root`` holds ``benign/`` and ``malignant/`` but no ``images/``; otherwise ``"folder"``."""
     root = Path(root)

@@ -23,6 +23,7 @@ from usclip.callbacks import AtomicCheckpoints, FiniteLossGuard, OutOfMemoryAdvi
 from usclip.models import CLIPEncoder
 from usclip.models.baselines import TimmEncoder, build_native_model
 from usclip.models.encoder import check_weights_file
+from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,10 @@ class BaseTask(L.LightningModule):
     # ----------------------------------------------------------------- run directory
     @property
     def run_dir(self) -> Path | None:
-        """The trainer's log directory (``runs/<name>/version_<n>``): config, checkpoints, splits and results.
+        """The run directory (``runs/<name>/version_<n>``): config, checkpoints, splits and results.
+
+        For every logger (TensorBoard, CSV, MLflow, W&B) the folder that holds ``checkpoints/``
+        (:func:`usclip.run_dirs.run_dir_of`).
 
         Looked up once per trainer and stage: ``trainer.log_dir`` is a broadcast under DDP, and processes with
         different numbers of test or predict batches must not call it a different number of times.
@@ -321,7 +325,6 @@ class BaseTask(L.LightningModule):
         key = (id(trainer), trainer.state.fn)
         cached = self.__dict__.get("_run_dir_cache")
         if cached is None or cached[0] != key:
-            log_dir = trainer.log_dir
-            cached = (key, Path(log_dir) if log_dir is not None else None)
+            cached = (key, run_dir_of(trainer))
             self.__dict__["_run_dir_cache"] = cached
         return cached[1]
