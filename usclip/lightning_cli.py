@@ -103,7 +103,15 @@ class UsclipCLI(LightningCLI):
         """Log one line naming where ``usclip test``/``predict`` wrote, and the run its checkpoint came from."""
         if not self.trainer.is_global_zero:
             return
-        run = run_dir_of(self.trainer)
+        # the task looked its run directory up during the run (on every process); asking the trainer again here
+        # would be a collective call on rank zero alone under DDP
+        cached = getattr(self.model, "__dict__", {}).get("_run_dir_cache")
+        if cached is not None:
+            run = cached[1]
+        elif self.trainer.world_size == 1:
+            run = run_dir_of(self.trainer)
+        else:
+            return
         if run is None:
             return
         written = [str(run / f) for f in folders if (run / f).is_dir()] or [str(run)]
