@@ -49,6 +49,15 @@ def test_null_overrides_on_the_command_line(tmp_path):
     assert not any(p.requires_grad for p in cli.model.encoder.parameters())
 
 
+def test_console_main_returns_nothing(monkeypatch):
+    """Cheap twin of the slow console-script test: console scripts exit with what the entry point returns."""
+    import usclip.cli as cli
+
+    monkeypatch.setattr(cli, "main", lambda *a, **k: object())  # a CLI object, as main() returns after a run
+    assert cli.console_main() is None
+
+
+@pytest.mark.slow
 def test_console_script_exits_zero_after_a_run(tmp_path):
     # the installed `usclip` script, as a user runs it: success must exit 0 (shell scripts use `set -e`)
     script = Path(sys.executable).parent / "usclip"

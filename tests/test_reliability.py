@@ -231,6 +231,19 @@ class _RunsCode:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
+def test_checkpoint_carrying_code_is_refused_before_anything_runs(tmp_path):
+    """Cheap twin of the slow real-CLI test: the check that `usclip test --ckpt_path` runs first."""
+    from usclip._resume import check_checkpoint
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt.*refused to load.*it calls or builds exec"):
+        check_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.slow  # cheap twin: test_checkpoint_carrying_code_is_refused_before_anything_runs
 def test_checkpoint_carrying_code_is_refused_by_the_cli(tmp_path):
     probe = tmp_path / "probe"
     torch.save({"payload": _RunsCode(probe)}, tmp_path / "probe.ckpt")
