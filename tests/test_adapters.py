@@ -345,6 +345,46 @@ def test_mona_block_keeps_open_clip_signature_under_checkpointing(images):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(("ckpt", "runs"), [(False, 1), (True, 2)])
+def test_grad_checkpointing_recomputes_blocks_in_the_backward_pass(images, ckpt, runs):
+    """grad_checkpointing=True must switch checkpointing on: each block's MLP runs again during backward."""
+    enc = _encoder("mona", grad_checkpointing=ckpt).train()
+    fc = next(
+        m for n, m in enc.named_modules() if n.startswith("visual.transformer.resblocks.0.") and n.endswith("c_fc")
+    )
+    calls = []
+    fc.register_forward_hook(lambda *_: calls.append(1))
+    features = enc(images)
+    assert len(calls) == 1
+    sum(f.square().mean() for f in features).backward()
+    assert len(calls) == runs
+
+
+@pytest.mark.parametrize("placement", ["mlp", "attn"])
+def test_mona_placement_takes_the_residual_stream_it_names(images, placement):
+    """Mona after the MLP (default) sees the whole block's output; after attention, the attention residual only."""
+    enc = _encoder("mona", {"placement": placement} if placement != "mlp" else None).eval()
+    block = next(m for m in enc.modules() if isinstance(m, MonaBlock))
+    mona = block.mona_mlp if placement == "mlp" else block.mona_attn
+    assert mona is not None and (block.mona_attn if placement == "mlp" else block.mona_mlp) is None
+    seen: dict[str, torch.Tensor] = {}
+
+    def block_input(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["q_x"]
+
+    def mona_input(module, args):
+        seen["mona_in"] = args[0]
+
+    block.register_forward_pre_hook(block_input, with_kwargs=True)
+    mona.register_forward_pre_hook(mona_input)
+    with torch.no_grad():
+        enc(images)
+        b, x = block.base_layer, seen["x"]
+        after_attn = x + b.ls_1(b.attention(q_x=b.ln_1(x)))
+        expected = after_attn + b.ls_2(b.mlp(b.ln_2(after_attn))) if placement == "mlp" else after_attn
+    torch.testing.assert_close(seen["mona_in"], expected, atol=1e-5, rtol=0)
+
+
 def test_mona_refuses_other_blocks():
     with pytest.raises(TypeError, match="Mona cannot wrap"):
         inject_adapters(nn.Sequential(nn.Linear(4, 4)), MonaConfig(target_modules=["0"]))
