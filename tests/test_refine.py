@@ -524,3 +524,29 @@ def test_transformers_backend_uses_the_chat_template(tiny_lm, tmp_path):
     assert (text, special) == ("<system> s <user> u <assistant>", False)
     answer = backend.complete([{"role": "user", "content": "nodule"}])
     assert len(answer.split()) == 3
+
+
+class _Answers:
+    """A backend that gives scripted answers in order."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+
+    def complete(self, messages):
+        return self.answers.pop(0)
+
+
+def test_limit_is_inclusive_at_exactly_77_clip_tokens():
+    """77 tokens fit (start and end included), 78 do not: an off-by-one would let CLIP truncate silently."""
+    from usclip.refine.tokens import ClipTokenCounter
+
+    count = ClipTokenCounter()
+    fits = "lesion " + "a " * 71 + "end."
+    over = "lesion " + "a " * 72 + "end."
+    assert (count(fits), count(over)) == (77, 78)
+    refined = CaptionRefiner(_Answers(over, fits), sleep=lambda s: None).refine("原始报告")
+    assert (refined.caption, refined.tokens, refined.status) == (fits, 77, "retried")
+    refined = CaptionRefiner(_Answers(fits), sleep=lambda s: None).refine("原始报告")
+    assert (refined.tokens, refined.status) == (77, "ok")
+    refined = CaptionRefiner(_Answers(over), length_retries=0, sleep=lambda s: None).refine("原始报告")
+    assert refined.status == "cut" and refined.tokens <= 77
