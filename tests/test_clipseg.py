@@ -154,7 +154,7 @@ def test_local_folder_and_weights_file(tmp_path, net):
             r"cannot load CLIPSeg 'usclip-tests/no-such-clipseg'.*hf download usclip-tests/no-such-clipseg.*folder",
         ),
         (
-            lambda: build_clipseg("CIDAS/clipseg-rd64-refined", "/elsewhere/clipseg", "busi", 64),
+            lambda: build_clipseg("CIDAS/clipseg-rd64-refined", "other-org/clipseg", "busi", 64),
             ValueError,
             r"name different CLIPSeg checkpoints",
         ),

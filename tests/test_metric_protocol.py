@@ -99,10 +99,14 @@ def _assert_equal_to_oracle(ours: SegmentationMetrics, oracle: _AuthorsAccumulat
         mine = table[name]
         assert torch.equal(torch.isnan(mine), ~torch.isfinite(reference)), f"{name}: dropped images differ"
         finite = torch.isfinite(reference)
-        tol = 1e-4 if name == "asd" else 1e-6  # MONAI's float32 mean vs our float64 sum
-        assert (mine[finite] - reference[finite]).abs().max().item() <= tol, name
-        assert summary[name].item() == pytest.approx(expected[name], abs=tol), name
-        assert summary[f"{name}_std"].item() == pytest.approx(expected[f"{name}_std"], abs=tol), name
+        # docs/metrics.md: per image 0 (Dice, IoU, HD95) and float32 rounding for ASD (MONAI's float32 mean vs our
+        # float64 sum); means and stds within float32 rounding (3e-7 measured, 1e-6 allowed)
+        # ASD: at most two float32 ulps (relative 2.4e-7) of MONAI's value
+        rtol = 2.4e-7 if name == "asd" else 0.0
+        error = (mine[finite] - reference[finite]).abs() - rtol * reference[finite].abs()
+        assert error.max().item() <= 0.0, name
+        assert summary[name].item() == pytest.approx(expected[name], abs=1e-6), name
+        assert summary[f"{name}_std"].item() == pytest.approx(expected[f"{name}_std"], abs=1e-6), name
 
 
 def masks(*rows: str) -> torch.Tensor:

@@ -46,7 +46,7 @@ def make_run(
     sweep=None,
     task="Segmentation",
     model=None,
-    root="/data/BUSI",
+    root="data/BUSI",
     test_root=None,
     seed=1,
     logger_name="run",
