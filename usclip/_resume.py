@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from usclip.run_dirs import local_path
+
 log = logging.getLogger(__name__)
 
 __all__ = ["UnsafeCheckpointError", "check_checkpoint", "find_last_checkpoint", "prepare_subcommand"]
@@ -111,7 +113,8 @@ def _runs_dir(trainer: Any) -> tuple[Path, Any | None]:
     if "experiment_name" in args:  # MLflow
         uri = args.get("tracking_uri")
         if uri:
-            return Path(uri.removeprefix("file:")) if uri.startswith("file:") else Path(root), args
+            local = local_path(uri) if str(uri).startswith("file:") else None
+            return Path(local) if local else Path(root), args
         return Path(args.get("save_dir") or root), args
     save_dir = args.get("save_dir") or root
     name = args.get("project") if "project" in args else args.get("name")

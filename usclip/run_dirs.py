@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOGGER_PACKAGES", "check_logger_installed", "checkpoint_run", "run_dir_of"]
+__all__ = ["LOGGER_PACKAGES", "check_logger_installed", "checkpoint_run", "local_path", "run_dir_of"]
 
 #: logger class name -> the package it needs (beyond Lightning's own dependencies)
 LOGGER_PACKAGES: dict[str, str] = {
@@ -50,7 +50,7 @@ def check_logger_installed(class_path: str | None) -> None:
         )
 
 
-def _local_path(path: Any) -> str | None:
+def local_path(path: Any) -> str | None:
     """A filesystem path from a logger's ``save_dir`` (``file:`` URIs of MLflow included); ``None`` otherwise."""
     if path is None:
         return None
@@ -78,7 +78,7 @@ def run_dir_of(trainer: Any) -> Path | None:
     path: str | None = None
     if trainer.is_global_zero:  # MLflow creates its run (and id) on rank zero only
         logger = loggers[0]
-        save_dir = _local_path(logger.save_dir) or str(trainer.default_root_dir)
+        save_dir = local_path(logger.save_dir) or str(trainer.default_root_dir)
         version = logger.version
         version = version if isinstance(version, str) else f"version_{version}"
         path = os.path.join(save_dir, str(logger.name), version)
