@@ -94,7 +94,7 @@ class UsclipCLI(LightningCLI):
                     check_logger_installed(one.get("class_path") if hasattr(one, "get") else None)
             except ModuleNotFoundError as err:
                 parser.error(str(err))
-        if trainer is not None:  # bf16 only where the hardware has it (usclip.precision)
+            # bf16 only where the hardware has it (usclip.precision)
             trainer.precision, reason = fit_precision(trainer.get("precision"), trainer.get("accelerator"))
             if reason:
                 rank_zero_warn(reason)
