@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.usclip-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all lint format demo smoke bench clean
+.PHONY: install test test-all lint format demo smoke bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,11 @@ demo: $(STAMP)  ## train and test the demo segmentation model on synthetic ultra
 smoke: $(STAMP)  ## one fast_dev_run of the CLI on the demo config
 	$(BIN)/usclip fit --config configs/demo.yaml --trainer.fast_dev_run=true
 
+mutants: $(STAMP)  ## mutation run: named one-line bugs the default suite must catch (docs/testing.md; not in CI)
+	$(BIN)/python bench/mutants.py $(MUTANTS_ARGS)
+
 bench: $(STAMP)  ## benchmarks (figures go to docs/benchmarks.md)
-	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in bench/*.py; do [ "$$f" = bench/mutants.py ] && continue; echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .coverage htmlcov
