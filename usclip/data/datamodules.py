@@ -132,7 +132,7 @@ class BaseDataModule(L.LightningDataModule):
             percent); more stops the run naming the share and the limit. Under DDP each process checks its shard.
         max_image_pixels: largest image read, in pixels (64 million, e.g. 8000 x 8000), checked from the file header
             before decoding, so a decompression bomb or a huge scan cannot exhaust memory (one read holds at most
-            about 8 bytes per pixel: 512 MB at the default). ``null`` lifts the limit.
+            about 12 bytes per pixel, 3 for 8-bit grey: 770 MB at the default). ``null`` lifts the limit.
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
