@@ -148,7 +148,9 @@ class BadSampleCounter:
                 continue
             files[b.path] = b.reason
             new = True
-            log.warning("skipping bad sample %r of the %s split (on_bad_sample=skip): %s", b.id, split, b.reason)
+            log.warning(
+                "skipping bad sample %r (%s) of the %s split (on_bad_sample=skip): %s", b.id, b.path, split, b.reason
+            )
         size = self.sizes.get(split, 0)
         if new and size and len(files) > self.max_fraction * size:
             first = list(files)[:3]
