@@ -37,6 +37,7 @@ from usclip.data.bad_samples import (
 from usclip.data.datasets import FolderDataset
 from usclip.data.synthetic import write_synthetic_dataset
 from usclip.data.transforms import build_transform
+from usclip.tasks import ClassificationTask, SegmentationTask
 from usclip.visualize import save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,28 +207,39 @@ def test_skip_counts_bad_files_in_the_results_and_caps_their_share(tmp_path):
     bad_train, bad_test = splits["train"][0], splits["test"][0]
     for i in (bad_train, bad_test):
         truncate(tmp_path / "data" / "images" / f"{i}.png")
-    # batches of one: every training sample is served (no dropped tail), and a bad one leaves an empty batch
-    one = ("--data.init_args.batch_size=1", "--trainer.limit_train_batches=null", "--trainer.limit_val_batches=null")
-    skip = ("--data.init_args.on_bad_sample=skip", "--data.init_args.max_bad_fraction=0.5", *one)
+    # one batch holds the whole split (no dropped tail): every sample is served, the bad one leaves it
+    whole = ("--data.init_args.batch_size=32", "--trainer.limit_val_batches=null")
+    skip = ("--data.init_args.on_bad_sample=skip", "--data.init_args.max_bad_fraction=0.5", *whole)
     cli = main(["fit", *_args(tmp_path, "skip", *skip)])
     run = Path(cli.trainer.log_dir)
-    assert cli.trainer.global_step == len(splits["train"])  # the empty batch: Lightning counts a step, no update
+    assert cli.trainer.global_step == 1
     report = json.loads((run / "results" / "bad_samples.json").read_text())
     assert report["on_bad_sample"] == "skip" and report["max_bad_fraction"] == 0.5
     train = report["splits"]["train"]
     assert train["skipped"] == 1 and list(train["files"]) == [str(tmp_path / "data" / "images" / f"{bad_train}.png")]
     assert train["samples"] == len(splits["train"]) and train["share"] == pytest.approx(1 / len(splits["train"]))
 
-    cli = main(["test", *_args(tmp_path, "skip", *skip), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    cli = main(["test", *_args(tmp_path, "skip", *skip), last])
     metrics = json.loads((Path(cli.trainer.log_dir) / "results" / "test_metrics.json").read_text())
     assert metrics["skipped_samples"] == 1 and metrics["num_images"] == len(splits["test"]) - 1
 
-    # the default limit (1 %): one bad file of the training split is too many
+    # the default limit (1 %): one bad file of the test split is too many
     with pytest.raises(TooManyBadSamplesError) as info:
-        main(["fit", *_args(tmp_path, "strict", "--data.init_args.on_bad_sample=skip", *one)])
-    n = len(splits["train"])
-    assert f"1 of {n} train samples ({1 / n:.1%})" in str(info.value)
-    assert "max_bad_fraction=0.01 (1.0%)" in str(info.value) and f"{bad_train}.png" in str(info.value)
+        main(["test", *_args(tmp_path, "strict", "--data.init_args.on_bad_sample=skip", *whole), last])
+    n = len(splits["test"])
+    assert f"1 of {n} test samples ({1 / n:.1%})" in str(info.value)
+    assert "max_bad_fraction=0.01 (1.0%)" in str(info.value) and f"{bad_test}.png" in str(info.value)
+
+
+@pytest.mark.parametrize("task", [SegmentationTask, ClassificationTask])
+def test_tasks_skip_a_batch_whose_samples_were_all_bad(task):
+    only_markers = {BAD_SAMPLES_KEY: []}  # what is left of a batch of bad files once the markers are counted
+    nobody = object()  # the guard returns before the task is touched
+    assert task.training_step(nobody, only_markers, 0) is None  # Lightning: no optimiser update
+    assert task.validation_step(nobody, only_markers, 0) is None
+    assert task.test_step(nobody, only_markers, 0) is None
+    assert task.predict_step(nobody, only_markers, 0) == []
 
 
 # ------------------------------------------------------------------ disk full
