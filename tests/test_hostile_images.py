@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from usclip.cli import main
 from usclip.data.bad_samples import BadSample, BadSampleError
 from usclip.data.checks import check_dataset
 from usclip.data.datasets import FolderDataset
@@ -161,6 +162,23 @@ def test_dataset_limit_reaches_the_reader_and_check_reports_it(tmp_path):
     errors = [p for p in check_dataset(root, crop="none", max_image_pixels=1000).problems if p.severity == "error"]
     assert [(Path(p.path).name, "2,000 pixels" in p.message) for p in errors] == [("a.png", True)]
     assert check_dataset(root, crop="none").errors == []  # the default limit reads both
+
+
+def test_data_check_command_takes_the_limit(tmp_path, capsys, bomb):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "bomb.png").symlink_to(bomb)
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(root / "images" / "a.png")
+
+    def run(*extra: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exc:
+            main(["data", "check", str(root), "--crop", "none", *extra])
+        return int(exc.value.code), capsys.readouterr().out
+
+    code, out = run()
+    assert code == 1 and "bomb.png: image of 40000 x 40000 = 1,600,000,000 pixels" in out and "a.png" not in out
+    code, out = run("--max-image-pixels", "1999")
+    assert code == 1 and "a.png: image of 50 x 40 = 2,000 pixels, more than the limit of 1,999" in out
 
 
 # ------------------------------------------------------------------ empty files

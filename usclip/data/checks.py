@@ -18,7 +18,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from usclip.data.crop import Box, CropMode, check_box, crop_box_for
-from usclip.data.imageio import MAX_IMAGE_PIXELS, ImageReadError, binarise_mask, deep_bit_depth, read_image
+from usclip.data.imageio import (
+    MAX_IMAGE_PIXELS,
+    ImageReadError,
+    _pil_check_lifted,
+    binarise_mask,
+    deep_bit_depth,
+    read_image,
+)
 from usclip.data.layouts import (
     DatasetIndex,
     busi_groups_warning,
@@ -153,7 +160,9 @@ def _index(root: Path, layout: str, report: DatasetReport) -> DatasetIndex | Non
 
 def _peek_mode(path: Path) -> str | None:
     try:
-        with Image.open(path) as im:
+        with _pil_check_lifted():  # called after read_image accepted the size
+            im = Image.open(path)
+        with im:
             return str(im.mode)
     except (OSError, ValueError):
         return None
@@ -161,7 +170,9 @@ def _peek_mode(path: Path) -> str | None:
 
 def _deep_image_note(path: Path, mode: str, report: DatasetReport) -> None:
     """The 16-bit note, and a warning when hot pixels above the chosen bit depth saturate (read twice: rare)."""
-    with Image.open(path) as im:
+    with _pil_check_lifted():  # called after read_image accepted the size
+        im = Image.open(path)
+    with im:
         bits, above = deep_bit_depth(np.asarray(im))
     report.add("note", path, f"{mode} (16-bit) image: scaled to 8 bits (from {bits} bits)")
     if above:
