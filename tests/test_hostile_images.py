@@ -175,6 +175,9 @@ def test_data_check_command_takes_the_limit(tmp_path, capsys, bomb):
             main(["data", "check", str(root), "--crop", "none", *extra])
         return int(exc.value.code), capsys.readouterr().out
 
+    from usclip.commands.data import build_parser
+
+    assert build_parser().parse_args(["check", "x"]).max_image_pixels == MAX_IMAGE_PIXELS  # spelt out: no drift
     code, out = run()
     assert code == 1 and "bomb.png: image of 40000 x 40000 = 1,600,000,000 pixels" in out and "a.png" not in out
     code, out = run("--max-image-pixels", "1999")

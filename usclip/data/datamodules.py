@@ -27,6 +27,7 @@ from usclip.data.bad_samples import (
     ON_BAD_SAMPLE,
     BadSampleCounter,
     OnBadSample,
+    TooManyBadSamplesError,
     collate_skipping_bad,
 )
 from usclip.data.cache import SampleCache
@@ -420,8 +421,11 @@ class BaseDataModule(L.LightningDataModule):
             trainer = getattr(self, "trainer", None)
             split = _SPLIT_OF_STAGE.get(trainer.state.stage, "unknown") if trainer is not None else "unknown"
             try:
-                self.bad_samples.record(split, bad)
-            finally:
+                new = self.bad_samples.record(split, bad)
+            except TooManyBadSamplesError:
+                self._write_bad_samples()
+                raise
+            if new:
                 self._write_bad_samples()
         return batch
 

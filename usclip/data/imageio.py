@@ -191,7 +191,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
             out = _to_uint8_gray(im, path)
     except ImageReadError:
         raise
-    except Image.DecompressionBombError as err:  # PIL's own limit, when someone lowered Image.MAX_IMAGE_PIXELS
+    except Image.DecompressionBombError as err:  # PIL checks again in some decoders (GIF frames) while loading
         raise ImageReadError(f"{path}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(
