@@ -1,8 +1,13 @@
-"""Atomic file writes: results, split files, adapter files and caches are never seen half-written."""
+"""Atomic file writes: results, split files, adapter files and caches are never seen half-written.
+
+A full disk (``ENOSPC``) or quota (``EDQUOT``) while writing raises :class:`DiskFullError`, naming the file, its
+folder and that the previous version of the file is unchanged; the temporary file is removed.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import tempfile
@@ -10,22 +15,58 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+#: errno values that mean "no space left": a full disk, or a full quota (NFS, cluster home folders)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(OSError):
+    """No space left while writing a file (``errno`` ENOSPC or EDQUOT); the previous file is intact."""
+
+
+def disk_full_error(path: str | os.PathLike[str], err: OSError, what: str = "file") -> DiskFullError:
+    """A :class:`DiskFullError` for ``err`` raised while writing ``path``: what, where, and that nothing was lost."""
+    path = Path(path)
+    previous = "the previous version is unchanged" if path.exists() else "no partial file was left"
+    return DiskFullError(
+        err.errno,
+        f"disk full ({errno.errorcode.get(err.errno or 0, err.errno)}) while writing the {what} {path}: "
+        f"{err.strerror or err}; {previous}. Free space in "
+        f"{path.parent} (or write elsewhere) and run again",
+        str(path),
+    )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a "no space left" error (a full disk or quota)."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success, remove it on failure.
 
     The parent folder is created. An interrupted write leaves ``path`` as it was (absent or the previous file).
+    ``what`` names the kind of file in the disk-full error (``checkpoint``, ``results``, ...).
+
+    Raises:
+        DiskFullError: when the disk or quota is full (``ENOSPC``/``EDQUOT``) at any step; ``path`` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(path, err, what) from err
+        raise
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(path, err, what) from err  # type: ignore[arg-type]
         raise
 
 

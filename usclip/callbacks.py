@@ -92,6 +92,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning writes through an fsspec transaction whose temporary file lives in the system temporary folder; when
     that is another file system the final move is a copy, and a kill during it leaves a truncated ``last.ckpt``.
+    A full disk raises :class:`usclip._io.DiskFullError` naming the checkpoint and leaves the previous file intact.
     Remote paths (``s3://`` ...) keep Lightning's behaviour.
     """
 
@@ -101,7 +102,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
+        with atomic_path(path, what="checkpoint") as tmp:  # a full disk: DiskFullError, the old file intact
             super().save_checkpoint(checkpoint, Path(tmp), storage_options)
 
 

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--labels", help="expected class names, comma separated (e.g. benign,malignant)")
     check.add_argument("--groups", type=Path, help="groups file to use instead of ROOT/groups.csv")
     check.add_argument("--max-problems", type=int, default=200, help="problems printed at most (default: 200)")
+    check.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=64_000_000,  # usclip.data.imageio.MAX_IMAGE_PIXELS, spelt out so that --help stays light
+        help="images larger than this many pixels are errors, as in training (default: 64000000; 0: no limit)",
+    )
 
     dup = sub.add_parser("duplicates", help="find near-duplicate images and write groups.csv")
     dup.add_argument("root", type=Path, help="dataset folder (generic layout or the BUSI release)")
@@ -61,7 +67,13 @@ def run_check(args: argparse.Namespace) -> int:
     from usclip.data.checks import check_dataset
 
     report = check_dataset(
-        args.root, layout=args.layout, crop=args.crop, label_names=labels, groups_csv=args.groups, progress=True
+        args.root,
+        layout=args.layout,
+        crop=args.crop,
+        label_names=labels,
+        groups_csv=args.groups,
+        progress=True,
+        max_image_pixels=args.max_image_pixels or None,
     )
     print(report.format(args.max_problems))
     return 1 if report.errors else 0

@@ -18,7 +18,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from usclip.data.crop import Box, CropMode, check_box, crop_box_for
-from usclip.data.imageio import ImageReadError, binarise_mask, read_image
+from usclip.data.imageio import (
+    MAX_IMAGE_PIXELS,
+    ImageReadError,
+    _pil_check_lifted,
+    binarise_mask,
+    deep_bit_depth,
+    read_image,
+)
 from usclip.data.layouts import (
     DatasetIndex,
     busi_groups_warning,
@@ -153,17 +160,32 @@ def _index(root: Path, layout: str, report: DatasetReport) -> DatasetIndex | Non
 
 def _peek_mode(path: Path) -> str | None:
     try:
-        with Image.open(path) as im:
+        with _pil_check_lifted():  # called after read_image accepted the size
+            im = Image.open(path)
+        with im:
             return str(im.mode)
     except (OSError, ValueError):
         return None
 
 
-def _check_mask(files: tuple[Path, ...], shape: tuple[int, int], report: DatasetReport) -> np.ndarray | None:
+def _deep_image_note(path: Path, mode: str, report: DatasetReport) -> None:
+    """The 16-bit note, and a warning when hot pixels above the chosen bit depth saturate (read twice: rare)."""
+    with _pil_check_lifted():  # called after read_image accepted the size
+        im = Image.open(path)
+    with im:
+        bits, above = deep_bit_depth(np.asarray(im))
+    report.add("note", path, f"{mode} (16-bit) image: scaled to 8 bits (from {bits} bits)")
+    if above:
+        report.add("warning", path, f"{above} pixels above the {bits}-bit range saturate at 255 (hot pixels?)")
+
+
+def _check_mask(
+    files: tuple[Path, ...], shape: tuple[int, int], report: DatasetReport, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> np.ndarray | None:
     merged: np.ndarray | None = None
     for p in files:
         try:
-            raw = read_image(p)
+            raw = read_image(p, max_pixels)
         except (OSError, ValueError) as err:
             report.add("error", p, str(err).removeprefix(f"{p}: "))
             return None
@@ -197,6 +219,7 @@ def check_dataset(
     label_names: list[str] | None = None,
     groups_csv: str | Path | None = None,
     progress: bool = False,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> DatasetReport:
     """Read every file of a dataset folder and collect counts, statistics and problems.
 
@@ -208,6 +231,8 @@ def check_dataset(
         label_names: the expected class names; other labels are errors. ``None`` accepts any label.
         groups_csv: read the groups from this file instead of ``<root>/groups.csv`` (a read-only folder).
         progress: show a progress bar while the images are read (on a terminal only: ``tqdm(disable=None)``).
+        max_image_pixels: images and masks larger than this (pixels) are errors, as in training
+            (``data.max_image_pixels``); they are not decoded.
 
     Returns:
         The report; ``report.errors`` is empty when training can use the folder as it is.
@@ -234,7 +259,7 @@ def check_dataset(
     for sid in tqdm(index.ids, desc="checking images", unit="image", disable=None if progress else True):
         path = index.images[sid]
         try:
-            image = read_image(path)
+            image = read_image(path, max_image_pixels)
         except (OSError, ValueError) as err:
             report.add("error", path, str(err).removeprefix(f"{path}: "))
             continue
@@ -242,11 +267,11 @@ def check_dataset(
         if mode in ("RGBA", "LA", "PA"):
             report.add("note", path, f"{mode} image: composited onto black and converted to grayscale")
         elif mode is not None and mode.startswith("I"):
-            report.add("note", path, f"{mode} (16-bit) image: scaled to 8 bits")
+            _deep_image_note(path, mode, report)
         report.sizes[(image.shape[1], image.shape[0])] += 1
         mask = None
         if sid in index.masks:
-            mask = _check_mask(index.masks[sid], image.shape, report)
+            mask = _check_mask(index.masks[sid], image.shape, report, max_image_pixels)
             if mask is not None:
                 report.num_masks += 1
                 report.coverage.append(float(mask.mean()))

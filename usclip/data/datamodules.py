@@ -9,6 +9,7 @@ exactly the held-out ids.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -17,11 +18,22 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader, Dataset
 
+from usclip._io import write_text_atomic
+from usclip.data.bad_samples import (
+    BAD_SAMPLES_KEY,
+    ON_BAD_SAMPLE,
+    BadSampleCounter,
+    OnBadSample,
+    TooManyBadSamplesError,
+    collate_skipping_bad,
+)
 from usclip.data.cache import SampleCache
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
+from usclip.data.imageio import MAX_IMAGE_PIXELS, check_max_pixels
 from usclip.data.layouts import (
     LAYOUTS,
     DatasetIndex,
@@ -45,6 +57,15 @@ from usclip.data.transforms import DEFAULT_AUGMENTATIONS, AugmentationSpec, buil
 from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
+
+#: the loop that is running -> the split its batches come from
+_SPLIT_OF_STAGE = {
+    RunningStage.TRAINING: "train",
+    RunningStage.SANITY_CHECKING: "val",
+    RunningStage.VALIDATING: "val",
+    RunningStage.TESTING: "test",
+    RunningStage.PREDICTING: "predict",
+}
 
 
 @dataclass
@@ -102,6 +123,17 @@ class BaseDataModule(L.LightningDataModule):
             read-only dataset folder, write them elsewhere with ``usclip data duplicates ROOT --output PATH``.
             Nothing is ever written into ``root`` (split files go to ``<run dir>/splits``), except the synthetic
             dataset when ``synthetic`` asks for it.
+        on_bad_sample: a file that cannot be read when its sample is loaded (truncated, replaced, deleted or
+            unreadable after the run started, or refused by ``max_image_pixels``): ``raise`` stops the run with an
+            error naming the file (checkpoints of earlier epochs stay as they were); ``skip`` leaves the sample out
+            of its batch, logs the file once, counts it in ``<run dir>/results/bad_samples.json`` (and in
+            ``test_metrics.json`` as ``skipped_samples``) and fails when more than ``max_bad_fraction`` of a split
+            is bad. See docs/reliability.md.
+        max_bad_fraction: largest share of a split's samples that ``on_bad_sample: skip`` may skip (0.01: one
+            percent); more stops the run naming the share and the limit. Under DDP each process checks its shard.
+        max_image_pixels: largest image read, in pixels (64 million, e.g. 8000 x 8000), checked from the file header
+            before decoding, so a decompression bomb or a huge scan cannot exhaust memory (one read holds at most
+            about 12 bytes per pixel, 3 for 8-bit grey: 770 MB at the default). ``null`` lifts the limit.
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
@@ -128,8 +160,18 @@ class BaseDataModule(L.LightningDataModule):
         cache_mb: float = 1024.0,
         cache_dir: str | None = None,
         groups_csv: str | None = None,
+        on_bad_sample: OnBadSample = "raise",
+        max_bad_fraction: float = 0.01,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(
+                f"data.max_bad_fraction must be a share in [0, 1] of a split's samples, got {max_bad_fraction}"
+            )
+        check_max_pixels(max_image_pixels, "data.max_image_pixels")
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
         if image_size < 16:
@@ -158,6 +200,11 @@ class BaseDataModule(L.LightningDataModule):
         self.layout = layout
         self.crop: CropMode = crop
         self.cache = SampleCache(cache_mb, cache_dir) if cache_mb > 0 or cache_dir else None
+        self.on_bad_sample: OnBadSample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
+        #: bad files skipped so far (``on_bad_sample: skip``), per split
+        self.bad_samples = BadSampleCounter(max_bad_fraction)
+        self._run_dir: Path | None = None
         self.splits: dict[str, list[str]] = {}
         self._labels: dict[str, int] | None = None
         self._index: DatasetIndex | None = None
@@ -228,6 +275,9 @@ class BaseDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Read labels and fix the split (unless a checkpoint already carried one)."""
+        trainer = getattr(self, "trainer", None)
+        # looked up here, on every process (a broadcast under DDP), for files written later by one process only
+        self._run_dir = run_dir_of(trainer) if trainer is not None else None
         if self.root is not None:
             self._index = index_dataset(self.root, self.layout, masks=self.requires_masks)
             if self.groups_csv is not None:
@@ -305,6 +355,8 @@ class BaseDataModule(L.LightningDataModule):
             crop=self.crop,
             index=index,
             cache=self.cache,
+            on_bad_sample=self.on_bad_sample,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def _dataset(self, split: str) -> Dataset:
@@ -339,6 +391,7 @@ class BaseDataModule(L.LightningDataModule):
         if split == "predict" and isinstance(dataset, FolderDataset):
             dataset.cache = None  # each image is read once: a cache would only grow with the number of images
         dataset, sampler = build_sampler(dataset, shuffle, seed, replicas, rank)
+        self.bad_samples.set_size(split, len(sampler) if sampler is not None else len(dataset))  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -349,7 +402,42 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(self.splits.get(split, [])) > self.batch_size,
+            collate_fn=collate_skipping_bad if self.on_bad_sample == "skip" else None,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the samples the workers skipped as bad files (``on_bad_sample: skip``) and drop their markers.
+
+        Runs in the main process, so the count covers every worker. A new bad file is logged once and recorded in
+        ``<run dir>/results/bad_samples.json``.
+
+        Raises:
+            TooManyBadSamplesError: when more than ``max_bad_fraction`` of the split is bad.
+        """
+        if not isinstance(batch, dict) or BAD_SAMPLES_KEY not in batch:
+            return batch
+        bad = batch.pop(BAD_SAMPLES_KEY)
+        if bad:
+            trainer = getattr(self, "trainer", None)
+            split = _SPLIT_OF_STAGE.get(trainer.state.stage, "unknown") if trainer is not None else "unknown"
+            try:
+                new = self.bad_samples.record(split, bad)
+            except TooManyBadSamplesError:
+                self._write_bad_samples()
+                raise
+            if new:
+                self._write_bad_samples()
+        return batch
+
+    def _write_bad_samples(self) -> None:
+        """``<run dir>/results/bad_samples.json``: per split the distinct skipped samples, their share and files."""
+        trainer = getattr(self, "trainer", None)
+        run: Path | None = getattr(self, "_run_dir", None)
+        if run is None or trainer is None or not trainer.is_global_zero:
+            return
+        summary = {"on_bad_sample": self.on_bad_sample, "max_bad_fraction": self.bad_samples.max_fraction}
+        summary |= {"splits": self.bad_samples.summary()}  # type: ignore[dict-item]
+        write_text_atomic(run / "results" / "bad_samples.json", json.dumps(summary, indent=2) + "\n")
 
     def train_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("train", shuffle=True)

@@ -27,9 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from usclip.data.bad_samples import (
+    BAD_FILE_ERRORS,
+    ON_BAD_SAMPLE,
+    BadSample,
+    OnBadSample,
+    bad_sample_error,
+)
 from usclip.data.cache import DecodedSample, SampleCache, file_key
 from usclip.data.crop import CROP_MODES, CropMode, check_box, crop_box_for
-from usclip.data.imageio import _note_once, load_grayscale, read_image, read_mask
+from usclip.data.imageio import MAX_IMAGE_PIXELS, _note_once, check_max_pixels, load_grayscale, read_image, read_mask
 from usclip.data.layouts import IMAGE_SUFFIXES, DatasetIndex, index_folder, list_images, read_csv_column
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,7 @@ def decode_sample(
     mask_paths: Sequence[Path] | None = None,
     crop: CropMode = "none",
     box: tuple[int, int, int, int] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> DecodedSample:
     """Read an image (and its merged mask) and crop both to the scan area.
 
@@ -95,6 +103,7 @@ def decode_sample(
         crop: ``auto`` finds the scan area (DICOM: the file's ultrasound region), ``boxes`` uses ``box``,
             ``none`` keeps the whole image.
         box: the crop box for ``crop="boxes"``.
+        max_pixels: largest image or mask read, in pixels (see :func:`usclip.data.imageio.read_image`).
 
     Raises:
         ImageReadError: for unreadable images and bad masks (see ``usclip.data.imageio``).
@@ -108,8 +117,8 @@ def decode_sample(
         dcm = read_dicom(image_path)
         image, spacing, region = dcm.image, dcm.spacing, dcm.region
     else:
-        image = read_image(image_path)
-    mask = read_mask(mask_paths, image.shape) if mask_paths else None
+        image = read_image(image_path, max_pixels)
+    mask = read_mask(mask_paths, image.shape, max_pixels) if mask_paths else None
     if crop == "boxes":
         if box is None:
             raise KeyError(f"{image_path}: crop='boxes' but there is no box for this image in boxes.csv")
@@ -156,11 +165,16 @@ class FolderDataset(Dataset):
         crop: ``auto`` (find the scan area), ``boxes`` (``boxes.csv``) or ``none``.
         index: a prepared :class:`DatasetIndex` (e.g. of the BUSI release); ``None`` indexes ``root``.
         cache: cache of decoded and cropped arrays; ``None`` decodes every time.
+        on_bad_sample: what a file that cannot be read when a sample is loaded does: ``raise`` a
+            :class:`~usclip.data.bad_samples.BadSampleError` naming it, or ``skip``: return a
+            :class:`~usclip.data.bad_samples.BadSample` marker instead of the sample (see
+            :mod:`usclip.data.bad_samples`; batch with :func:`~usclip.data.bad_samples.collate_skipping_bad`).
+        max_image_pixels: largest image or mask read, in pixels; larger files are bad files (``None``: no limit).
 
     Raises:
         FileNotFoundError: if an id has no image or (``with_masks``) no mask, naming the ids and folder.
         KeyError: if ``crop="boxes"`` and an id has no row in ``boxes.csv``.
-        ValueError: if an id has no label, or ``crop`` is unknown.
+        ValueError: if an id has no label, or ``crop`` or ``on_bad_sample`` is unknown.
     """
 
     def __init__(
@@ -174,9 +188,15 @@ class FolderDataset(Dataset):
         crop: CropMode = "none",
         index: DatasetIndex | None = None,
         cache: SampleCache | None = None,
+        on_bad_sample: OnBadSample = "raise",
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         if crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        self.on_bad_sample: OnBadSample = on_bad_sample
+        self.max_image_pixels = check_max_pixels(max_image_pixels)
         self.root = Path(root)
         self.ids = list(ids)
         self.index = index if index is not None else index_folder(self.root, image_dir, masks=with_masks)
@@ -217,15 +237,31 @@ class FolderDataset(Dataset):
         masks = self.mask_paths[index] if self.mask_paths is not None else None
         box = self.index.boxes.get(self.ids[index]) if self.crop == "boxes" else None
 
+        max_pixels = getattr(self, "max_image_pixels", MAX_IMAGE_PIXELS)  # datasets pickled before the option
+
         def load() -> DecodedSample:
-            return decode_sample(image_path, masks, self.crop, box)
+            return decode_sample(image_path, masks, self.crop, box, max_pixels)
 
         if self.cache is None:
             return load()
         return self.cache.get(file_key([image_path, *(masks or ())], self.crop, box), load)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        d = self.decoded(index)
+    def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
+        """Sample ``index`` as a dict (see the module docstring), or a :class:`BadSample` marker.
+
+        The marker comes when a file of the sample cannot be read and ``on_bad_sample="skip"``.
+
+        Raises:
+            BadSampleError: when its image or mask cannot be read and ``on_bad_sample="raise"`` (names the file).
+        """
+        try:
+            d = self.decoded(index)
+        except BAD_FILE_ERRORS as err:  # read failures only: a transform error below is a bug, not a bad file
+            path = str(self.image_paths[index])
+            if getattr(self, "on_bad_sample", "raise") == "raise":
+                raise bad_sample_error(index, self.ids[index], path, err) from err
+            _note_once("bad", path, "%s: bad sample %r skipped: %s", path, self.ids[index], err, level=logging.DEBUG)
+            return BadSample(index=index, id=self.ids[index], path=path, reason=str(err))
         sample: dict[str, Any] = {
             "id": self.ids[index],
             "index": torch.tensor(index),

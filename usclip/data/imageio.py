@@ -4,10 +4,18 @@ Images become H x W uint8 grayscale (B-mode is grey; colour overlays keep their 
 
 - 8-bit grey (``L``), RGB, palette and 1-bit files are converted with PIL's ITU-R 601 luminance;
 - RGBA / LA are composited onto black first (transparent = no echo), with an info note;
-- 16-bit (and 32-bit integer) files are scaled from their bit depth to 8 bits (the smallest of 8, 10, 12, 14 or 16
-  bits that holds the image's maximum, so images of one scanner keep one scale), with an info note;
+- 16-bit (and 32-bit integer) files are scaled from their bit depth to 8 bits (the smallest of 8, 10, 12, 14, 16 or
+  32 bits that holds all but at most :data:`HOT_PIXEL_FRACTION` of the pixels, at least one, so images of one
+  scanner keep one scale and a single hot pixel does not darken the image 16-fold); the few pixels above that range
+  saturate at 255 (a warning names the file and their count), with an info note;
 - DICOM files go through :mod:`usclip.data.dicom` (needs ``pydicom``);
-- unreadable or truncated files raise :class:`ImageReadError` naming the file.
+- unreadable, truncated and empty (0-byte) files raise :class:`ImageReadError` naming the file;
+- images of more than ``max_pixels`` pixels (default :data:`MAX_IMAGE_PIXELS`, 64 million: 8000 x 8000) raise
+  :class:`ImageReadError` from the size in the file's header, before any pixel is decoded: a decompression bomb (a
+  small PNG that decodes to gigapixels) or a 20,000 x 20,000 scan never reaches memory. Reading an image of ``P``
+  pixels holds at most about ``12 P`` bytes (measured: 3 for 8-bit grey, 6 for 16-bit grey, 7 for RGB, 10 for
+  RGBA, 12 for 32-bit integer; docs/data.md), so the default bounds one read to about 770 MB (190 MB for 8-bit
+  grey).
 
 Masks are binarised to {0, 1} (see :func:`read_mask` for the rules on 0/1, anti-aliased and class-index masks).
 """
@@ -15,7 +23,9 @@ Masks are binarised to {0, 1} (see :func:`read_mask` for the rules on 0/1, anti-
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +34,14 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 _NOTED: set[tuple[str, str]] = set()  # (what, path): one note per file and process, however often it is read
+
+#: default largest image read, in pixels (64 million: 8000 x 8000); ``None`` lifts the limit
+MAX_IMAGE_PIXELS = 64_000_000
+
+#: share of pixels allowed above a 16-bit image's chosen bit depth (saturated at 255), and at least one pixel
+HOT_PIXEL_FRACTION = 1e-4
+
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageReadError(ValueError):
@@ -37,34 +55,117 @@ def _note_once(what: str, path: Path | str, message: str, *args: object, level: 
         log.log(level, message, *args)
 
 
+def deep_bit_depth(a: np.ndarray) -> tuple[int, int]:
+    """The bit depth a 16- or 32-bit image is scaled from, and how many pixels lie above it.
+
+    The smallest of 8, 10, 12, 14, 16 and 32 bits that holds all pixels but at most :data:`HOT_PIXEL_FRACTION` of
+    them (and at least one): a 12-bit scan with one hot pixel at 65535 stays on the 12-bit scale, with that pixel
+    saturated, instead of being darkened 16-fold.
+
+    Returns:
+        ``(bits, number of pixels above 2**bits - 1)``.
+    """
+    allowed = max(1, int(a.size * HOT_PIXEL_FRACTION))
+    for bits in (8, 10, 12, 14, 16):
+        above = int(np.count_nonzero(a > 2**bits - 1))
+        if above <= allowed:
+            return bits, above
+    return 32, 0
+
+
+def _deep_to_uint8(a: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    if a.dtype.kind == "i" and int(a.min()) < 0:
+        raise ImageReadError(f"{path}: signed {mode} image with negative values; expected unsigned 8 or 16 bit")
+    bits, above = deep_bit_depth(a)
+    _note_once("16bit", path, "%s: %s image scaled from %d to 8 bits", path, mode, bits)
+    if above:
+        _note_once(
+            "hot",
+            path,
+            "%s: %d pixels above the %d-bit range (max %d) saturated at 255",
+            path,
+            above,
+            bits,
+            int(a.max()),
+            level=logging.WARNING,
+        )
+    if bits <= 16 and int(a.max()) < 2**16:
+        # a lookup table: no float copy of the image (memory stays ~ 3 bytes per pixel on top of the decode)
+        lut = np.minimum(np.round(np.arange(2**16) * (255.0 / (2**bits - 1))), 255).astype(np.uint8)
+        return lut[a.astype(np.uint16, copy=False)]
+    # 32-bit data: float64 in blocks of rows, so memory stays ~ 1 byte per pixel on top of the decode
+    out = np.empty(a.shape, np.uint8)
+    step = max(1, 2**20 // max(1, a.shape[-1]))
+    for r in range(0, a.shape[0], step):
+        out[r : r + step] = np.minimum(np.round(a[r : r + step] * (255.0 / (2**bits - 1))), 255)
+    return out
+
+
 def _to_uint8_gray(im: Image.Image, path: Path) -> np.ndarray:
     mode = im.mode
     if mode == "L":
         return np.asarray(im)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.int64)
-        if a.min() < 0:
-            raise ImageReadError(f"{path}: signed {mode} image with negative values; expected unsigned 8 or 16 bit")
-        top = int(a.max())
-        bits = next((b for b in (8, 10, 12, 14, 16, 32) if top < 2**b), 32)
-        _note_once("16bit", path, "%s: %s image scaled from %d to 8 bits", path, mode, bits)
-        return np.round(a * (255.0 / (2**bits - 1))).astype(np.uint8)
+        return _deep_to_uint8(np.asarray(im), mode, path)
     if mode == "F":
         raise ImageReadError(f"{path}: floating-point image (mode F); export it as 8- or 16-bit PNG")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         _note_once("alpha", path, "%s: %s image composited onto black (alpha = echo present)", path, mode)
-        rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
-        gray = np.asarray(Image.fromarray(rgba[..., :3].astype(np.uint8)).convert("L")).astype(np.float32)
-        return np.round(gray * rgba[..., 3] / 255.0).astype(np.uint8)
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"))
+        gray = np.asarray(rgba.convert("L")).astype(np.uint16)  # ITU-R 601 luminance of the colour channels
+        gray *= alpha  # <= 255 * 255: fits 16 bits
+        del alpha
+        # round(gray * alpha / 255) in integers: (x + 127) // 255 (x / 255 is never exactly n + 0.5)
+        gray += 127
+        gray //= 255
+        return gray.astype(np.uint8)
     return np.asarray(im.convert("L"))
 
 
-def read_image(path: str | Path) -> np.ndarray:
+@contextmanager
+def _pil_check_lifted() -> Iterator[None]:
+    """Lift PIL's own decompression-bomb check while opening: usclip applies ``max_pixels`` itself.
+
+    PIL warns above ``Image.MAX_IMAGE_PIXELS`` (89.5 million) and refuses twice that, from ``Image.open``, before
+    the size can be read. Lifting it lets usclip name the size and its own limit, and lets a user who raises
+    ``max_image_pixels`` read larger images. Nothing is decoded while it is lifted (``Image.open`` reads the header).
+    """
+    if Image.MAX_IMAGE_PIXELS is None:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_max_pixels(max_pixels: int | None, name: str = "max_image_pixels") -> int | None:
+    """Validate a pixel limit (``None`` or a positive integer) and return it.
+
+    Raises:
+        ValueError: naming ``name`` and the value received.
+    """
+    if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) != max_pixels or max_pixels < 1):
+        raise ValueError(f"{name} must be a positive number of pixels or null (no limit), got {max_pixels!r}")
+    return None if max_pixels is None else int(max_pixels)
+
+
+def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image file as an H x W uint8 grayscale array.
+
+    Args:
+        path: the image file.
+        max_pixels: largest width x height read; checked from the file's header before decoding. ``None``: no
+            limit (memory then grows with the image: up to about 12 bytes per pixel).
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ImageReadError: if it is empty, truncated, not an image, or of an unsupported kind (names the file).
+        ImageReadError: if it is empty, truncated, not an image, larger than ``max_pixels`` or of an unsupported
+            kind (names the file).
     """
     path = Path(path)
     if path.suffix.lower() == ".dcm":
@@ -76,11 +177,22 @@ def read_image(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes); re-export it or remove it with its mask and CSV rows")
     try:
-        with Image.open(path) as im:
+        with _pil_check_lifted():
+            im = Image.open(path)  # reads the header only
+        with im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: image of {width} x {height} = {width * height:,} pixels, more than the limit of "
+                    f"{max_pixels:,} (data.max_image_pixels); not decoded. A decompression bomb or a huge scan: "
+                    "downscale it, or raise data.max_image_pixels (memory: up to 12 bytes per pixel)"
+                )
             im.load()  # decode now: a truncated file fails here, not later in a worker
             out = _to_uint8_gray(im, path)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError as err:  # PIL checks again in some decoders (GIF frames) while loading
+        raise ImageReadError(f"{path}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(
             f"{path}: cannot read the image ({err}); the file is truncated or not an image. "
@@ -91,9 +203,9 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def load_grayscale(path: str | Path) -> np.ndarray:
+def load_grayscale(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Load an image file as an H x W uint8 array (alias of :func:`read_image`, kept for the tasks)."""
-    return read_image(path)
+    return read_image(path, max_pixels)
 
 
 def binarise_mask(mask: np.ndarray, path: str | Path) -> np.ndarray:
@@ -133,12 +245,17 @@ def binarise_mask(mask: np.ndarray, path: str | Path) -> np.ndarray:
     return (mask >= half).astype(np.uint8)
 
 
-def read_mask(paths: str | Path | Sequence[Path], shape: tuple[int, int] | None = None) -> np.ndarray:
+def read_mask(
+    paths: str | Path | Sequence[Path],
+    shape: tuple[int, int] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> np.ndarray:
     """Read one mask, or several OR-merged (multi-lesion BUSI masks), as an H x W {0, 1} uint8 array.
 
     Args:
         paths: the mask file or files.
         shape: ``(H, W)`` of the image; every mask must match it.
+        max_pixels: largest mask read (see :func:`read_image`).
 
     Raises:
         FileNotFoundError: if a mask file does not exist.
@@ -149,7 +266,7 @@ def read_mask(paths: str | Path | Sequence[Path], shape: tuple[int, int] | None 
         raise ValueError("read_mask: no mask file given")
     out: np.ndarray | None = None
     for p in files:
-        m = binarise_mask(read_image(p), p)
+        m = binarise_mask(read_image(p, max_pixels), p)
         if shape is not None and m.shape != tuple(shape):
             raise ImageReadError(
                 f"{p}: mask is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]} (W x H); "

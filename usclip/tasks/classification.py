@@ -12,7 +12,8 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
-from usclip._io import atomic_path, write_csv_atomic, write_text_atomic
+from usclip._io import atomic_path, disk_full_error, is_disk_full, write_csv_atomic, write_text_atomic
+from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.metrics import MetricProtocol, build_classification_metrics, check_metric_protocol, roc_curve
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
@@ -84,7 +85,9 @@ class ClassificationTask(BaseTask):
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), label.view(-1, 1))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:  # noqa: D102
+        if is_empty_batch(batch):  # every sample was a bad file (data.on_bad_sample: skip): no step
+            return None
         loss = self._loss(self(batch["image"]), batch["label"])
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["image"].shape[0])
@@ -99,6 +102,8 @@ class ClassificationTask(BaseTask):
         return probs
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        if is_empty_batch(batch):
+            return
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
@@ -109,6 +114,8 @@ class ClassificationTask(BaseTask):
         self._test_rows: list[list[Any]] = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        if is_empty_batch(batch):
+            return
         probs = self._eval_step(batch, "test").cpu()
         for j, image_id in enumerate(batch["id"]):
             self._test_rows.append([image_id, int(batch["label"][j]), *(float(p) for p in probs[j])])
@@ -129,6 +136,7 @@ class ClassificationTask(BaseTask):
         summary: dict[str, float | int | str] = {k.removeprefix("test_"): v for k, v in values.items()}
         protocol = self.hparams.get("metric_protocol", "strict")
         summary |= {"num_images": len(self._test_rows), "metric_protocol": protocol}
+        summary |= skipped_samples(self.trainer, "test")
         write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
         self._write_test_figures(out / "results")
         log.info("test results written to %s", out / "results")
@@ -188,7 +196,7 @@ class ClassificationTask(BaseTask):
         parts = [
             self._predict_csv.with_name(f".probabilities.rank{r}.csv.part") for r in range(self.trainer.world_size)
         ]
-        with atomic_path(final) as tmp, tmp.open("wb") as f:
+        with atomic_path(final, what="predictions") as tmp, tmp.open("wb") as f:
             for part in parts:
                 f.write(part.read_bytes())
         for part in parts:
@@ -197,12 +205,19 @@ class ClassificationTask(BaseTask):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Append class probabilities to ``<run dir>/predictions/probabilities.csv`` (streamed, flat memory)."""
+        if is_empty_batch(batch):
+            return []
         probs = self(batch["image"]).float().softmax(1).cpu()
         rows = [
             {"id": image_id, "prediction": int(probs[j].argmax()), "probs": probs[j].tolist()}
             for j, image_id in enumerate(batch["id"])
         ]
         if self._predict_csv is not None:
-            with self._predict_csv.open("a", newline="") as f:
-                csv.writer(f).writerows([r["id"], r["prediction"], *r["probs"]] for r in rows)
+            try:
+                with self._predict_csv.open("a", newline="") as f:
+                    csv.writer(f).writerows([r["id"], r["prediction"], *r["probs"]] for r in rows)
+            except OSError as err:
+                if is_disk_full(err):
+                    raise disk_full_error(self._predict_csv.parent / "probabilities.csv", err, "predictions") from err
+                raise
         return rows

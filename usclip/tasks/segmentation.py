@@ -13,6 +13,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from usclip._io import write_text_atomic
+from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.data.crop import paste_back
 from usclip.data.datasets import load_grayscale
 from usclip.metrics import MetricProtocol, SegmentationMetrics, check_metric_protocol
@@ -97,7 +98,9 @@ class SegmentationTask(BaseTask):
     def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), mask.unsqueeze(1))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:  # noqa: D102
+        if is_empty_batch(batch):  # every sample was a bad file (data.on_bad_sample: skip): no step
+            return None
         loss = self._loss(self(batch["image"]), batch["mask"])
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["image"].shape[0])
@@ -112,6 +115,8 @@ class SegmentationTask(BaseTask):
         return pred
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        if is_empty_batch(batch):
+            return
         pred = self._eval_step(batch, self.val_metrics, "val")
         if batch_idx == 0:
             self._log_val_overlays(batch, pred)
@@ -131,6 +136,8 @@ class SegmentationTask(BaseTask):
         self._log_metrics(self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        if is_empty_batch(batch):
+            return
         pred = self._eval_step(batch, self.test_metrics, "test")
         self._write_test_overlays(batch, pred)
 
@@ -149,6 +156,7 @@ class SegmentationTask(BaseTask):
         self.test_metrics.write_csv(out / "results" / "test_per_image.csv", ids=list(dataset.ids))
         summary: dict[str, float | int | str] = {k: float(v) for k, v in values.items()}
         summary |= {"num_images": num_images, "metric_protocol": self.test_metrics.protocol}
+        summary |= skipped_samples(self.trainer, "test")
         write_text_atomic(out / "results" / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
         log.info("test results written to %s", out / "results")
         self.test_metrics.reset()
@@ -178,6 +186,8 @@ class SegmentationTask(BaseTask):
         Returns one small record per image (id, original size, lesion pixel count), not the masks, so a long
         prediction run keeps flat memory.
         """
+        if is_empty_batch(batch):
+            return []
         logits = self(batch["image"])
         results = []
         out = self.run_dir
@@ -192,7 +202,7 @@ class SegmentationTask(BaseTask):
             results.append({"id": batch["id"][j], "size": (h, w), "lesion_pixels": int(mask.sum())})
             if out is not None:
                 save_png((mask * 255).astype(np.uint8), out / "predictions" / "masks" / f"{batch['id'][j]}.png")
-                original = load_grayscale(dataset.image_paths[int(batch["index"][j])])
+                original = load_grayscale(dataset.image_paths[int(batch["index"][j])], dataset.max_image_pixels)
                 save_png(overlay(original, mask), out / "predictions" / "overlays" / f"{batch['id'][j]}.png")
         return results
 
