@@ -58,3 +58,15 @@ def test_overlay_config_instantiates(overlay: Path, tmp_path: Path):
         assert model.encoder_args["adapter"] == expected
     if overlay.stem in ("unet", "resnet18"):
         assert model.hparams["head"] == "native" and all(p.requires_grad for p in model.parameters())
+
+
+def test_paper_configs_read_blocks_3_6_9():
+    """The paper's head reads encoder blocks 3, 6 and 9 (0-based) in every paper config (the other tests override
+    ``layers`` for the tiny model). Catches: the blocks written 1-based, ``[2, 5, 8]``, in a config."""
+    import yaml
+
+    paper = [c for c in TOP if c.stem != "demo"]
+    assert len(paper) >= 8
+    for config in paper:
+        init = yaml.safe_load(config.read_text())["model"]["init_args"]
+        assert init.get("layers") == [3, 6, 9], config.name

@@ -37,7 +37,7 @@ def test_segmentation_head_equals_upsample_then_conv():
     assert out.shape == (2, 3, 16, 20)
     # the paper's order (up-sample the fused features, then 1x1 conv) gives the same logits
     fused = F.interpolate(head.reduce(feats()), size=(16, 20), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out, head.classifier(fused), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, head.classifier(fused))  # float32 defaults: rtol 1.3e-6, atol 1e-5
 
 
 def test_classification_head_pools_cam():
@@ -46,3 +46,33 @@ def test_classification_head_pools_cam():
     assert logits.shape == (2, 2) and cam.shape == (2, 2, 16, 20)
     torch.testing.assert_close(logits, cam.mean(dim=(2, 3)))
     assert sum(p.numel() for p in head.parameters()) == 3 * (8 * 6 + 6) + (18 * 2 + 2)
+
+
+TINY_TASK = {"model_name": "usclip-test-vit", "pretrained": None, "layers": [1, 3], "embed_dim": 8}
+
+
+def test_tasks_fuse_blocks_by_concatenation_by_default():
+    """The paper concatenates the projected blocks. Catches: ``fusion: sum`` as the tasks' default."""
+    from usclip.tasks import ClassificationTask, SegmentationTask
+
+    for task_class in (SegmentationTask, ClassificationTask):
+        head = task_class(**TINY_TASK, image_size=64).head
+        assert head.reduce.fusion == "concat" and head.reduce.out_channels == 2 * 8
+        assert head.classifier.in_channels == 16
+
+
+def test_task_logits_come_back_at_the_input_height_and_width():
+    """A task built for non-square 48 x 64 images: logits ``(B, K, 48, 64)``, the head's up-sampled maps.
+
+    Catches: the logits up-sampled to ``(W, H)`` (invisible on square images).
+    """
+    from usclip.tasks import SegmentationTask
+
+    torch.manual_seed(0)
+    task = SegmentationTask(**TINY_TASK, image_size=(48, 64)).eval()
+    x = torch.rand(2, 3, 48, 64)
+    with torch.no_grad():
+        logits = task(x)
+        maps = task.head.classifier(task.head.reduce(task.encoder(task.normalize(x))))
+    assert maps.shape[-2:] == (3, 4) and logits.shape == (2, 2, 48, 64)
+    torch.testing.assert_close(logits, F.interpolate(maps, size=(48, 64), mode="bilinear", align_corners=False))

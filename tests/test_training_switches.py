@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from monai.losses import DiceCELoss, FocalLoss
 
 from usclip.cli import main
+from usclip.data import SegmentationDataModule
 from usclip.tasks import ClassificationTask, SegmentationTask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +111,134 @@ def test_authors_training_overlays(tmp_path, config, overlay, expected):
         assert cli.model.hparams[key] == value, key
     assert cli.trainer.check_val_every_n_epoch == 10
     assert cli.trainer.max_epochs == 1000
+
+
+# ------------------------------------------------------------------------------------------- losses by hand (#17)
+def test_dice_and_ce_terms_carry_their_own_weights():
+    """Dice + CE against a hand computation with unequal weights.
+
+    Catches: ``lambda_ce`` read from ``lambda_dice`` (or the two swapped), and sigmoid instead of softmax.
+    """
+    torch.manual_seed(3)
+    logits = torch.randn(2, 2, 6, 10)  # non-square
+    target = (torch.rand(2, 6, 10) > 0.6).long()
+    task = SegmentationTask(**TINY, lambda_dice=0.25, lambda_ce=3.0)
+    prob = logits.softmax(1)
+    onehot = torch.stack([target == 0, target == 1], 1).float()
+    smooth = 1e-5
+    dice = 1 - (2 * (prob * onehot).sum((2, 3)) + smooth) / (prob.sum((2, 3)) + onehot.sum((2, 3)) + smooth)
+    ce = -(logits.log_softmax(1) * onehot).sum(1).mean()
+    expected = 0.25 * dice.mean() + 3.0 * ce
+    torch.testing.assert_close(task._loss(logits, target), expected, rtol=1e-6, atol=1e-7)
+
+
+def _focal_by_hand(logits: torch.Tensor, label: torch.Tensor, gamma: float, alpha: float | None, softmax: bool):
+    """MONAI's focal loss written out: one term per (image, class), mean over all of them."""
+    terms = []
+    for row, y in zip(logits.tolist(), label.tolist(), strict=True):
+        if softmax:
+            z = [math.exp(v) for v in row]
+            for k in range(len(row)):
+                p = z[k] / sum(z)
+                weight = 1.0 if alpha is None else (alpha if k > 0 else 1 - alpha)
+                terms.append(-weight * (1 - p) ** gamma * math.log(p) if k == y else 0.0)
+        else:
+            for k, v in enumerate(row):
+                p = 1 / (1 + math.exp(-v))
+                pt = p if k == y else 1 - p
+                weight = 1.0 if alpha is None else (alpha if k == y else 1 - alpha)
+                terms.append(-weight * (1 - pt) ** gamma * math.log(pt))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(("gamma", "alpha"), [(2.0, None), (0.5, None), (1.5, 0.8)])
+def test_focal_loss_equals_a_hand_computation(activation, gamma, alpha):
+    """Focal loss values for three images, by hand: ``-alpha_t (1 - p_t)^gamma log p_t``.
+
+    Catches: gamma ignored (fixed at 2), alpha applied to the negative class (``1 - alpha``), softmax and sigmoid
+    confused, a wrong default gamma.
+    """
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.9], [-1.5, 1.0]], dtype=torch.float64)
+    label = torch.tensor([0, 1, 0])
+    task = ClassificationTask(**TINY, focal_activation=activation, gamma=gamma, alpha=alpha)
+    expected = _focal_by_hand(logits, label, gamma, alpha, activation == "softmax")
+    assert float(task._loss(logits, label)) == pytest.approx(expected, rel=1e-6)
+    if (gamma, alpha, activation) == (2.0, None, "softmax"):  # the defaults
+        assert float(ClassificationTask(**TINY)._loss(logits, label)) == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------- optimiser (#17)
+def test_adamw_gets_the_papers_settings_and_only_trainable_parameters():
+    """AdamW: lr 1e-4, betas (0.9, 0.95), weight decay 1e-2 by default; the values given are used; only tensors
+    with ``requires_grad`` go in, and a task with none is refused.
+
+    Catches: torch's default betas (0.9, 0.999), weight decay 1e-4, the frozen encoder handed to the optimiser.
+    """
+    task = SegmentationTask(**TINY)
+    task.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = task.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert (group["initial_lr"], group["betas"], group["weight_decay"]) == (1e-4, (0.9, 0.95), 1e-2)
+    trainable = {id(p) for p in task.parameters() if p.requires_grad}
+    assert {id(p) for p in group["params"]} == trainable
+    assert trainable == {id(p) for p in task.head.parameters()}  # adapter: null, so the head only
+    assert len(group["params"]) < len(list(task.parameters()))
+
+    task = SegmentationTask(**TINY, lr=3e-3, betas=(0.8, 0.9), weight_decay=0.05)
+    task.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    group = task.configure_optimizers()["optimizer"].param_groups[0]
+    assert (group["initial_lr"], group["betas"], group["weight_decay"]) == (3e-3, (0.8, 0.9), 0.05)
+
+    for p in task.head.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="no trainable parameters"):
+        task.configure_optimizers()
+
+
+def test_warmup_is_linear_then_cosine_over_the_remaining_steps():
+    """Warm-up of 3 steps over 10: lr x 1/4, 2/4, 3/4, then the cosine from lr over the 7 steps left.
+
+    Catches: a warm-up that starts at 0 (a wasted step), the cosine counted from step 0 instead of the warm-up's end.
+    """
+    lrs = _schedule(SegmentationTask(**TINY, lr=2e-4, warmup_steps=3), 10)
+    expected = [2e-4 * f for f in (0.25, 0.5, 0.75)]
+    expected += [2e-4 * 0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(7)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+class _RecordLr(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_steps_with_every_optimiser_step_in_a_run(tmp_path):
+    """In a real run of 2 epochs x 3 steps the learning rate follows the cosine step by step.
+
+    Catches: the scheduler stepped once per epoch (``interval: epoch``), which holds lr for a whole epoch.
+    """
+    from .test_data import make_folder
+
+    root = make_folder(tmp_path / "d", n=20)
+    task = SegmentationTask(**TINY, lr=1e-3, min_lr=1e-4)
+    record = _RecordLr()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[record],
+    )
+    dm = SegmentationDataModule(str(root), image_size=64, batch_size=4, augmentations={})
+    trainer.fit(task, datamodule=dm)
+    expected = [1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * t / 6)) for t in range(6)]
+    assert record.lrs == pytest.approx(expected, rel=1e-9)
