@@ -138,6 +138,62 @@ def test_per_image_spacing_tensor_equals_separate_calls():
         assert together.asd[i].item() == pytest.approx(alone.asd.item(), abs=1e-5)
 
 
+# A 6 x 8 (non-square) batch for anisotropic spacing, hand-computed (and equal to MONAI 1.6.1 with the same spacing):
+# 0: a 3 x 5 rectangle against itself shifted one row down. With spacing (row 2.0, column 0.5) the nearest boundary
+#    pixel of some interior-facing pixels lies along the row (0.5 or 1.0 away), not across it (2.0).
+#    Each direction: 4 zeros, 0.5 twice, 1.0 once, 2.0 five times -> HD95 2.0, ASD 24 / 24 = 1.0.
+# 1: prediction one pixel P = (2, 2); ground truth A = (2, 5) (3 columns away) and B = (4, 2) (2 rows away).
+#    In millimetres A is nearer (1.5 against 4.0); in pixels B is (2 against 3). P -> truth {1.5}; truth -> P
+#    {1.5, 4.0}: HD95 = 1.5 + 0.95 * 2.5 = 3.875, ASD = (1.5 + 1.5 + 4.0) / 3.
+# 2: missed lesion (empty prediction): the diagonal hypot(6 * 2.0, 8 * 0.5).
+ANISO_PRED = batch(
+    masks("........", "........", ".#####..", ".#####..", ".#####..", "........"),
+    masks("........", "........", "..#.....", "........", "........", "........"),
+    torch.zeros(6, 8, dtype=torch.bool),
+)
+ANISO_TARGET = batch(
+    masks("........", ".#####..", ".#####..", ".#####..", "........", "........"),
+    masks("........", "........", ".....#..", "........", "..#.....", "........"),
+    masks("........", ".#####..", ".#####..", ".#####..", "........", "........"),
+)
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    [(2.0, 0.5), [2.0, 0.5], torch.tensor([2.0, 0.5]), torch.tensor([[2.0, 0.5]] * 3)],
+    ids=["tuple", "list", "tensor2", "tensorB2"],
+)
+def test_anisotropic_spacing_on_non_square_masks_hand_computed(spacing):
+    """Spacing is (row, column) on a non-square image, where anisotropy changes which boundary pixel is nearest.
+
+    Catches: the pair read as (column, row); boundary coordinates stored as (column, row); the row factor
+    inverted; the empty-mask diagonal with the spacings swapped. The real-data MONAI test caught these only with
+    the data folder present.
+    """
+    result = surface_distances(ANISO_PRED, ANISO_TARGET, spacing=spacing)
+    diagonal = math.hypot(6 * 2.0, 8 * 0.5)
+    assert result.hd.tolist() == pytest.approx([2.0, 3.875, diagonal], rel=1e-6)
+    assert result.asd.tolist() == pytest.approx([1.0, 7 / 3, diagonal], rel=1e-6)
+    directed = surface_distances(ANISO_PRED, ANISO_TARGET, spacing=spacing, symmetric=False)
+    assert directed.asd.tolist() == pytest.approx([1.0, 1.5, diagonal], rel=1e-6)
+
+
+def test_swapped_spacing_gives_the_other_hand_computed_values():
+    """The same masks with (row 0.5, column 2.0), and in pixels: the spacing's order matters, in a known way."""
+    swapped = surface_distances(ANISO_PRED, ANISO_TARGET, spacing=(0.5, 2.0))
+    # 0: every non-zero distance is one row, 0.5. 1: P -> B 1.0, A -> P 6.0: HD95 1 + 0.95 * 5, ASD (1 + 6 + 1) / 3.
+    assert swapped.hd.tolist() == pytest.approx([0.5, 5.75, math.hypot(6 * 0.5, 8 * 2.0)], rel=1e-6)
+    assert swapped.asd.tolist() == pytest.approx([8 * 0.5 * 2 / 24, 8 / 3, math.hypot(3.0, 16.0)], rel=1e-6)
+    pixels = surface_distances(ANISO_PRED, ANISO_TARGET)
+    assert pixels.hd.tolist() == pytest.approx([1.0, 2.95, 10.0], rel=1e-6)
+    assert pixels.asd.tolist() == pytest.approx([16 / 24, 7 / 3, 10.0], rel=1e-6)
+    metric = SegmentationMetrics(include=("hd95", "asd"), spacing=(2.0, 0.5))
+    metric.update(ANISO_PRED, ANISO_TARGET)
+    out = metric.compute()
+    assert out["hd95"].item() == pytest.approx((2.0 + 3.875 + math.hypot(12.0, 4.0)) / 3, rel=1e-6)
+    assert out["asd"].item() == pytest.approx((1.0 + 7 / 3 + math.hypot(12.0, 4.0)) / 3, rel=1e-6)
+
+
 def test_grouping_and_row_blocks_do_not_change_values(monkeypatch):
     g = torch.Generator().manual_seed(0)
     t = torch.rand(6, 20, 24, generator=g) < 0.3
