@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,23 @@ def test_hd95_interpolates_and_asd_pools_both_boundaries():
     assert asd(p, t, symmetric=False).item() == pytest.approx(2.0)  # prediction -> target only
     # hd is the larger directed percentile whichever mask holds the outlier.
     assert hd95(t, p).item() == pytest.approx(3.8)
+
+
+def test_distances_are_float64_square_roots_rounded_to_float32():
+    """MONAI's distances are float64 square roots rounded to float32; ours must be bit-identical to them.
+
+    Catches: the square root taken in float32 (torch's CPU float32 ``sqrt`` is one ulp low for 34, 37 and 545 on
+    the x86 machines measured; docs/metrics.md step 3).
+    """
+    pred = torch.zeros(3, 24, 5, dtype=torch.bool)
+    target = torch.zeros(3, 24, 5, dtype=torch.bool)
+    pred[:, 0, 0] = True
+    for i, (dy, dx) in enumerate(((5, 3), (6, 1), (23, 4))):  # squared distances 34, 37, 545
+        target[i, dy, dx] = True
+    expected = [float(np.float32(math.sqrt(d2))) for d2 in (34, 37, 545)]
+    result = surface_distances(pred, target)
+    assert result.hd.tolist() == expected  # exact: no tolerance
+    assert result.asd.tolist() == expected
 
 
 def test_shifted_square_hand_computed():
@@ -396,6 +414,21 @@ def test_multiclass_classification_metrics_hand_computed():
     assert out["specificity"] == pytest.approx((2 / 3 + 1 + 1) / 3)
     # F1 per class: 2/3 (P 1/2, R 1), 2/3 (P 1, R 1/2), 1.
     assert out["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_multiclass_auc_is_macro_over_one_vs_rest_curves():
+    """Multiclass AUC: the unweighted mean of the one-vs-rest AUCs (classes with 3, 1 and 1 samples).
+
+    Catches: AUC weighted by class support (0.425 here) instead of macro-averaged like the other metrics.
+    """
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6], [0.4, 0.5, 0.1], [0.6, 0.1, 0.3]])
+    target = torch.tensor([0, 0, 0, 1, 2])
+    metrics = build_classification_metrics(3)
+    metrics.update(probs, target)
+    # one-vs-rest: class 0 ranks 1 of its 6 (positive, negative) pairs right; class 1 all 4; class 2 2 of 4 and
+    # a tie (0.3 against 0.3) counted half.
+    expected = (1 / 6 + 1.0 + 2.5 / 4) / 3
+    assert metrics.compute()["auc"].item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_roc_curve_binary_and_multiclass():
