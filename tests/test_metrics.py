@@ -465,17 +465,20 @@ def test_distance_products_run_at_full_float32_precision(monkeypatch, precision)
         seen.append(torch.get_float32_matmul_precision())
         return real_bmm(*args, **kwargs)
 
+    preds = torch.zeros(2, 20, 30, dtype=torch.bool)
+    target = torch.zeros(2, 20, 30, dtype=torch.bool)
+    preds[:, 3:12, 4:20] = True
+    target[:, 5:15, 8:25] = True
     monkeypatch.setattr(functional.torch, "bmm", recording_bmm)
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
     try:
-        preds = torch.zeros(2, 20, 30, dtype=torch.bool)
-        target = torch.zeros(2, 20, 30, dtype=torch.bool)
-        preds[:, 3:12, 4:20] = True
-        target[:, 5:15, 8:25] = True
+        torch.set_float32_matmul_precision("highest")
+        reference = functional.surface_distances(preds, target)
+        seen.clear()
+        torch.set_float32_matmul_precision(precision)
         d = functional.surface_distances(preds, target)
         assert seen and set(seen) == {"highest"}
         assert torch.get_float32_matmul_precision() == precision  # the user's setting is restored
-        assert torch.isfinite(d.hd).all()
+        assert torch.equal(d.hd, reference.hd) and torch.equal(d.asd, reference.asd)
     finally:
         torch.set_float32_matmul_precision(previous)
