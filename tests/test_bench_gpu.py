@@ -33,7 +33,8 @@ def test_metrics_device_agrees_with_cpu_and_monai(tmp_path):
     assert json.loads(out.read_text()) == result
     assert result["max_abs_diff_device_vs_cpu"] == 0.0
     assert result["monai_pairs_compared"] == 8  # pair 15 is the first empty prediction
-    assert result["max_abs_diff_vs_monai"] < 1e-6  # docs/benchmarks.md: 4.8e-7
+    # docs/benchmarks.md: within 4.8e-7 (2**-21) of MONAI on 2,048 pairs at 224 px; 2.4e-7 measured on these 8
+    assert result["max_abs_diff_vs_monai"] <= 2.0**-21
     assert result["pairs"] == 32 and result["size"] == 48
 
 
