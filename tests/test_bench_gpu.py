@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -32,7 +33,8 @@ def test_metrics_device_agrees_with_cpu_and_monai(tmp_path):
     assert json.loads(out.read_text()) == result
     assert result["max_abs_diff_device_vs_cpu"] == 0.0
     assert result["monai_pairs_compared"] == 8  # pair 15 is the first empty prediction
-    assert result["max_abs_diff_vs_monai"] < 1e-6  # docs/benchmarks.md: 4.8e-7
+    # docs/benchmarks.md: within 4.8e-7 (2**-21) of MONAI on 2,048 pairs at 224 px; 2.4e-7 measured on these 8
+    assert result["max_abs_diff_vs_monai"] <= 2.0**-21
     assert result["pairs"] == 32 and result["size"] == 48
 
 
@@ -79,5 +81,9 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert summary["train_bf16"]["images_per_s"] > 0
     assert summary["metrics"]["max_abs_diff_device_vs_cpu"] == 0.0
     test_metrics = summary["fit"]["test_metrics"]
-    assert 0.0 <= test_metrics["dice"] <= 1.0 and test_metrics["num_images"] >= 1
+    with (tmp_path / "runs" / "busi_seg" / "test" / "results" / "test_per_image.csv").open() as f:
+        dice = [float(row["dice"]) for row in csv.DictReader(f)]
+    # the summary holds the test's own numbers: the mean of the per-image Dice (not only a value in [0, 1])
+    assert test_metrics["num_images"] == len(dice) >= 1
+    assert test_metrics["dice"] == pytest.approx(sum(dice) / len(dice), abs=1e-6)
     assert (tmp_path / "runs" / "busi_seg" / "fit" / "checkpoints" / "best.ckpt").is_file()

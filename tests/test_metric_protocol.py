@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import yaml
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
 from PIL import Image
+from torchmetrics.functional.classification import binary_auroc
 
 from usclip.cli import main
 from usclip.data.synthetic import generate_sample
@@ -355,5 +356,16 @@ def test_cli_zero_shot_classification_writes_the_protocol(tmp_path: Path):
     vl = CONF_DIR / "vision_language"
     args = [*_cli_args(vl / "zeroshot.yaml", tmp_path), f"--model.init_args.prompts={vl / 'prompts_tiny.yaml'}"]
     cli = main(["test", *args])
-    metrics = json.loads((Path(cli.trainer.log_dir) / "results" / "test_metrics.json").read_text())
-    assert metrics["metric_protocol"] == "authors" and 0.0 <= metrics["acc"] <= 1.0
+    results = Path(cli.trainer.log_dir) / "results"
+    metrics = json.loads((results / "test_metrics.json").read_text())
+    assert metrics["metric_protocol"] == "authors"
+    # the numbers are those of the written predictions: positive class 1, decisions at 0.5 (not only in [0, 1])
+    with (results / "test_predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    positive = [float(r[list(r)[-1]]) for r in rows]  # last column: probability of class 1
+    labels = [int(r["label"]) for r in rows]
+    assert metrics["num_images"] == len(rows) and len(set(labels)) == 2
+    expected_acc = np.mean([(p > 0.5) == bool(y) for p, y in zip(positive, labels, strict=True)])
+    assert metrics["acc"] == pytest.approx(expected_acc, abs=1e-6)
+    expected_auc = binary_auroc(torch.tensor(positive), torch.tensor(labels)).item()
+    assert metrics["auc"] == pytest.approx(expected_auc, abs=1e-6)

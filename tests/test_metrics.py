@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,23 @@ def test_hd95_interpolates_and_asd_pools_both_boundaries():
     assert hd95(t, p).item() == pytest.approx(3.8)
 
 
+def test_distances_are_float64_square_roots_rounded_to_float32():
+    """MONAI's distances are float64 square roots rounded to float32; ours must be bit-identical to them.
+
+    Catches: the square root taken in float32 (torch's CPU float32 ``sqrt`` is one ulp low for 34, 37 and 545 on
+    the x86 machines measured; docs/metrics.md step 3).
+    """
+    pred = torch.zeros(3, 24, 5, dtype=torch.bool)
+    target = torch.zeros(3, 24, 5, dtype=torch.bool)
+    pred[:, 0, 0] = True
+    for i, (dy, dx) in enumerate(((5, 3), (6, 1), (23, 4))):  # squared distances 34, 37, 545
+        target[i, dy, dx] = True
+    expected = [float(np.float32(math.sqrt(d2))) for d2 in (34, 37, 545)]
+    result = surface_distances(pred, target)
+    assert result.hd.tolist() == expected  # exact: no tolerance
+    assert result.asd.tolist() == expected
+
+
 def test_shifted_square_hand_computed():
     # A filled 5x5 square against itself shifted by one row: each boundary moves by one pixel.
     square = torch.zeros(9, 9, dtype=torch.bool)
@@ -136,6 +154,62 @@ def test_per_image_spacing_tensor_equals_separate_calls():
         alone = surface_distances(p[i : i + 1], t[i : i + 1], spacing=tuple(spacings[i].tolist()))
         assert together.hd[i].item() == pytest.approx(alone.hd.item(), abs=1e-5)
         assert together.asd[i].item() == pytest.approx(alone.asd.item(), abs=1e-5)
+
+
+# A 6 x 8 (non-square) batch for anisotropic spacing, hand-computed (and equal to MONAI 1.6.1 with the same spacing):
+# 0: a 3 x 5 rectangle against itself shifted one row down. With spacing (row 2.0, column 0.5) the nearest boundary
+#    pixel of some interior-facing pixels lies along the row (0.5 or 1.0 away), not across it (2.0).
+#    Each direction: 4 zeros, 0.5 twice, 1.0 once, 2.0 five times -> HD95 2.0, ASD 24 / 24 = 1.0.
+# 1: prediction one pixel P = (2, 2); ground truth A = (2, 5) (3 columns away) and B = (4, 2) (2 rows away).
+#    In millimetres A is nearer (1.5 against 4.0); in pixels B is (2 against 3). P -> truth {1.5}; truth -> P
+#    {1.5, 4.0}: HD95 = 1.5 + 0.95 * 2.5 = 3.875, ASD = (1.5 + 1.5 + 4.0) / 3.
+# 2: missed lesion (empty prediction): the diagonal hypot(6 * 2.0, 8 * 0.5).
+ANISO_PRED = batch(
+    masks("........", "........", ".#####..", ".#####..", ".#####..", "........"),
+    masks("........", "........", "..#.....", "........", "........", "........"),
+    torch.zeros(6, 8, dtype=torch.bool),
+)
+ANISO_TARGET = batch(
+    masks("........", ".#####..", ".#####..", ".#####..", "........", "........"),
+    masks("........", "........", ".....#..", "........", "..#.....", "........"),
+    masks("........", ".#####..", ".#####..", ".#####..", "........", "........"),
+)
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    [(2.0, 0.5), [2.0, 0.5], torch.tensor([2.0, 0.5]), torch.tensor([[2.0, 0.5]] * 3)],
+    ids=["tuple", "list", "tensor2", "tensorB2"],
+)
+def test_anisotropic_spacing_on_non_square_masks_hand_computed(spacing):
+    """Spacing is (row, column) on a non-square image, where anisotropy changes which boundary pixel is nearest.
+
+    Catches: the pair read as (column, row); boundary coordinates stored as (column, row); the row factor
+    inverted; the empty-mask diagonal with the spacings swapped. The real-data MONAI test caught these only with
+    the data folder present.
+    """
+    result = surface_distances(ANISO_PRED, ANISO_TARGET, spacing=spacing)
+    diagonal = math.hypot(6 * 2.0, 8 * 0.5)
+    assert result.hd.tolist() == pytest.approx([2.0, 3.875, diagonal], rel=1e-6)
+    assert result.asd.tolist() == pytest.approx([1.0, 7 / 3, diagonal], rel=1e-6)
+    directed = surface_distances(ANISO_PRED, ANISO_TARGET, spacing=spacing, symmetric=False)
+    assert directed.asd.tolist() == pytest.approx([1.0, 1.5, diagonal], rel=1e-6)
+
+
+def test_swapped_spacing_gives_the_other_hand_computed_values():
+    """The same masks with (row 0.5, column 2.0), and in pixels: the spacing's order matters, in a known way."""
+    swapped = surface_distances(ANISO_PRED, ANISO_TARGET, spacing=(0.5, 2.0))
+    # 0: every non-zero distance is one row, 0.5. 1: P -> B 1.0, A -> P 6.0: HD95 1 + 0.95 * 5, ASD (1 + 6 + 1) / 3.
+    assert swapped.hd.tolist() == pytest.approx([0.5, 5.75, math.hypot(6 * 0.5, 8 * 2.0)], rel=1e-6)
+    assert swapped.asd.tolist() == pytest.approx([8 * 0.5 * 2 / 24, 8 / 3, math.hypot(3.0, 16.0)], rel=1e-6)
+    pixels = surface_distances(ANISO_PRED, ANISO_TARGET)
+    assert pixels.hd.tolist() == pytest.approx([1.0, 2.95, 10.0], rel=1e-6)
+    assert pixels.asd.tolist() == pytest.approx([16 / 24, 7 / 3, 10.0], rel=1e-6)
+    metric = SegmentationMetrics(include=("hd95", "asd"), spacing=(2.0, 0.5))
+    metric.update(ANISO_PRED, ANISO_TARGET)
+    out = metric.compute()
+    assert out["hd95"].item() == pytest.approx((2.0 + 3.875 + math.hypot(12.0, 4.0)) / 3, rel=1e-6)
+    assert out["asd"].item() == pytest.approx((1.0 + 7 / 3 + math.hypot(12.0, 4.0)) / 3, rel=1e-6)
 
 
 def test_grouping_and_row_blocks_do_not_change_values(monkeypatch):
@@ -342,6 +416,21 @@ def test_multiclass_classification_metrics_hand_computed():
     assert out["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
 
 
+def test_multiclass_auc_is_macro_over_one_vs_rest_curves():
+    """Multiclass AUC: the unweighted mean of the one-vs-rest AUCs (classes with 3, 1 and 1 samples).
+
+    Catches: AUC weighted by class support (0.425 here) instead of macro-averaged like the other metrics.
+    """
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6], [0.4, 0.5, 0.1], [0.6, 0.1, 0.3]])
+    target = torch.tensor([0, 0, 0, 1, 2])
+    metrics = build_classification_metrics(3)
+    metrics.update(probs, target)
+    # one-vs-rest: class 0 ranks 1 of its 6 (positive, negative) pairs right; class 1 all 4; class 2 2 of 4 and
+    # a tie (0.3 against 0.3) counted half.
+    expected = (1 / 6 + 1.0 + 2.5 / 4) / 3
+    assert metrics.compute()["auc"].item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_roc_curve_binary_and_multiclass():
     p1 = torch.tensor([0.9, 0.6, 0.2, 0.4])
     target = torch.tensor([1, 1, 0, 0])
@@ -376,17 +465,20 @@ def test_distance_products_run_at_full_float32_precision(monkeypatch, precision)
         seen.append(torch.get_float32_matmul_precision())
         return real_bmm(*args, **kwargs)
 
+    preds = torch.zeros(2, 20, 30, dtype=torch.bool)
+    target = torch.zeros(2, 20, 30, dtype=torch.bool)
+    preds[:, 3:12, 4:20] = True
+    target[:, 5:15, 8:25] = True
     monkeypatch.setattr(functional.torch, "bmm", recording_bmm)
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
     try:
-        preds = torch.zeros(2, 20, 30, dtype=torch.bool)
-        target = torch.zeros(2, 20, 30, dtype=torch.bool)
-        preds[:, 3:12, 4:20] = True
-        target[:, 5:15, 8:25] = True
+        torch.set_float32_matmul_precision("highest")
+        reference = functional.surface_distances(preds, target)
+        seen.clear()
+        torch.set_float32_matmul_precision(precision)
         d = functional.surface_distances(preds, target)
         assert seen and set(seen) == {"highest"}
         assert torch.get_float32_matmul_precision() == precision  # the user's setting is restored
-        assert torch.isfinite(d.hd).all()
+        assert torch.equal(d.hd, reference.hd) and torch.equal(d.asd, reference.asd)
     finally:
         torch.set_float32_matmul_precision(previous)

@@ -190,6 +190,19 @@ def test_marks_best_and_second_best_lower_is_better_and_printed_ties():
     assert rows["c"][hd95] == rows["d"][hd95] == "9.00 ± 0.00"
 
 
+def test_methods_that_print_the_same_best_value_are_both_bold():
+    """Ranks compare the printed values (two decimals): a tie at the top is two bold cells, the next underlined.
+
+    Catches: ranks from the unrounded means (only the method with the larger hidden digits would be bold).
+    """
+    runs = [_run("a", seg(0.8, hd95=4.0)), _run("b", seg(0.800001, hd95=3.999999)), _run("c", seg(0.7, hd95=5.0))]
+    header, rows = md_rows(format_markdown(aggregate(runs)["table2"]))
+    for metric, best, second in (("BUSI Dice ↑", "80.00", "70.00"), ("BUSI HD95 ↓", "4.00", "5.00")):
+        column = header.index(metric)
+        assert rows["a"][column] == rows["b"][column] == f"**{best} ± 0.00**"
+        assert rows["c"][column] == f"<u>{second} ± 0.00</u>"
+
+
 def test_a_cell_over_fewer_seeds_says_so_and_non_finite_values_are_left_out():
     runs = [_run("a", seg(0.8), seed=s) for s in (1, 2, 3)]
     runs += [_run("b", seg(0.6), seed=1), _run("b", seg(0.7), seed=2)]  # seed 3 missing
