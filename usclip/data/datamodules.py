@@ -31,7 +31,7 @@ from usclip.data.layouts import (
     index_folder,
     read_csv_column,
 )
-from usclip.data.samplers import build_sampler, derive_seed
+from usclip.data.samplers import build_sampler, derive_seed, resume_sampler, training_position
 from usclip.data.splits import (
     SPLITS,
     groups_across_splits,
@@ -274,13 +274,18 @@ class BaseDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:
-        """The split travels inside every checkpoint."""
-        return {"splits": self.splits, "label_names": self.label_names}
+        """The split travels inside every checkpoint, and so does a mid-epoch position of the training loader."""
+        state: dict[str, Any] = {"splits": self.splits, "label_names": self.label_names}
+        position = training_position(getattr(self, "trainer", None))
+        if position is not None:  # see usclip.data.samplers: a resume skips the batches already processed
+            state["train_position"] = position
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the split of the run that wrote the checkpoint."""
+        """Restore the split of the run that wrote the checkpoint (and where its training loader stood)."""
         self.splits = {k: list(v) for k, v in state_dict.get("splits", {}).items()}
         self.label_names = state_dict.get("label_names", self.label_names)
+        self._train_position = state_dict.get("train_position")
         self._write_split_files()
 
     # ----------------------------------------------------------------- datasets and loaders
@@ -339,6 +344,8 @@ class BaseDataModule(L.LightningDataModule):
         if split == "predict" and isinstance(dataset, FolderDataset):
             dataset.cache = None  # each image is read once: a cache would only grow with the number of images
         dataset, sampler = build_sampler(dataset, shuffle, seed, replicas, rank)
+        if shuffle and trainer is not None:  # the restored epoch, and the batches a mid-epoch checkpoint had done
+            resume_sampler(sampler, trainer, self.batch_size, self.__dict__.pop("_train_position", None))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
