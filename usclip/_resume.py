@@ -186,7 +186,7 @@ def prepare_subcommand(subcommand: str, config: Any) -> None:
     ckpt = config.get("ckpt_path")
     job = slurm_job_id()
     if subcommand == "fit" and ckpt is None and job is not None and os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
-        ckpt = _requeued_checkpoint(config, job)
+        ckpt = config["ckpt_path"] = _requeued_checkpoint(config, job)
     if ckpt == "last":
         runs_dir, logger_args = _runs_dir(config["trainer"])
         version = logger_args.get("version") if logger_args is not None else None

@@ -38,7 +38,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from usclip._io import atomic_path, write_text_atomic
-from usclip.data.samplers import derive_seed
+from usclip.data.samplers import EpochSampler, derive_seed, resume_sampler
 from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,6 @@ class MidEpochCheckpoint(Callback):
         self._last_save = time.monotonic()
         self._saved_step = -1
 
-    @property
-    def state_key(self) -> str:  # noqa: D102
-        return self._generate_state_key(every_n_steps=self.every_n_steps, every_minutes=self.every_minutes)
-
     # ----------------------------------------------------------------- SLURM signal
     def _handle_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = True  # acted on at the next batch end where a save may happen (never inside the handler)
@@ -243,6 +239,19 @@ class MidEpochCheckpoint(Callback):
             signal.signal(self._requeue_signal, self._previous_handler)
         self._requeue_signal = None
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Give the signal back to its previous handler when fit fails (or exits after a requeue).
+
+        Lightning's signal connector restores the handlers it found when fit started, this one among them, and no
+        ``teardown`` hook follows an exception: the handler it will restore is replaced by the one before ours.
+        """
+        if self._requeue_signal is None:
+            return
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(originals, dict) and originals.get(self._requeue_signal) == self._handle_signal:
+            originals[self._requeue_signal] = self._previous_handler
+        self.teardown(trainer, pl_module, "fit")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         job = slurm_job_id()
         run = run_dir_of(trainer) if job is not None else None
@@ -250,8 +259,23 @@ class MidEpochCheckpoint(Callback):
             write_text_atomic(run / SLURM_MARKER, json.dumps({"job_id": job, "finished": True}) + "\n")
 
     # ----------------------------------------------------------------- saves
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a restore: the sampler continues at the restored epoch and batch, from a fresh loader iterator.
+
+        Lightning builds the training loader (to estimate the number of steps) and its iterator before it restores
+        the loop counters, so the position stored by the DataModule (``resume_position``) is applied here, and the
+        iterator is made again: with workers, the first one has already drawn keys of the wrong epoch.
+        """
         self._last_save = time.monotonic()
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if trainer.ckpt_path is None or not isinstance(sampler, EpochSampler):
+            return
+        position = getattr(getattr(trainer, "datamodule", None), "resume_position", None)
+        resume_sampler(sampler, trainer, int(getattr(loader, "batch_size", 0) or 0), position)
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is not None:
+            iter(fetcher)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._last_save = time.monotonic()  # the epoch-end last.ckpt is written now

@@ -31,7 +31,7 @@ from usclip.data.layouts import (
     index_folder,
     read_csv_column,
 )
-from usclip.data.samplers import build_sampler, derive_seed, resume_sampler, training_position
+from usclip.data.samplers import build_sampler, derive_seed, training_position
 from usclip.data.splits import (
     SPLITS,
     groups_across_splits,
@@ -285,7 +285,9 @@ class BaseDataModule(L.LightningDataModule):
         """Restore the split of the run that wrote the checkpoint (and where its training loader stood)."""
         self.splits = {k: list(v) for k, v in state_dict.get("splits", {}).items()}
         self.label_names = state_dict.get("label_names", self.label_names)
-        self._train_position = state_dict.get("train_position")
+        #: where the training loader stood if the checkpoint was written in the middle of an epoch (else ``None``);
+        #: ``usclip.callbacks.MidEpochCheckpoint`` makes the resumed sampler skip what was already processed
+        self.resume_position: dict[str, int] | None = state_dict.get("train_position")
         self._write_split_files()
 
     # ----------------------------------------------------------------- datasets and loaders
@@ -344,8 +346,6 @@ class BaseDataModule(L.LightningDataModule):
         if split == "predict" and isinstance(dataset, FolderDataset):
             dataset.cache = None  # each image is read once: a cache would only grow with the number of images
         dataset, sampler = build_sampler(dataset, shuffle, seed, replicas, rank)
-        if shuffle and trainer is not None:  # the restored epoch, and the batches a mid-epoch checkpoint had done
-            resume_sampler(sampler, trainer, self.batch_size, self.__dict__.pop("_train_position", None))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -20,11 +20,15 @@ images to give every process the same count, which would count those images twic
 from __future__ import annotations
 
 import itertools
+import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EpochSampler",
@@ -176,7 +180,9 @@ def training_position(trainer: Any) -> dict[str, int] | None:
     """Where the training loader stands in the middle of an epoch: ``{"epoch", "batches", "batch_size"}``, or ``None``.
 
     ``batches`` is the number of batches of the current epoch the loop has processed: a checkpoint written now resumes
-    at that batch index (Lightning restores its counters; the sampler skips what they cover). ``None`` when nothing
+    at that batch index (Lightning restores its counters; the sampler skips what they cover). ``global_step`` tells
+    the loader of the resumed run from one built before the loop counters are restored, or by a later, unrelated
+    ``fit`` of the same DataModule object. ``None`` when nothing
     is to be skipped on resume: no epoch under way or every batch of it processed (Lightning starts the next epoch),
     or a training loader that does not draw from an :class:`EpochSampler` (such runs redo the epoch).
     """
@@ -191,7 +197,12 @@ def training_position(trainer: Any) -> dict[str, int] | None:
     processed = int(loop.epoch_loop.batch_progress.current.processed)
     if processed <= 0 or processed >= trainer.num_training_batches:
         return None
-    return {"epoch": int(sampler.epoch), "batches": processed, "batch_size": int(batch_size)}
+    return {
+        "epoch": int(sampler.epoch),
+        "batches": processed,
+        "batch_size": int(batch_size),
+        "global_step": int(trainer.global_step),
+    }
 
 
 def resume_sampler(sampler: Any, trainer: Any, batch_size: int, position: dict[str, int] | None) -> None:
@@ -215,7 +226,7 @@ def resume_sampler(sampler: Any, trainer: Any, batch_size: int, position: dict[s
         return
     epoch = int(loop.epoch_progress.current.processed)
     sampler.set_epoch(epoch)
-    if not position or position["epoch"] != epoch:
+    if not position or position["epoch"] != epoch or position.get("global_step") != trainer.global_step:
         return
     if position["batch_size"] != batch_size:
         raise ValueError(
@@ -223,3 +234,6 @@ def resume_sampler(sampler: Any, trainer: Any, batch_size: int, position: dict[s
             f"batch_size={position['batch_size']}: resume with the same batch size (or from an end-of-epoch checkpoint)"
         )
     sampler.resume_at(epoch, position["batches"] * batch_size)
+    # this loader is resumable (the sampler skips); Lightning looks for state_dict() on the loader and would say not
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    log.info("resuming in the middle of epoch %d: skipping its first %d batches", epoch, position["batches"])
