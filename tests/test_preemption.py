@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -362,3 +363,34 @@ def test_checkpoint_intervals_are_checked():
         MidEpochCheckpoint(every_n_steps=0)
     with pytest.raises(ValueError, match="checkpoint_every_minutes must be a positive number or null, got -1"):
         MidEpochCheckpoint(every_minutes=-1)
+
+
+class RecordSaves(Callback):
+    """Record ``(global step, train_position, validating)`` of every checkpoint written."""
+
+    saves: ClassVar[list] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        position = checkpoint["SegmentationDataModule"].get("train_position")
+        RecordSaves.saves.append((trainer.global_step, position and position["batches"], trainer.validating))
+
+
+def test_mid_epoch_saves_fall_only_where_resuming_is_exact(tmp_path):
+    # 6 batches of 2, gradients accumulated over 2 (steps after batches 1, 3, 5), validation after batch 3, a save
+    # wanted at every step: only the one after batch 1 may happen (batch 3 is followed by validation, batch 5 ends
+    # the epoch, and batches 0, 2, 4 are in the middle of an accumulation)
+    RecordSaves.saves = []
+    args = _args(
+        tmp_path,
+        "placement",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=6",
+        "--trainer.accumulate_grad_batches=2",
+        "--trainer.val_check_interval=4",
+        "--data.init_args.batch_size=2",
+        "--model.init_args.checkpoint_every_n_steps=1",
+    )
+    main(["fit", *args, _callbacks(RecordSaves)])
+    ours = [(step, batches) for step, batches, validating in RecordSaves.saves if not validating]
+    assert ours == [(1, 2)]
+    assert (2, 4, True) in RecordSaves.saves  # the checkpoints written after the mid-epoch validation

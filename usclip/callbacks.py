@@ -294,8 +294,10 @@ class MidEpochCheckpoint(Callback):
             if self.every_minutes is not None:
                 timed = trainer.strategy.reduce_boolean_decision(timed, all=False)
         due = self.every_n_steps is not None and step % self.every_n_steps == 0
+        if not (signalled or timed or due):
+            return
         path = self._path(trainer)
-        if (signalled or timed or due) and step != self._saved_step:
+        if step != self._saved_step:
             trainer.save_checkpoint(path)
             self._saved_step, self._last_save = step, time.monotonic()
             log.info(
