@@ -352,6 +352,9 @@ def test_requeued_job_finds_its_unfinished_run(tmp_path, monkeypatch):
     prepare_subcommand("test", test)
     assert test.ckpt_path is None
 
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")  # Lightning would resume any SLURM fit from it: refused
+    with pytest.raises(FileExistsError, match=r"holds \['hpc_ckpt_1.ckpt'\].*--ckpt_path .*hpc_ckpt_1.ckpt"):
+        prepare_subcommand("fit", config(version=2))
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an interactive allocation is not a SLURM cluster job
     interactive = config()
     prepare_subcommand("fit", interactive)

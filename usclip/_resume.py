@@ -187,6 +187,8 @@ def prepare_subcommand(subcommand: str, config: Any) -> None:
     job = slurm_job_id()
     if subcommand == "fit" and ckpt is None and job is not None and os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
         ckpt = config["ckpt_path"] = _requeued_checkpoint(config, job)
+    if subcommand == "fit" and ckpt is None and job is not None:
+        _refuse_stray_hpc_checkpoints(config["trainer"].get("default_root_dir") or ".")
     if ckpt == "last":
         runs_dir, logger_args = _runs_dir(config["trainer"])
         version = logger_args.get("version") if logger_args is not None else None
@@ -221,3 +223,22 @@ def _requeued_checkpoint(config: Any, job: str) -> str | None:
         _continue_run(path, logger_args)
     log.info("SLURM job %s was requeued: continuing the run %s from %s", job, path.parents[1], path)
     return str(path)
+
+
+def _refuse_stray_hpc_checkpoints(root: str | Path) -> None:
+    """Stop when Lightning would silently resume a SLURM ``fit`` from an ``hpc_ckpt_<n>.ckpt`` in ``root``.
+
+    Lightning loads the newest such file of ``default_root_dir`` in any SLURM job started without a checkpoint,
+    whichever run wrote it; usclip never writes them (``usclip.callbacks.MidEpochCheckpoint`` saves ``last.ckpt``
+    in the run folder instead).
+
+    Raises:
+        FileExistsError: if ``root`` holds ``hpc_ckpt_*.ckpt`` files.
+    """
+    stray = sorted(Path(root).glob("hpc_ckpt_*.ckpt"))
+    if stray:
+        raise FileExistsError(
+            f"trainer.default_root_dir={str(root)!r} holds {[p.name for p in stray]} (Lightning's SLURM checkpoints, "
+            "not written by usclip), and Lightning would resume this fit from the newest of them, whichever run wrote "
+            f"it. Continue from one explicitly (--ckpt_path {stray[-1]}) or move them away"
+        )
