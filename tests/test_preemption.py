@@ -129,8 +129,12 @@ def _assert_step_checkpoint(run: Path) -> None:
     assert position == {"epoch": 1, "batches": 1, "batch_size": 4, "global_step": 4}
 
 
-def test_interrupted_after_a_step_checkpoint_resumes_at_the_next_batch_bit_for_bit(tmp_path, reference):
-    args = _args(tmp_path, "killed", *TRAIN, STEPS)
+@pytest.mark.parametrize(
+    "workers",
+    [0, pytest.param(2, marks=pytest.mark.slow)],  # with workers the loader draws keys when its iterator is made
+)
+def test_interrupted_after_a_step_checkpoint_resumes_at_the_next_batch_bit_for_bit(tmp_path, reference, workers):
+    args = _args(tmp_path, "killed", *TRAIN, STEPS, f"--data.init_args.num_workers={workers}")
     with pytest.raises(Killed):
         main(["fit", *args, _callbacks(KillAtStep, step=5, sigkill=False)])
     _assert_step_checkpoint(tmp_path / "runs" / "killed" / "version_0")
