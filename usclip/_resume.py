@@ -4,6 +4,9 @@
   (``<save_dir>/<name>/version_*``) and, for ``fit``, sets the logger's ``version`` to that run, so a resumed run
   keeps writing into the directory it was killed in. Lightning alone would look in a fresh ``version_N`` and start
   from scratch with a warning; usclip raises a clear error instead.
+- A requeued SLURM job continues its run without ``--ckpt_path``: when ``fit`` starts with no checkpoint in a job
+  that SLURM restarted (``SLURM_RESTART_COUNT`` > 0), the run whose ``slurm_job.json`` names this job and is not
+  finished (written by :class:`usclip.callbacks.MidEpochCheckpoint`) is resumed from its ``last.ckpt``, in its folder.
 - Checkpoints load with ``weights_only=True``: a file that would run code when unpickled is refused before
   anything is built (:func:`check_checkpoint`), and the Trainer gets ``weights_only=True`` too.
 - ``predict`` does not keep what ``predict_step`` returns (``return_predictions=False``): results are written to
@@ -12,7 +15,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -20,11 +25,18 @@ from typing import Any
 
 import torch
 
+from usclip.callbacks import SLURM_MARKER, slurm_job_id
 from usclip.run_dirs import local_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UnsafeCheckpointError", "check_checkpoint", "find_last_checkpoint", "prepare_subcommand"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "check_checkpoint",
+    "find_last_checkpoint",
+    "find_requeued_run",
+    "prepare_subcommand",
+]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -87,6 +99,35 @@ def find_last_checkpoint(runs_dir: str | Path) -> Path:
     return max(found, key=_version_key)
 
 
+def find_requeued_run(runs_dir: str | Path, job_id: str) -> Path | None:
+    """``last.ckpt`` of the newest unfinished run under ``runs_dir`` trained by SLURM job ``job_id``, or ``None``.
+
+    A run is this job's when its ``slurm_job.json`` (:data:`usclip.callbacks.SLURM_MARKER`) names ``job_id``, and
+    unfinished while that file says ``"finished": false``. Runs one level deeper (MLflow) are looked at too.
+    """
+    runs_dir = Path(runs_dir)
+    found = []
+    for marker in [*runs_dir.glob(f"*/{SLURM_MARKER}"), *runs_dir.glob(f"*/*/{SLURM_MARKER}")]:
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        last = marker.parent / "checkpoints" / "last.ckpt"
+        if str(info.get("job_id")) == job_id and not info.get("finished") and last.is_file():
+            found.append(last)
+    return max(found, key=_version_key) if found else None
+
+
+def _continue_run(path: Path, logger_args: Any) -> None:
+    """Point the logger at the run ``path`` (``<run>/checkpoints/last.ckpt``) came from: ``fit`` writes there."""
+    run = path.parents[1].name
+    match = re.fullmatch(r"version_(\d+)", run)
+    if "run_id" in logger_args:  # MLflow: continue the tracked run
+        logger_args["run_id"] = run
+    elif "version" in logger_args:
+        logger_args["version"] = int(match.group(1)) if match else run
+
+
 def _logger_args(trainer: Any) -> Any | None:
     """``init_args`` of the (first) configured logger, or ``None`` for Lightning's default logger."""
     logger = trainer.get("logger") if hasattr(trainer, "get") else None
@@ -143,6 +184,11 @@ def prepare_subcommand(subcommand: str, config: Any) -> None:
     if subcommand == "predict" and config.get("return_predictions") is None:
         config["return_predictions"] = False
     ckpt = config.get("ckpt_path")
+    job = slurm_job_id()
+    if subcommand == "fit" and ckpt is None and job is not None and os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+        ckpt = config["ckpt_path"] = _requeued_checkpoint(config, job)
+    if subcommand == "fit" and ckpt is None and job is not None:
+        _refuse_stray_hpc_checkpoints(config["trainer"].get("default_root_dir") or ".")
     if ckpt == "last":
         runs_dir, logger_args = _runs_dir(config["trainer"])
         version = logger_args.get("version") if logger_args is not None else None
@@ -154,13 +200,45 @@ def prepare_subcommand(subcommand: str, config: Any) -> None:
         else:
             path = find_last_checkpoint(runs_dir)
             if subcommand == "fit" and logger_args is not None:  # keep writing into the resumed run's directory
-                run = path.parents[1].name
-                match = re.fullmatch(r"version_(\d+)", run)
-                if "run_id" in logger_args:  # MLflow: continue the tracked run
-                    logger_args["run_id"] = run
-                elif "version" in logger_args:
-                    logger_args["version"] = int(match.group(1)) if match else run
+                _continue_run(path, logger_args)
         log.info("--ckpt_path last: %s", path)
         config["ckpt_path"] = ckpt = str(path)
     if ckpt and Path(ckpt).is_file():
         check_checkpoint(ckpt)
+
+
+def _requeued_checkpoint(config: Any, job: str) -> str | None:
+    """``ckpt_path`` for a ``fit`` in a requeued SLURM job: its unfinished run's ``last.ckpt`` (logger set to it)."""
+    if config["trainer"].get("logger") is False:
+        return None
+    runs_dir, logger_args = _runs_dir(config["trainer"])
+    version = logger_args.get("version") if logger_args is not None else None
+    path = find_requeued_run(runs_dir, job)
+    if version is not None and path is not None:  # an explicit version: only that run
+        path = path if path.parents[1].name == (version if isinstance(version, str) else f"version_{version}") else None
+    if path is None:
+        log.info("SLURM job %s was restarted, and no unfinished run of it has a last.ckpt: fit starts afresh", job)
+        return None
+    if logger_args is not None:
+        _continue_run(path, logger_args)
+    log.info("SLURM job %s was requeued: continuing the run %s from %s", job, path.parents[1], path)
+    return str(path)
+
+
+def _refuse_stray_hpc_checkpoints(root: str | Path) -> None:
+    """Stop when Lightning would silently resume a SLURM ``fit`` from an ``hpc_ckpt_<n>.ckpt`` in ``root``.
+
+    Lightning loads the newest such file of ``default_root_dir`` in any SLURM job started without a checkpoint,
+    whichever run wrote it; usclip never writes them (``usclip.callbacks.MidEpochCheckpoint`` saves ``last.ckpt``
+    in the run folder instead).
+
+    Raises:
+        FileExistsError: if ``root`` holds ``hpc_ckpt_*.ckpt`` files.
+    """
+    stray = sorted(Path(root).glob("hpc_ckpt_*.ckpt"))
+    if stray:
+        raise FileExistsError(
+            f"trainer.default_root_dir={str(root)!r} holds {[p.name for p in stray]} (Lightning's SLURM checkpoints, "
+            "not written by usclip), and Lightning would resume this fit from the newest of them, whichever run wrote "
+            f"it. Continue from one explicitly (--ckpt_path {stray[-1]}) or move them away"
+        )

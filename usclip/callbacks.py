@@ -1,9 +1,13 @@
 """Reliability callbacks attached to every task (``BaseTask.configure_callbacks``).
 
 - :class:`SeedEachEpoch` reseeds Python, NumPy and torch at the start of every training epoch from
-  ``(seed_everything seed, epoch)``. Lightning does not store global random state in checkpoints, so without this
-  an epoch redone after ``--ckpt_path last`` would draw different dropout masks (and worker seeds) than the
-  first time. Together with :mod:`usclip.data.samplers` a resumed run ends with the same weights and metrics.
+  ``(seed_everything seed, epoch)`` and before every training batch from ``(seed, epoch, batch)``. Lightning does not
+  store global random state in checkpoints, so without this a run resumed after ``--ckpt_path last`` (at an epoch
+  boundary or in the middle of an epoch) would draw different dropout masks than the first time. Together with
+  :mod:`usclip.data.samplers` a resumed run ends with the same weights and metrics.
+- :class:`MidEpochCheckpoint` writes ``checkpoints/last.ckpt`` in the middle of epochs (every N optimiser steps or M
+  minutes), and under SLURM saves it and requeues the job when the preemption signal arrives; the requeued job
+  continues in the same run folder (:mod:`usclip._resume`).
 - :class:`AtomicCheckpoints` writes checkpoints through a temporary file in their own folder and a rename, so a
   kill never leaves a truncated ``last.ckpt`` behind.
 - :class:`SeedEachEpoch` also stores the run's seed in the checkpoint and restores it on resume.
@@ -14,32 +18,44 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from usclip._io import atomic_path
-from usclip.data.samplers import derive_seed
+from usclip._io import atomic_path, write_text_atomic
+from usclip.data.samplers import EpochSampler, derive_seed, resume_sampler
+from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EXIT_REQUEUED",
     "OUT_OF_MEMORY_ADVICE",
+    "SLURM_MARKER",
     "AtomicCheckpointIO",
     "AtomicCheckpoints",
     "FiniteLossGuard",
+    "MidEpochCheckpoint",
     "NonFiniteLossError",
     "OutOfMemoryAdvice",
     "SeedEachEpoch",
     "is_out_of_memory",
+    "slurm_job_id",
 ]
 
 OUT_OF_MEMORY_ADVICE = (
@@ -78,13 +94,25 @@ class SeedEachEpoch(Callback):
         os.environ["PL_GLOBAL_SEED"] = str(seed)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        base = os.environ.get("PL_GLOBAL_SEED")
-        if base is None:
-            return
-        seed = derive_seed(int(base), trainer.current_epoch)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)  # all devices too
+        _reseed(trainer.current_epoch)
+
+    def on_train_batch_start(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # per batch as well: a run resumed in the middle of an epoch (Lightning calls no epoch-start hook then) draws
+        # the dropout masks of the uninterrupted run from its first batch on
+        _reseed(trainer.current_epoch, batch_idx)
+
+
+def _reseed(*values: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from ``(PL_GLOBAL_SEED, *values)``; nothing without a seed."""
+    base = os.environ.get("PL_GLOBAL_SEED")
+    if base is None:
+        return
+    seed = derive_seed(int(base), *values)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices too
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -113,6 +141,216 @@ class AtomicCheckpoints(Callback):
         strategy = trainer.strategy
         if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+#: exit status of a process that saved its checkpoint and requeued its SLURM job (EX_TEMPFAIL: "try again later");
+#: non-zero, so that a script running ``usclip fit`` and then ``usclip test`` does not test an unfinished run
+EXIT_REQUEUED = 75
+#: file in the run directory naming the SLURM job that trains it, and whether that training finished
+SLURM_MARKER = "slurm_job.json"
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes for this SLURM job (``<array job>_<task>`` in a job array), or ``None``.
+
+    ``None`` outside SLURM, and in an interactive allocation (job name ``bash`` / ``interactive``, which Lightning
+    does not treat as a SLURM cluster either).
+    """
+    if not SLURMEnvironment.detect():
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None and os.environ.get("SLURM_ARRAY_TASK_ID") is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class MidEpochCheckpoint(Callback):
+    """Write ``checkpoints/last.ckpt`` in the middle of epochs, and on SLURM's preemption signal save it and requeue.
+
+    The epoch-end ``last.ckpt`` (a ``ModelCheckpoint`` in ``BaseTask.configure_callbacks``) stays; this callback adds
+    saves to the same file between epoch ends, from which ``--ckpt_path last`` (or a requeued SLURM job) continues at
+    the next batch, with the order, augmentations and dropout of an uninterrupted run (:mod:`usclip.data.samplers`,
+    :class:`SeedEachEpoch`).
+
+    Saves happen at the end of a training batch, and only where resuming is exact: after an optimiser step (not in
+    the middle of gradient accumulation, whose partial gradients are not saved), not after the last batch of an
+    epoch (the epoch-end checkpoint follows) and not before a validation run (Lightning would skip it on resume). A
+    save that falls elsewhere moves to the next batch where it may happen. Each save restarts the clock of
+    ``every_minutes``, and so does each epoch end.
+
+    Preemption: under SLURM (Lightning's ``SLURMEnvironment`` with ``auto_requeue``, its default), the requeue signal
+    (``SIGUSR1``; ``#SBATCH --signal=SIGUSR1@120``) replaces Lightning's own handler, which would save an
+    ``hpc_ckpt_<n>.ckpt`` into ``default_root_dir`` at whatever instruction the signal interrupts. Here the signal
+    only sets a flag; at the next batch where a save may happen ``last.ckpt`` is written (atomically, through
+    :class:`AtomicCheckpointIO`), ``scontrol requeue <job id>`` is run on rank zero and every process exits with
+    :data:`EXIT_REQUEUED`. If ``scontrol`` fails, training goes on. Under SLURM, :data:`SLURM_MARKER` in the run
+    directory records the job id while training runs; the requeued job (same command) finds the run through it and
+    continues there (:func:`usclip._resume.prepare_subcommand`).
+
+    Args:
+        every_n_steps: save every this many optimiser steps; ``None``: no step-based saves.
+        every_minutes: save when this many minutes passed since the last save or epoch end; ``None``: no time-based
+            saves. Under DDP the processes agree by one all-reduce of a flag per step.
+        requeue: handle SLURM's requeue signal as above (when SLURM is detected and auto-requeue is on).
+    """
+
+    def __init__(
+        self, every_n_steps: int | None = None, every_minutes: float | None = None, requeue: bool = True
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"checkpoint_every_n_steps must be a positive integer or null, got {every_n_steps!r}")
+        if every_minutes is not None and not every_minutes > 0:
+            raise ValueError(f"checkpoint_every_minutes must be a positive number or null, got {every_minutes!r}")
+        self.every_n_steps = every_n_steps
+        self.every_minutes = every_minutes
+        self.requeue = requeue
+        #: the requeue signal arrived and is not handled yet
+        self.signalled = False
+        self._requeue_signal: signal.Signals | None = None
+        self._previous_handler: Any = None
+        self._last_save = time.monotonic()
+        self._saved_step = -1
+
+    # ----------------------------------------------------------------- SLURM signal
+    def _handle_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True  # acted on at the next batch end where a save may happen (never inside the handler)
+        log.info("received signal %d: saving a checkpoint and requeueing at the next safe batch", signum)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        if stage != "fit":
+            return
+        job = slurm_job_id()
+        run = run_dir_of(trainer) if job is not None else None  # on every process (a broadcast under DDP)
+        if run is not None and trainer.is_global_zero:
+            write_text_atomic(run / SLURM_MARKER, json.dumps({"job_id": job, "finished": False}) + "\n")
+        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        if (
+            not self.requeue
+            or not isinstance(environment, SLURMEnvironment)
+            or not environment.auto_requeue
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        # installed before Lightning's signal connector runs: it then leaves this signal to us
+        self._requeue_signal = environment.requeue_signal or signal.SIGUSR1
+        self._previous_handler = signal.signal(self._requeue_signal, self._handle_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        if self._requeue_signal is not None and signal.getsignal(self._requeue_signal) == self._handle_signal:
+            signal.signal(self._requeue_signal, self._previous_handler)
+        self._requeue_signal = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Give the signal back to its previous handler when fit fails (or exits after a requeue).
+
+        Lightning's signal connector restores the handlers it found when fit started, this one among them, and no
+        ``teardown`` hook follows an exception: the handler it will restore is replaced by the one before ours.
+        """
+        if self._requeue_signal is None:
+            return
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(originals, dict) and originals.get(self._requeue_signal) == self._handle_signal:
+            originals[self._requeue_signal] = self._previous_handler
+        self.teardown(trainer, pl_module, "fit")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        job = slurm_job_id()
+        run = run_dir_of(trainer) if job is not None else None
+        if run is not None and trainer.is_global_zero:  # a requeue of this job must not resume a finished run
+            write_text_atomic(run / SLURM_MARKER, json.dumps({"job_id": job, "finished": True}) + "\n")
+
+    # ----------------------------------------------------------------- saves
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a restore: the sampler continues at the restored epoch and batch, from a fresh loader iterator.
+
+        Lightning builds the training loader (to estimate the number of steps) and its iterator before it restores
+        the loop counters, so the position stored by the DataModule (``resume_position``) is applied here, and the
+        iterator is made again: with workers, the first one has already drawn keys of the wrong epoch.
+        """
+        self._last_save = time.monotonic()
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if trainer.ckpt_path is None or not isinstance(sampler, EpochSampler):
+            return
+        position = getattr(getattr(trainer, "datamodule", None), "resume_position", None)
+        resume_sampler(sampler, trainer, int(getattr(loader, "batch_size", 0) or 0), position)
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is not None:
+            iter(fetcher)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._last_save = time.monotonic()  # the epoch-end last.ckpt is written now
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._may_save(trainer, batch_idx):
+            return
+        step = trainer.global_step
+        signalled = self.signalled
+        timed = self.every_minutes is not None and time.monotonic() - self._last_save >= 60.0 * self.every_minutes
+        if trainer.world_size > 1:  # all processes save together (a collective) or none does
+            if self._requeue_signal is not None:
+                signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+            if self.every_minutes is not None:
+                timed = trainer.strategy.reduce_boolean_decision(timed, all=False)
+        due = self.every_n_steps is not None and step % self.every_n_steps == 0
+        if not (signalled or timed or due):
+            return
+        path = self._path(trainer)
+        if step != self._saved_step:
+            trainer.save_checkpoint(path)
+            self._saved_step, self._last_save = step, time.monotonic()
+            log.info(
+                "checkpoint at global step %d (epoch %d, batch %d): %s", step, trainer.current_epoch, batch_idx, path
+            )
+        if signalled:
+            self.signalled = False
+            self._requeue_and_exit(trainer, path)
+
+    def _may_save(self, trainer: L.Trainer, batch_idx: int) -> bool:
+        """Whether a checkpoint written now resumes exactly (see the class docstring)."""
+        if trainer.sanity_checking or trainer.fit_loop.epoch_loop._should_accumulate():
+            return False
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return False
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is None:
+            return False
+        try:  # validation after this batch: the resumed run would skip it
+            return not trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher)
+        except (AttributeError, AssertionError, TypeError):  # another Lightning: its private API changed
+            return False
+
+    def _path(self, trainer: L.Trainer) -> str:
+        """The ``last.ckpt`` of the epoch-end ``ModelCheckpoint`` (the run's ``checkpoints/`` folder)."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.filename == "last" and callback.dirpath:
+                return os.path.join(callback.dirpath, "last" + callback.FILE_EXTENSION)
+        run = run_dir_of(trainer)
+        return str(Path(run if run is not None else trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+
+    def _requeue_and_exit(self, trainer: L.Trainer, path: str) -> None:
+        job = slurm_job_id()
+        ok = False
+        if trainer.is_global_zero and job is not None:
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+                ok = done.returncode == 0
+                detail = (done.stderr or done.stdout).strip()
+            except OSError as err:
+                detail = str(err)
+            if not ok:
+                log.warning("scontrol requeue %s failed (%s); training goes on (checkpoint: %s)", job, detail, path)
+        ok = bool(trainer.strategy.broadcast(ok, src=0))
+        if ok:
+            log.warning(
+                "SLURM job %s requeued; stopping here (exit status %d). The requeued job continues from %s",
+                job,
+                EXIT_REQUEUED,
+                path,
+            )
+            raise SystemExit(EXIT_REQUEUED)
 
 
 class FiniteLossGuard(Callback):

@@ -43,7 +43,7 @@ from usclip.data.layouts import (
     index_folder,
     read_csv_column,
 )
-from usclip.data.samplers import build_sampler, derive_seed
+from usclip.data.samplers import build_sampler, derive_seed, training_position
 from usclip.data.splits import (
     SPLITS,
     groups_across_splits,
@@ -324,13 +324,20 @@ class BaseDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:
-        """The split travels inside every checkpoint."""
-        return {"splits": self.splits, "label_names": self.label_names}
+        """The split travels inside every checkpoint, and so does a mid-epoch position of the training loader."""
+        state: dict[str, Any] = {"splits": self.splits, "label_names": self.label_names}
+        position = training_position(getattr(self, "trainer", None))
+        if position is not None:  # see usclip.data.samplers: a resume skips the batches already processed
+            state["train_position"] = position
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the split of the run that wrote the checkpoint."""
+        """Restore the split of the run that wrote the checkpoint (and where its training loader stood)."""
         self.splits = {k: list(v) for k, v in state_dict.get("splits", {}).items()}
         self.label_names = state_dict.get("label_names", self.label_names)
+        #: where the training loader stood if the checkpoint was written in the middle of an epoch (else ``None``);
+        #: ``usclip.callbacks.MidEpochCheckpoint`` makes the resumed sampler skip what was already processed
+        self.resume_position: dict[str, int] | None = state_dict.get("train_position")
         self._write_split_files()
 
     # ----------------------------------------------------------------- datasets and loaders

@@ -19,7 +19,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
-from usclip.callbacks import AtomicCheckpoints, FiniteLossGuard, OutOfMemoryAdvice, SeedEachEpoch
+from usclip.callbacks import (
+    AtomicCheckpoints,
+    FiniteLossGuard,
+    MidEpochCheckpoint,
+    OutOfMemoryAdvice,
+    SeedEachEpoch,
+)
 from usclip.models import CLIPEncoder
 from usclip.models.baselines import TimmEncoder, build_native_model
 from usclip.models.encoder import check_weights_file
@@ -69,6 +75,11 @@ class BaseTask(L.LightningModule):
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr: learning rate the cosine decays to (0; the authors' code: 1e-8, ``CosineAnnealingLR(eta_min)``).
         early_stopping_patience: stop after this many validation epochs without improvement; ``None`` never stops.
+        checkpoint_every_n_steps: also write ``checkpoints/last.ckpt`` every this many optimiser steps in the middle
+            of epochs (``--ckpt_path last`` continues at the next batch, bit for bit); ``null``: not by steps.
+        checkpoint_every_minutes: also write it when this many minutes passed since the last checkpoint (30: a kill
+            loses at most about half an hour; epochs shorter than that never trigger it, as every epoch end writes
+            ``last.ckpt`` and restarts the clock); ``null``: not by time. See docs/reliability.md.
         save_frozen_backbone: store the frozen encoder weights in checkpoints. ``None`` (auto) stores them only for
             random initialisation (``pretrained: null``), which cannot be rebuilt; pretrained weights are reloaded from
             their source and checked against a fingerprint instead, so checkpoints hold adapters and head only.
@@ -104,9 +115,12 @@ class BaseTask(L.LightningModule):
         warmup_steps: int = 0,
         min_lr: float = 0.0,
         early_stopping_patience: int | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_every_minutes: float | None = 30.0,
         save_frozen_backbone: bool | None = None,
     ) -> None:
         super().__init__()
+        MidEpochCheckpoint(checkpoint_every_n_steps, checkpoint_every_minutes)  # bad values: an error now, not at fit
         if num_classes < 2:
             raise ValueError(
                 f"num_classes must be at least 2 (background/benign and lesion/malignant), got {num_classes}"
@@ -242,7 +256,9 @@ class BaseTask(L.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """Best and last checkpoints by the task's monitor, optional early stopping, and reliability guards.
 
-        The guards (``usclip.callbacks``): per-epoch reseeding for bit-exact resumes, a stop at the first
+        ``last.ckpt`` is written at every epoch end and, by :class:`usclip.callbacks.MidEpochCheckpoint`, every
+        ``checkpoint_every_n_steps`` steps / ``checkpoint_every_minutes`` minutes and on SLURM's preemption signal.
+        The guards (``usclip.callbacks``): per-epoch and per-batch reseeding for bit-exact resumes, a stop at the first
         non-finite training loss, advice on out-of-memory errors, and checkpoints written atomically.
         """
         callbacks: list[Callback] = [
@@ -259,6 +275,10 @@ class BaseTask(L.LightningModule):
             # last.ckpt after every epoch, whether or not the monitor improved: Lightning 2.6's save_last=True only
             # writes it together with a new best, which would make a resumed run redo epochs
             ModelCheckpoint(filename="last", enable_version_counter=False),
+            # the same last.ckpt in the middle of epochs (steps, minutes) and on SLURM's preemption signal
+            MidEpochCheckpoint(
+                self.hparams.get("checkpoint_every_n_steps"), self.hparams.get("checkpoint_every_minutes")
+            ),
         ]
         if self.hparams["early_stopping_patience"] is not None:
             callbacks.append(
