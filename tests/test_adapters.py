@@ -27,6 +27,7 @@ from usclip.adapters import (
     adapter_parameter_names,
     build_adapter_config,
     count_parameters,
+    find_targets,
     inject_adapters,
     list_adapters,
     load_adapters,
@@ -36,6 +37,7 @@ from usclip.adapters import (
     save_adapters,
     unmerge_adapters,
 )
+from usclip.adapters._inject import block_index
 from usclip.adapters.mona import OPEN_CLIP_BLOCK_ATTRS
 from usclip.models import CLIPEncoder
 
@@ -264,15 +266,18 @@ def test_lora_rejects_mha_out_proj():
 
 
 # ----------------------------------------------------------------------------------------------- Mona
-def _reference_mona(m: Mona, x: torch.Tensor, variant: str = "baseline") -> torch.Tensor:
-    """Yin et al.'s forward (github.com/Leiyi-Hu/mona), with the class token passed around the convolutions."""
+def _reference_mona(m: Mona, x: torch.Tensor, variant: str = "baseline", grid=None) -> torch.Tensor:
+    """Yin et al.'s forward (github.com/Leiyi-Hu/mona), with the class token passed around the convolutions.
+
+    Tokens are laid out row by row on the ``(gh, gw)`` grid (square when ``grid`` is None), as in the reference.
+    """
     identity = x
     x = m.norm(x) * m.gamma + x * m.gammax
     h = m.project1(x)
     cls, p = h[:, :1], h[:, 1:]
     b, n, c = p.shape
-    s = int(n**0.5)
-    p = p.reshape(b, s, s, c).permute(0, 3, 1, 2)
+    gh, gw = grid or (int(n**0.5), int(n**0.5))
+    p = p.reshape(b, gh, gw, c).permute(0, 3, 1, 2)
     p = _reference_variant_op(m.adapter_conv, p, variant)
     p = p.permute(0, 2, 3, 1).reshape(b, n, c)
     h = torch.cat([cls, p], dim=1)
@@ -303,7 +308,7 @@ def test_mona_matches_reference_formula(variant):
         for p in m.adapter_conv.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 1 + 36, 48)
-    torch.testing.assert_close(m(x), _reference_mona(m, x, variant), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x), _reference_mona(m, x, variant), atol=1e-5, rtol=0)
     # The class token skips the convolutions: changing patch tokens leaves its output unchanged.
     y = x.clone()
     y[:, 1:] += 1.0
@@ -390,6 +395,87 @@ def test_mona_refuses_other_blocks():
         inject_adapters(nn.Sequential(nn.Linear(4, 4)), MonaConfig(target_modules=["0"]))
 
 
+@pytest.mark.parametrize("init", ["mona", "zero"])
+def test_mona_init_values_and_output_at_init(init):
+    """gamma = 1e-6 and gammax = 1 (the reference init), so at init z = x + 1e-6 * LN(x), and the up-projection is
+    PyTorch's default (``mona``) or zero. Catches gamma initialised to 1 or gammax to 0, and ``zero`` missing a tensor.
+    """
+    torch.manual_seed(0)
+    m = Mona(48, hidden_dim=16, init=init).eval()
+    assert torch.equal(m.gamma, torch.full((48,), 1e-6)) and torch.equal(m.gammax, torch.ones(48))
+    assert m.norm.weight.eq(1).all() and m.norm.bias.eq(0).all()
+    bound = 1 / 16**0.5  # nn.Linear's default init for 16 inputs: U(-1/sqrt(16), 1/sqrt(16))
+    if init == "zero":
+        assert not m.project2.weight.any() and not m.project2.bias.any()
+    else:
+        assert 0.8 * bound < m.project2.weight.abs().max() <= bound
+    assert 0.8 / 48**0.5 < m.project1.weight.abs().max() <= 1 / 48**0.5  # the down-projection is never zeroed
+    x = 3.0 * torch.randn(2, 1 + 16, 48) + 1.0
+    with torch.no_grad():
+        z = x + 1e-6 * F.layer_norm(x, (48,))  # gamma, gammax written out, not read from the module
+        h = m.project1(z)
+        p = h[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2)
+        p = _reference_variant_op(m.adapter_conv, p, "baseline").permute(0, 2, 3, 1).reshape(2, 16, 16)
+        want = x + m.project2(F.gelu(torch.cat([h[:, :1], p], dim=1)))
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=0)
+
+
+def test_mona_dropout_acts_before_the_up_projection():
+    """Dropout sits between GELU and project2 (the reference's order): the same mask, drawn on the (B, L, 16) hidden
+    tokens, gives the reference output. Catches dropout moved after the up-projection (a (B, L, 48) mask)."""
+    torch.manual_seed(0)
+    m = Mona(48, hidden_dim=16, dropout=0.5).train()
+    x = torch.randn(2, 1 + 16, 48)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        got = m(x)
+        torch.manual_seed(7)
+        want = _reference_mona(m, x)  # the reference's own nn.Dropout call, same seed: the same mask
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert (got - m.eval()(x)).abs().max() > 1e-3  # dropout is active in training
+
+
+def test_mona_non_square_grid_matches_reference():
+    """On a non-square (2 x 8) grid the tokens are laid out as 2 rows of 8, as the tower's patch grid: the output
+    equals the reference convolved on that grid. Catches the grid read as (gw, gh) (shapes alone agree)."""
+    torch.manual_seed(0)
+    m = Mona(24, hidden_dim=8, num_prefix_tokens=1, grid_size=(2, 8)).eval()
+    with torch.no_grad():
+        m.gamma.fill_(0.3)
+        for p in m.adapter_conv.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 1 + 16, 24)
+    with torch.no_grad():
+        want = _reference_mona(m, x, grid=(2, 8))
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=0)
+        assert (want - _reference_mona(m, x, grid=(8, 2))).abs().max() > 1e-3  # the layouts are distinguishable
+
+
+def test_mona_zero_init_block_equals_the_block_with_trained_norms(images):
+    """With init='zero' and placement='both', MonaBlock computes exactly the wrapped block, also when ln_1 and ln_2
+    differ (pretrained weights). Random init makes every LayerNorm (1, 0) and every attention bias 0, so a block
+    re-composed with ln_1 in place of ln_2, or without a bias, would pass the identity test on a fresh tower."""
+    base = _encoder().train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if ".ln_" in n or n.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g) + (1.0 if n.endswith("weight") else 0.0))
+    enc = copy.deepcopy(base)
+    inject_adapters(enc.visual, MonaConfig(placement="both", init="zero"))
+    enc.train()
+    assert sum(isinstance(m, MonaBlock) for m in enc.modules()) == 4
+    assert _max_diff(base(images), enc(images)) == 0.0
+
+
+def test_mona_placement_mismatch_is_named(tmp_path):
+    """placement is structural: a file trained after the attention refuses to load into an MLP-placed module,
+    with the field named (not only a key-set mismatch)."""
+    save_adapters(_encoder("mona", {"placement": "attn"}), tmp_path / "attn.safetensors")
+    with pytest.raises(ValueError, match="placement='attn' in the file but placement='mlp' in the module"):
+        load_adapters(_encoder("mona"), tmp_path / "attn.safetensors")
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def test_no_match_lists_patterns_and_names():
     enc = _encoder()
@@ -403,6 +489,37 @@ def test_double_injection_refused():
     enc = _encoder("lora")
     with pytest.raises(ValueError, match="already holds an adapter"):
         inject_adapters(enc.visual, LoraConfig())
+
+
+def test_blocks_and_regex_select_the_named_modules():
+    """Which modules are wrapped, by name, not only how many. Catches ``blocks`` selecting the complement (the same
+    count for 2 of 4 blocks), a list entry matched as a bare string suffix ('fc' in 'c_fc') instead of a ``.suffix``,
+    and block indices read as one digit (blocks 10 and 11 of a 12-block ViT-B)."""
+    visual = _encoder().visual
+    attn = "transformer.resblocks.{}.attn"
+    assert find_targets(visual, LoraConfig(blocks=[0, 2])) == [attn.format(0), attn.format(2)]
+    assert find_targets(visual, MonaConfig(blocks=[3, 1])) == ["transformer.resblocks.1", "transformer.resblocks.3"]
+    assert find_targets(visual, LoraConfig(target_modules=r"transformer\.resblocks\.[13]\.attn")) == [
+        attn.format(1),
+        attn.format(3),
+    ]
+    assert find_targets(visual, LoraConfig(target_modules=["c_fc"])) == [
+        f"transformer.resblocks.{i}.mlp.c_fc" for i in range(4)
+    ]
+    with pytest.raises(ValueError, match=r"matched target_modules=\['fc'\]"):
+        find_targets(visual, LoraConfig(target_modules=["fc"]))  # 'fc' is no .suffix of 'mlp.c_fc'
+    assert [block_index(n) for n in ("visual.transformer.resblocks.11.attn", "trunk.blocks.10", "resblocks.3")] == [
+        11,
+        10,
+        3,
+    ]
+    assert block_index("visual.proj") is None and block_index("transformer.resblocks.attn") is None
+    twelve = nn.Module()
+    twelve.transformer = nn.Module()
+    twelve.transformer.resblocks = nn.ModuleList(nn.Module() for _ in range(12))
+    for blk in twelve.transformer.resblocks:
+        blk.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    assert find_targets(twelve, LoraConfig(blocks=[1, 10, 11])) == [attn.format(i) for i in (1, 10, 11)]
 
 
 @pytest.mark.parametrize(
@@ -504,6 +621,49 @@ def test_save_from_wrapping_module_loads_into_bare_encoder(tmp_path, images):
     load_adapters(bare, tmp_path / "a.safetensors")
     with torch.no_grad():
         assert _max_diff(task.encoder(images), bare(images)) == 0.0
+
+
+def test_pretrained_mismatch_refused_for_tags_warned_for_paths(tmp_path, caplog):
+    """The file records the encoder's ``pretrained``: two different weight names (open_clip tags, hf-hub ids) refuse
+    to load; a file path on either side (machine-specific) only warns. Catches tags not counted as weight names."""
+    src = _encoder("lora")
+    src.encoder_config["pretrained"] = "openai"
+    path = tmp_path / "a.safetensors"
+    save_adapters(src, path)
+    assert read_adapter_metadata(path)["encoder"]["pretrained"] == "openai"
+    for other in ("laion2b_s34b_b88k", "hf-hub:org/clip"):
+        dst = _encoder("lora")
+        dst.encoder_config["pretrained"] = other
+        match = rf"trained on pretrained='openai' weights but the encoder has pretrained='{other}'"
+        with pytest.raises(ValueError, match=match):
+            load_adapters(dst, path)
+    for same_or_path, warns in (("openai", False), ("weights/ViT-B-16.safetensors", True)):
+        dst = _encoder("lora")
+        dst.encoder_config["pretrained"] = same_or_path
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="usclip.adapters._checkpoint"):
+            load_adapters(dst, path)
+        assert any("was trained with pretrained='openai'" in r.getMessage() for r in caplog.records) == warns
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.adapter_state_dict().items())
+
+
+def test_file_of_the_whole_tower_loads_into_a_pruned_encoder(tmp_path, images):
+    """A file adapting all 4 blocks loads into an encoder pruned after block 1 (blocks 2 and 3 skipped) or block 2
+    (block 3 skipped), with the kept blocks' weights; a file adapting fewer blocks than the encoder still refuses.
+    Catches the pruned-block test off by one (block 2 of a 2-block tower counted as present)."""
+    src = _encoder("lora", layers=(3,)).eval()
+    _perturb(_adapter_params(src).values())
+    path = tmp_path / "whole.safetensors"
+    save_adapters(src, path)
+    for layers, kept in (((1,), 2), ((0, 2), 3)):
+        dst = _encoder("lora", layers=layers).eval()
+        assert len(dst.visual.transformer.resblocks) == kept
+        load_adapters(dst, path)
+        got = dst.adapter_state_dict()
+        assert len(got) == 3 * 2 * kept and all(torch.equal(v, src.adapter_state_dict()[k]) for k, v in got.items())
+    save_adapters(dst, tmp_path / "three.safetensors")
+    with pytest.raises(ValueError, match="adapts other modules"):
+        load_adapters(_encoder("lora", layers=(3,)), tmp_path / "three.safetensors")
 
 
 def test_load_into_merged_lora(tmp_path, images):

@@ -31,6 +31,23 @@ def test_same_parameters_keys_and_outputs_in_training():
         torch.testing.assert_close(p.grad, dict(mha.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_equal_to_multihead_attention_with_trained_biases(training):
+    """With non-zero q/k/v and output biases (pretrained weights; a fresh nn.MultiheadAttention has them at 0) the
+    fast path equals nn.MultiheadAttention. Catches a dropped in_proj or out_proj bias."""
+    mha, _ = _pair()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_(0.0, 0.5)
+        mha.out_proj.bias.normal_(0.0, 0.5)
+    fast = FastMultiheadAttention.from_module(copy.deepcopy(mha))
+    mha.train(training), fast.train(training)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        want = mha(x, x, x, need_weights=False)[0]
+        assert (want - mha.out_proj.bias).abs().max() > 0.1
+        torch.testing.assert_close(fast(x, x, x, need_weights=False)[0], want, rtol=1e-5, atol=1e-6)
+
+
 def test_from_module_shares_parameters():
     mha = nn.MultiheadAttention(32, 4, batch_first=True)
     fast = FastMultiheadAttention.from_module(mha)

@@ -253,6 +253,56 @@ def test_image_size_interpolates_position_embeddings_once(tiny_file):
         enc(_images(size=64))
 
 
+@pytest.fixture(scope="module")
+def ramp_file(tiny_clip, tmp_path_factory):
+    """The tiny CLIP with a known position embedding: class row 100, then on the 4 x 4 patch grid channel 0 = the
+    column index (a ramp along the width), channel 1 = the row index (a ramp along the height), other channels 0."""
+    state = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    pe = torch.zeros(1 + 16, 64)
+    pe[0] = 100.0
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    pe[1:, 0], pe[1:, 1] = cols.flatten(), rows.flatten()
+    state["visual.positional_embedding"] = pe
+    path = tmp_path_factory.mktemp("ramp") / "ramp.safetensors"
+    save_file(state, path)
+    return path, pe
+
+
+@pytest.mark.parametrize("keep_text", [False, True])
+def test_non_square_image_size_interpolates_position_embeddings_by_value(ramp_file, keep_text):
+    """Interpolation checked by values, not shape: at the file's own size the embedding is loaded unchanged; at
+    64 x 128 px (grid 4 x 8) the class row stays apart (100, not blended), the height ramp is untouched, the width
+    ramp is resampled to bicubic values (exact where the kernel does not reach the border: (j + 0.5) / 2 - 0.5),
+    constant down each column, increasing along each row and symmetric about 1.5 (bicubic overshoots at the
+    borders, to -0.09 and 3.09), and the zero channels stay zero. Both loading paths
+    (visual tower, keep_text). The encoder then takes 64 x 128 inputs and gives (B, C, 4, 8) maps with Mona on the
+    4 x 8 grid. Catches (H, W) recorded transposed and keep_text loading without interpolating."""
+    path, pe = ramp_file
+    same = CLIPEncoder(TINY, pretrained=str(path), layers=(1,), keep_text=keep_text)
+    assert torch.equal(same.visual.positional_embedding, pe)  # same size: the identity, bit for bit
+    enc = CLIPEncoder(
+        TINY, pretrained=str(path), layers=(1,), keep_text=keep_text, image_size=(64, 128), adapter="mona"
+    ).eval()
+    assert enc.image_size == (64, 128) and enc.encoder_config["image_size"] == [64, 128]
+    got = enc.visual.positional_embedding.detach()
+    assert got.shape == (1 + 4 * 8, 64)
+    assert torch.equal(got[0], pe[0])
+    grid = got[1:].reshape(4, 8, 64)  # rows of 8 patches, as the tower lays them out
+    assert torch.equal(grid[..., 2:], torch.zeros(4, 8, 62))
+    torch.testing.assert_close(grid[..., 1], torch.arange(4.0)[:, None].expand(4, 8), atol=1e-5, rtol=0)
+    width = grid[..., 0]
+    assert torch.equal(width, width[:1].expand(4, 8))
+    assert (width.diff(dim=1) > 0).all()
+    torch.testing.assert_close(width + width.flip(1), torch.full((4, 8), 3.0), atol=1e-5, rtol=0)  # about 1.5
+    torch.testing.assert_close(width[0, 3:5], torch.tensor([1.25, 1.75]), atol=1e-5, rtol=0)
+    assert all(m.grid_size == (4, 8) for m in enc.modules() if isinstance(m, Mona))
+    if not keep_text:
+        with torch.no_grad():
+            assert enc(torch.randn(2, 3, 64, 128))[0].shape == (2, 64, 4, 8)
+        with pytest.raises(ValueError, match=r"built for image_size=\(64, 128\)"):
+            enc(torch.randn(2, 3, 128, 64))
+
+
 # ----------------------------------------------------------------------------------------------- keep_text
 def test_keep_text_keeps_the_whole_model(tiny_clip, tiny_file, tmp_path):
     enc = CLIPEncoder(TINY, pretrained=str(tiny_file), layers=(1,), keep_text=True, adapter="lora").eval()
@@ -313,6 +363,27 @@ def test_timm_trunk_adapters(timm_config, adapter, wrapper):
             merge_adapters(enc)
             for a, b in zip(unmerged, enc(images), strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("placement", ["mlp", "attn"])
+def test_timm_mona_placement_takes_the_residual_stream_it_names(timm_config, placement):
+    """On a timm trunk (BiomedCLIP), Mona after the MLP sees the whole block's output and Mona after attention the
+    attention residual only (reference init, so placement changes the output). Catches the "mlp" Mona run before
+    the MLP residual, which the identity-at-init test (init='zero') cannot see."""
+    torch.manual_seed(0)
+    enc = CLIPEncoder(timm_config, layers=(1,), adapter="mona", adapter_kwargs={"placement": placement}).eval()
+    block = next(m for m in enc.modules() if isinstance(m, MonaTimmBlock))
+    mona = block.mona_mlp if placement == "mlp" else block.mona_attn
+    assert mona is not None and (block.mona_attn if placement == "mlp" else block.mona_mlp) is None
+    seen: dict[str, torch.Tensor] = {}
+    block.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    mona.register_forward_pre_hook(lambda module, args: seen.setdefault("mona_in", args[0]))
+    with torch.no_grad():
+        enc(_images(n=1, size=160))
+        b, x = block.base_layer, seen["x"]
+        after_attn = x + b.ls1(b.attn(b.norm1(x)))
+        expected = after_attn + b.ls2(b.mlp(b.norm2(after_attn))) if placement == "mlp" else after_attn
+    torch.testing.assert_close(seen["mona_in"], expected, atol=1e-5, rtol=0)
 
 
 def test_timm_trunk_image_size(timm_config, tmp_path):

@@ -127,6 +127,45 @@ def test_bad_switch_values_are_named(kwargs, match):
         LoraConfig(**kwargs)
 
 
+# ----------------------------------------------------------------------------------------------- init and order
+def test_init_a_kaiming_uniform_b_zero():
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (Kaiming-uniform with a=sqrt(5), as peft and the authors' code), B = 0, for every
+    pair of every wrapper. Catches Kaiming's default gain (bound sqrt(6/in), 2.4x wider) and a non-zero B."""
+    torch.manual_seed(0)
+    layers = [
+        LoraLinear(nn.Linear(256, 40), _config("alpha/r")),
+        LoraQkvLinear(nn.Linear(256, 3 * 256), _config("alpha/r")),
+        LoraMultiheadAttention(nn.MultiheadAttention(256, 4), _config("alpha/r", ("q", "k", "v", "out"))),
+    ]
+    for layer in layers:
+        pairs = (
+            [(layer.lora_A, layer.lora_B)]
+            if isinstance(layer, LoraLinear)
+            else [(layer.lora_A[t], layer.lora_B[t]) for t in layer.targets]
+        )
+        for a, b in pairs:
+            bound = 1 / math.sqrt(a.shape[1])  # in_features = 256 everywhere (the q/k/v width for "out")
+            assert a.shape[0] == R and not b.any() and b.shape[1] == R
+            assert 0.95 * bound < a.abs().max() <= bound
+            assert abs(a.std().item() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3)  # uniform, not normal
+
+
+def test_targets_in_any_order_adapt_the_named_projections():
+    """``attn_targets`` in any order means the same projections: ('v', 'q') adapts q with q's pair and v with v's.
+    Catches the user's order kept (v's A multiplied by q's B in the fused low-rank product)."""
+    assert _config("alpha/r", ("v", "out", "q")).attn_targets == ("q", "v", "out")
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48)
+    layer = LoraQkvLinear(copy.deepcopy(base), _config("alpha/r", ("v", "q"))).eval()
+    _randomise_lora(layer)
+    want = base.weight.detach().clone()
+    want[:16] += _hand_delta(layer, "q", 3.0)
+    want[32:] += _hand_delta(layer, "v", 3.0)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, want, base.bias), atol=OUT_TOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------- the scale, by hand
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_linear_delta_and_merge_use_the_hand_scale(scaling):
@@ -318,6 +357,61 @@ def test_attention_dropout_only_on_the_lora_branch_in_training(batch_first):
         assert torch.equal(ev, layer(x, x, x, need_weights=False)[0])
         ref = _reference_with_deltas(nn.ModuleDict({"attn": mha}), nn.ModuleDict({"attn": layer}), 6.0)
         torch.testing.assert_close(ev, ref["attn"].eval()(x, x, x, need_weights=False)[0], atol=OUT_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_out_projection_branch_has_its_own_dropout(batch_first):
+    """With only ``out`` adapted, training outputs still vary from call to call (dropout on the output-projection
+    branch, both code paths), and eval equals the hand-merged weights. Catches that branch skipping dropout."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    layer = LoraMultiheadAttention(copy.deepcopy(mha), _config("alpha/r", ("out",), 0.5)).train()
+    _randomise_lora(layer)
+    x = torch.randn((2, 5, 32) if batch_first else (5, 2, 32))
+    with torch.no_grad():
+        a, b = layer(x, x, x, need_weights=False)[0], layer(x, x, x, need_weights=False)[0]
+        assert (a - b).abs().max() > 1e-3
+        ref = _reference_with_deltas(nn.ModuleDict({"attn": mha}), nn.ModuleDict({"attn": layer}), 3.0)["attn"].eval()
+        torch.testing.assert_close(layer.eval()(x, x, x)[0], ref(x, x, x)[0], atol=OUT_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_trained_lora_attention_equals_mha_with_merged_weights(batch_first):
+    """After training (non-zero A and B, trained q/k/v and output biases), the unmerged wrapper equals
+    nn.MultiheadAttention whose weights carry the hand-computed updates, on every path: the batch-first fast path,
+    the text tower's causal mask (bool and additive float, as open_clip passes it), a padding mask with per-head
+    weights, and cross-attention. Catches a path that forgets the deltas or the scale, or drops a bias."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_(0.0, 0.5)
+        mha.out_proj.bias.normal_(0.0, 0.5)
+    layer = LoraMultiheadAttention(copy.deepcopy(mha), _config("alpha/sqrt(r)", ("q", "k", "v", "out"))).eval()
+    _randomise_lora(layer)
+    ref = _reference_with_deltas(nn.ModuleDict({"attn": mha}), nn.ModuleDict({"attn": layer}), 6.0)["attn"].eval()
+    shape = (2, 5, 32) if batch_first else (5, 2, 32)
+    x, kv = torch.randn(shape), torch.randn(shape)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    text_mask = torch.zeros(5, 5).masked_fill_(causal, float("-inf"))  # open_clip's build_causal_mask
+    pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+    calls = [
+        {"query": x, "key": x, "value": x, "need_weights": False},
+        {"query": x, "key": x, "value": x, "attn_mask": causal, "need_weights": False},
+        {"query": x, "key": x, "value": x, "attn_mask": text_mask, "need_weights": False},
+        {"query": x, "key": x, "value": x, "attn_mask": causal, "need_weights": True},
+        {"query": x, "key": x, "value": x, "key_padding_mask": pad, "average_attn_weights": False},
+        {"query": x, "key": kv, "value": kv, "need_weights": True},
+    ]
+    with torch.no_grad():
+        assert (ref(x, x, x)[0] - mha(x, x, x)[0]).abs().max() > 1e-1  # the updates are far above the tolerance
+        for call in calls:
+            want, want_w = ref(**call)
+            got, got_w = layer(**call)
+            torch.testing.assert_close(got, want, atol=OUT_TOL, rtol=0)
+            if call.get("need_weights", True):
+                torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=0)
+            else:
+                assert got_w is None
 
 
 # ----------------------------------------------------------------------------------------------- reference config
