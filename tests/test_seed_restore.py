@@ -76,6 +76,28 @@ def test_each_epoch_is_reseeded_from_seed_and_epoch():
     assert len(set(seen)) == 3
 
 
+def test_each_batch_is_reseeded_from_seed_epoch_and_batch():
+    """Batch ``b`` of epoch ``e`` draws as a fresh generator seeded with ``derive_seed(s, e, b)`` (mid-epoch resume).
+
+    Catches: the epoch or the batch index left out of the per-batch seed (batch k of every epoch, or every batch
+    of an epoch, would draw the same dropout masks).
+    """
+    os.environ["PL_GLOBAL_SEED"] = "7"
+    callback, seen = SeedEachEpoch(), set()
+    for epoch, batch in ((0, 0), (0, 1), (1, 0), (2, 3)):
+        trainer = SimpleNamespace(current_epoch=epoch)
+        callback.on_train_batch_start(trainer, None, None, batch)  # type: ignore[arg-type]
+        draws = _draws()
+        seed = derive_seed(7, epoch, batch)
+        assert draws == (
+            random.Random(seed).random(),
+            float(np.random.RandomState(seed).random()),
+            float(torch.rand(1, generator=torch.Generator().manual_seed(seed))),
+        )
+        seen.add(draws)
+    assert len(seen) == 4
+
+
 class _RecordDraw(L.Callback):
     """The first random number each training batch would draw (the generator state when the step starts)."""
 
