@@ -48,13 +48,21 @@ def scans(tmp_path_factory):
 def test_finds_near_duplicates_and_nothing_else(scans):
     pairs = find_duplicates(scans)
     found = {(p.id_a, p.id_b) for p in pairs}
-    assert {("a0", "b0"), ("a1", "b1"), ("a2", "b2")} <= found
-    assert all(a[1] == b[1] for a, b in found)  # never two different base scans
+    # exactly the true pairs: precision and recall 1.000 on this set (not a range; docs/data.md states the
+    # real-data figures). The closest false pair, a2/a3, reaches NCC 0.73 and Hamming 39 of 256.
+    reference = {("a0", "b0"), ("a1", "b1"), ("a2", "b2"), ("a2", "c2"), ("b2", "c2")}
+    assert found == reference
+    assert precision_recall(found, reference) == (1.0, 1.0)
     assert all(-1.0 <= p.ncc <= 1.0 + 1e-6 and 0 <= p.hamming <= 256 for p in pairs)
     assert [p.ncc for p in pairs] == sorted((p.ncc for p in pairs), reverse=True)
     groups = group_ids(scans, pairs)
-    assert groups["a2"] == groups["b2"] == groups["c2"]
-    assert len({groups["a0"], groups["a1"], groups["a2"], groups["a3"]}) == 4
+    assert groups == {"a0": "g0000", "a1": "g0001", "a2": "g0002", "a3": "g0003"} | {
+        "b0": "g0000",
+        "b1": "g0001",
+        "b2": "g0002",
+        "c2": "g0002",
+    }
+    assert precision_recall(group_pairs(groups), reference) == (1.0, 1.0)
     # thresholds that accept nothing
     assert find_duplicates(scans, ncc_threshold=1.01, hash_distance=-1, screen_threshold=1.01) == []
 
