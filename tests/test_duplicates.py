@@ -91,3 +91,28 @@ def test_groups_csv_never_overwritten_by_default(tmp_path):
     write_pairs_csv([DuplicatePair("a", "b", 0.951234, 3)], pairs)
     with pairs.open() as f:
         assert list(csv.DictReader(f)) == [{"id_a": "a", "id_b": "b", "ncc32": "0.9512", "ahash16_hamming": "3"}]
+
+
+def test_ncc_is_the_pearson_correlation_of_the_thumbnails(scans, tmp_path):
+    """The reported NCC is the Pearson correlation of the 32 x 32 area thumbnails (docs/data.md), so a gain or an
+    offset changes nothing and two unrelated scans on a bright background do not look alike.
+
+    Catches the thumbnails not being mean-centred (a cosine of raw pixels: 0.99 for any two bright images).
+    """
+
+    def thumb(path):
+        image = np.asarray(Image.open(path))
+        return cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+
+    pairs = find_duplicates(scans, ncc_threshold=-1.0, crop=False)  # every pair, scored on the whole screen
+    assert len(pairs) == 28
+    for p in pairs:
+        assert p.ncc == pytest.approx(np.corrcoef(thumb(scans[p.id_a]), thumb(scans[p.id_b]))[0, 1], abs=1e-5)
+    rng = np.random.default_rng(1)
+    bright = {}
+    for name in ("u", "v"):
+        bright[name] = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(170, 230, (64, 96), dtype=np.uint8)).save(bright[name])
+    (unrelated,) = find_duplicates(bright, ncc_threshold=-1.0, hash_distance=-1, screen_threshold=2.0)
+    assert abs(unrelated.ncc) < 0.2
+    assert find_duplicates(bright) == []
