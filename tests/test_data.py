@@ -19,8 +19,7 @@ from usclip.data.captions import CaptionDataset, CaptionPair, read_captions
 from usclip.data.datasets import FolderDataset, encode_labels, read_csv_column
 from usclip.data.layouts import index_busi_release, index_dataset
 from usclip.data.splits import groups_across_splits, read_split_file, split_ids, subsample_ids, write_splits
-from usclip.data.transforms import SeededCompose as A_compose
-from usclip.data.transforms import build_augmentations, build_transform
+from usclip.data.transforms import SeededCompose, build_augmentations, build_transform
 
 
 def make_folder(root: Path, n: int = 20, size: tuple[int, int] = (40, 50), labels: bool = True) -> Path:
@@ -157,7 +156,7 @@ def test_augmentations_from_names():
     both = build_transform(4, [{"HorizontalFlip": {"p": 1.0}}, {"VerticalFlip": {"p": 1.0}}], seed=0)
     assert np.array_equal(both(image=img)["image"], img[::-1, ::-1])
     twice = build_augmentations([{"HorizontalFlip": {"p": 1.0}}, {"HorizontalFlip": {"p": 1.0}}])
-    assert len(twice) == 2 and np.array_equal(A_compose(twice)(image=img)["image"], img)
+    assert len(twice) == 2 and np.array_equal(SeededCompose(twice)(image=img)["image"], img)
     with pytest.raises(ValueError, match="NotATransform"):
         build_augmentations({"NotATransform": {}})
     with pytest.raises(ValueError, match="HorizontalFlip"):
