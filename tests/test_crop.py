@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from usclip.data import SegmentationDataModule
-from usclip.data.crop import check_box, find_scan_box, paste_back, read_boxes_csv
+from usclip.data.crop import check_box, find_scan_box, paste_back, read_boxes_csv, resized_spacing
+from usclip.data.datasets import FolderDataset
 from usclip.data.synthetic import generate_sample, write_synthetic_dataset
 
 # (seed, size): sector and linear scans at realistic screen sizes; text strokes at 64 px are as wide as the gaps
@@ -125,3 +127,49 @@ def test_boxes_mode_needs_a_box_for_every_id(tmp_path):
         dm.train_dataloader()
     with pytest.raises(ValueError, match=r"data\.crop must be one of \('auto', 'boxes', 'none'\), got 'exact'"):
         SegmentationDataModule(str(tmp_path), crop="exact")
+
+
+def test_crop_then_paste_back_round_trip_with_an_off_centre_non_square_box(tmp_path):
+    """Crop with a 24 x 18 (W x H) box at (7, 4) of a 44 x 30 image, then paste back: pixel values, not shapes.
+
+    Every pixel encodes its position (value = 3 * row + column), so a box read as (y0, x0, y1, x1), a shifted
+    offset or swapped axes show up as wrong values. Catches the dataset unpacking the crop box in (y, x) order and
+    paste_back placing the crop at a transposed or shifted offset.
+    """
+    h, w, box = 30, 44, (7, 4, 31, 22)
+    image = (3 * np.arange(h)[:, None] + np.arange(w)[None, :]).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[6:16, 11:29] = 255  # inside the box, off its centre (even offsets in the crop: exact at half size)
+    mask[1:3, 1:4] = 255  # outside the box: dropped by the crop (with a warning)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "u.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "u.png")
+    (tmp_path / "boxes.csv").write_text("id,x0,y0,x1,y1\nu,7,4,31,22\n")
+    sample = FolderDataset(tmp_path, ["u"], crop="boxes")[0]  # no transform: the crop at its own size
+    assert sample["crop_box"].tolist() == list(box) and sample["orig_size"].tolist() == [h, w]
+    crop = (sample["image"][0] * 255).round().to(torch.uint8)
+    assert torch.equal(crop, torch.from_numpy(image[4:22, 7:31]))
+    assert int(crop[0, 0]) == 3 * 4 + 7 and int(crop[-1, -1]) == 3 * 21 + 30
+    assert torch.equal(sample["mask"], torch.from_numpy(mask[4:22, 7:31] > 0).long())
+    back = paste_back(sample["mask"], sample["crop_box"], sample["orig_size"], mode="nearest")
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[4:22, 7:31] = True
+    assert torch.equal(back, torch.from_numpy(mask > 0).long() * inside)
+    # a prediction at half the crop's size (12 x 9) lands on the same pixels of the original
+    half = paste_back(sample["mask"][::2, ::2], box, (h, w), mode="nearest")
+    assert torch.equal(half, back)
+    # the same through the auto crop of a framed, off-centre scan area (values again)
+    framed = np.zeros((h, w), np.uint8)
+    speckle = np.random.default_rng(0).integers(40, 255, (18, 24), dtype=np.uint8)
+    framed[4:22, 7:31] = speckle
+    assert find_scan_box(framed) == box
+
+
+def test_resized_spacing_scales_rows_by_height_and_columns_by_width():
+    """A 50 x 40 (W x H) crop at 20 px: rows stretch by 40 / 20, columns by 50 / 20 (DICOM-free, runs everywhere).
+
+    Catches the row and column factors swapped (HD95 and ASD in millimetres would be wrong on non-square crops).
+    """
+    assert resized_spacing((0.2, 0.1), (20, 10, 70, 50), 20) == pytest.approx((0.2 * 40 / 20, 0.1 * 50 / 20))
+    assert resized_spacing(torch.tensor([0.3, 0.3]), torch.tensor([0, 0, 30, 60]), 30) == pytest.approx((0.6, 0.3))

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,8 @@ from usclip.data.cache import SampleCache
 from usclip.data.captions import CaptionDataset, CaptionPair, read_captions
 from usclip.data.datasets import FolderDataset, encode_labels, read_csv_column
 from usclip.data.layouts import index_busi_release, index_dataset
-from usclip.data.splits import read_split_file, split_ids, subsample_ids, write_splits
-from usclip.data.transforms import build_augmentations, build_transform
+from usclip.data.splits import groups_across_splits, read_split_file, split_ids, subsample_ids, write_splits
+from usclip.data.transforms import SeededCompose, build_augmentations, build_transform
 
 
 def make_folder(root: Path, n: int = 20, size: tuple[int, int] = (40, 50), labels: bool = True) -> Path:
@@ -53,6 +54,21 @@ def test_split_keeps_groups_together_and_stratifies():
         assert sum(labels[i] for i in s[k]) / len(s[k]) == pytest.approx(0.2)
     assert split_ids(ids, seed=1, groups=groups, labels=labels) == s
     assert split_ids(ids, seed=2, groups=groups, labels=labels) != s
+
+
+def test_a_mixed_group_is_stratified_by_its_majority_label():
+    """A group of two benign scans and one malignant scan is split as a benign group (docs/data.md).
+
+    Catches a group's stratum taken from its highest (or any other than the most common) label.
+    """
+    ids = [f"x{i:03d}" for i in range(60)]
+    groups = {i: f"g{int(i[1:]) // 3}" for i in ids}  # 20 groups of 3
+    mixed = {i: int(int(i[1:]) % 3 == 0 and int(i[1:]) < 30) for i in ids}  # groups 0-9: one malignant of three
+    majority = dict.fromkeys(ids, 0)
+    pure = {i: int(int(i[1:]) >= 45) for i in ids}  # groups 15-19 malignant
+    for seed in range(3):
+        expected = split_ids(ids, seed=seed, groups=groups, labels={i: majority[i] | pure[i] for i in ids})
+        assert split_ids(ids, seed=seed, groups=groups, labels={i: mixed[i] | pure[i] for i in ids}) == expected
 
 
 @pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.8, -0.1, 0.3), (0, 0, 0)])
@@ -114,12 +130,33 @@ def test_mask_size_mismatch_is_named(tmp_path):
         FolderDataset(root, ["s00"])[0]
 
 
+def test_resize_is_area_for_images_and_nearest_for_masks():
+    """The resize to the input size: OpenCV area interpolation for the image, nearest neighbour for the mask.
+
+    Catches the mask resized with linear interpolation (a 1-pixel stripe pattern turns into averages) and the
+    image resized with another filter.
+    """
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (45, 70), dtype=np.uint8)
+    mask = np.zeros((45, 70), np.uint8)
+    mask[:, ::2] = 1  # one-pixel stripes
+    mask[30:, :] = 0
+    out = build_transform(28)(image=image, mask=mask)
+    np.testing.assert_array_equal(out["image"], cv2.resize(image, (28, 28), interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(out["mask"], cv2.resize(mask, (28, 28), interpolation=cv2.INTER_NEAREST))
+
+
 def test_augmentations_from_names():
     (flip,) = build_augmentations({"HorizontalFlip": {"p": 1.0}})
     img = np.arange(16, dtype=np.uint8).reshape(4, 4)
     assert np.array_equal(flip(image=img)["image"], img[:, ::-1])
     out = build_transform(4, {"HorizontalFlip": {"p": 1.0}}, seed=0)(image=img)
     assert np.array_equal(out["image"], img[:, ::-1])
+    # the list form keeps every entry in order, the same transform twice included (two flips cancel out)
+    both = build_transform(4, [{"HorizontalFlip": {"p": 1.0}}, {"VerticalFlip": {"p": 1.0}}], seed=0)
+    assert np.array_equal(both(image=img)["image"], img[::-1, ::-1])
+    twice = build_augmentations([{"HorizontalFlip": {"p": 1.0}}, {"HorizontalFlip": {"p": 1.0}}])
+    assert len(twice) == 2 and np.array_equal(SeededCompose(twice)(image=img)["image"], img)
     with pytest.raises(ValueError, match="NotATransform"):
         build_augmentations({"NotATransform": {}})
     with pytest.raises(ValueError, match="HorizontalFlip"):
@@ -141,6 +178,56 @@ def test_datamodule_split_and_batches(tmp_path):
     other.load_state_dict(dm.state_dict())
     other.setup("test")
     assert other.splits == dm.splits
+
+
+def test_datamodule_keeps_groups_csv_together_and_follows_split_seed(tmp_path):
+    """``<root>/groups.csv`` reaches the split (synthetic twin of the real-data BUSI test) and so does split_seed.
+
+    Catches the DataModule splitting without the groups of ``groups.csv`` and ignoring ``data.split_seed``.
+    """
+    root = make_folder(tmp_path / "d", n=20)
+    ids = [f"s{i:02d}" for i in range(20)]
+    groups = {i: f"p{k // 4}" for k, i in enumerate(ids)}  # 5 patients of 4 images
+    (root / "groups.csv").write_text("id,group\n" + "".join(f"{i},{g}\n" for i, g in groups.items()))
+    labels = {i: int(k % 4 == 0) for k, i in enumerate(ids)}
+    splits = {}
+    for seed in (0, 1, 2):
+        dm = SegmentationDataModule(str(root), image_size=32, split_fractions=(0.6, 0.2, 0.2), split_seed=seed)
+        dm.setup("fit")
+        assert dm._index is not None and dm._index.groups == groups
+        assert [len(dm.splits[k]) for k in ("train", "val", "test")] == [12, 4, 4]
+        assert groups_across_splits(dm.splits, groups) == {}
+        assert dm.splits == split_ids(ids, (0.6, 0.2, 0.2), seed=seed, groups=groups, labels=labels)
+        splits[seed] = dm.splits
+    assert splits[0] != splits[1] or splits[0] != splits[2]
+
+
+def test_default_input_is_224_and_only_training_is_augmented(tmp_path):
+    """Defaults: samples at 224 x 224 (the paper's size); augmentations on the training split only.
+
+    With a flip of probability 1, training samples are the mirrored area-resized image and validation and test
+    samples the plain one. Catches a default size other than 224 and augmentations applied at evaluation.
+    """
+    root = make_folder(tmp_path / "d", n=20)
+    dm = SegmentationDataModule(
+        str(root),
+        batch_size=4,
+        crop="none",
+        split_fractions=(0.5, 0.25, 0.25),
+        augmentations={"HorizontalFlip": {"p": 1.0}},
+    )
+    dm.setup("fit")
+
+    def plain(sid: str) -> torch.Tensor:
+        grey = np.asarray(Image.open(root / "images" / f"{sid}.png"))
+        return torch.from_numpy(cv2.resize(grey, (224, 224), interpolation=cv2.INTER_AREA)).float() / 255
+
+    for loader, flipped in ((dm.train_dataloader(), True), (dm.val_dataloader(), False), (dm.test_dataloader(), False)):
+        batch = next(iter(loader))
+        assert batch["image"].shape == (4, 3, 224, 224) and batch["mask"].shape == (4, 224, 224)
+        for sid, image in zip(batch["id"], batch["image"], strict=True):
+            expected = plain(sid).flip(-1) if flipped else plain(sid)
+            torch.testing.assert_close(image[0], expected, rtol=0, atol=0)
 
 
 def test_predefined_test_split_and_train_fraction(tmp_path):
