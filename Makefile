@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install usclip with the dev extra
 
-test: $(STAMP)  ## the default test suite (no slow tests)
-	$(BIN)/python -m pytest
+# `make test` runs the default suite on PYTEST_WORKERS pytest-xdist processes, one file per process at a time (module
+# fixtures are built once); `make test PYTEST_WORKERS=0` runs it in this process, as plain `python -m pytest` does.
+PYTEST_WORKERS ?= 2
+
+test: $(STAMP)  ## the default test suite (no slow tests), on 2 processes
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)  ## every test, slow ones included
 	$(BIN)/python -m pytest -m ""

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # Tests never download: set before anything imports huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`pytest -n 2`) each worker is one process: one thread each, or the workers' torch thread pools
+# fight over the same cores (set before torch is imported; subprocesses of a test inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 
@@ -25,3 +31,9 @@ def shared_data() -> Path:
     if not (root / "BUSI").is_dir():
         pytest.skip(f"real data not found at {root} (set USCLIP_DATA_DIR to the folder holding BUSI/ and DDTI/)")
     return root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per xdist worker, even where a plugin imported torch before this file set the variables."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)

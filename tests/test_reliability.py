@@ -81,32 +81,66 @@ def _env() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------- kill + resume
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+class StopAtStep(Callback):
+    """In-process stand-in for the kill: at global step ``step`` touch ``marker`` and raise (nothing is saved)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(f"{trainer.current_epoch} {batch_idx}")
+            raise _Stopped(f"stopped at global step {self.step}")
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _interrupt_at_step_5(tmp_path: Path, how: str) -> None:
+    """Run the ``killed`` fit and interrupt it at global step 5: SIGKILL of a subprocess, or an in-process raise."""
+    marker = tmp_path / "paused"
+    helper = "PauseAtStep" if how == "sigkill" else "StopAtStep"
+    pause = json.dumps(
+        [{"class_path": f"tests.test_reliability.{helper}", "init_args": {"step": 5, "marker": str(marker)}}]
+    )
+    args = ["fit", *_args(tmp_path, "killed", *RESUME), f"--trainer.callbacks={pause}"]
+    if how == "stopped":
+        with pytest.raises(_Stopped):
+            main(args)
+    else:
+        cmd = [sys.executable, "-m", "usclip", *args]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists():
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+                assert time.monotonic() < deadline, "the run never reached step 5"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == -signal.SIGKILL
+    assert marker.read_text() == "1 2"  # interrupted in the middle of epoch 1
+
+
+# The subprocess SIGKILL is the real thing (~1 min: a fresh interpreter imports torch and Lightning); the default
+# twin stops the same run in-process with an exception at the same step, so that last.ckpt holds the end of epoch 0
+# and nothing else is saved either. Both catch a resume that writes a new run directory, loses the step or epoch
+# counters, takes --seed_everything over the checkpoint's seed, or replays epoch 1's batches in another order.
+# Only the SIGKILL one would catch a resume that depends on state left in the interrupted process.
+@pytest.mark.parametrize("how", ["stopped", pytest.param("sigkill", marks=pytest.mark.slow)])
+def test_killed_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, how):
     # the uninterrupted reference: 3 epochs of 3 steps
     straight = main(["fit", *_args(tmp_path, "straight", *RESUME)])
     assert straight.trainer.global_step == 9
     straight_last = Path(straight.trainer.log_dir) / "checkpoints" / "last.ckpt"
 
-    # the same run, killed with SIGKILL at global step 5 = epoch 1, batch 2 (last.ckpt holds the end of epoch 0)
-    marker = tmp_path / "paused"
-    pause = json.dumps(
-        [{"class_path": "tests.test_reliability.PauseAtStep", "init_args": {"step": 5, "marker": str(marker)}}]
-    )
-    cmd = [sys.executable, "-m", "usclip", "fit", *_args(tmp_path, "killed", *RESUME), f"--trainer.callbacks={pause}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
-            assert time.monotonic() < deadline, "the run never reached step 5"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert marker.read_text() == "1 2"  # killed in the middle of epoch 1
+    # the same run, interrupted at global step 5 = epoch 1, batch 2 (last.ckpt holds the end of epoch 0)
+    _interrupt_at_step_5(tmp_path, how)
     run = tmp_path / "runs" / "killed" / "version_0"
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert saved["epoch"] == 0 and saved["global_step"] == 3
@@ -144,7 +178,7 @@ def test_find_last_checkpoint_picks_the_newest_run(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- determinism
 def test_same_seed_same_weights_on_cpu(tmp_path):
-    # (equal test metrics across processes and an interruption: test_sigkill_mid_epoch_then_resume...)
+    # (equal test metrics across processes and an interruption: test_killed_mid_epoch_then_resume...)
     args = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.deterministic=true")
 
     def weights(name: str, *extra: str) -> dict[str, torch.Tensor]:
