@@ -17,7 +17,7 @@ stage's own:
 
 Times are CPU seconds of the stage's process (user + system, from ``wait4``; inside the loader stages, of the
 setup and of each epoch alone): on shared cores they move far less with other jobs than wall time does (wall
-time is kept in ``OUT/scale.json``). The growth exponent is the least-squares slope of log(value) against
+time is kept in ``OUT/results/<stage>_<N>.json``). The growth exponent is the least-squares slope of log(value) against
 log(N): a linear stage gives 1.0, an ``N log N`` one about 1.1 over 5,000-50,000, a quadratic one 2.0. Memory
 exponents are given for the peak above the ``import`` floor.
 
@@ -28,6 +28,7 @@ exponents are given for the peak above the ``import`` floor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -98,7 +99,8 @@ def _link_subset(source: Path, target: Path, n: int, test_txt: bool) -> Path:
         for sid in ids:
             dst = target / sub / f"{sid}.png"
             if not dst.exists():
-                os.link(source / sub / f"{sid}.png", dst)
+                with contextlib.suppress(FileExistsError):  # another run of this script linked it meanwhile
+                    os.link(source / sub / f"{sid}.png", dst)
     keep = set(ids)
     for name in ("labels.csv", "groups.csv", "boxes.csv"):
         lines = (source / name).read_text().splitlines(keepends=True)
@@ -107,6 +109,10 @@ def _link_subset(source: Path, target: Path, n: int, test_txt: bool) -> Path:
         (target / "test.txt").write_text("".join(f"{sid}\n" for sid in ids[::10]))
     marker.touch()
     return target
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _checkpoint(out: Path) -> Path:
@@ -177,7 +183,7 @@ def slope(sizes: list[int], values: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Measure every stage at every size and print Markdown tables (results also go to ``OUT/scale.json``)."""
+    """Measure every stage at every size and print Markdown tables (figures also go to ``OUT/results/``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/usclip_scale"), help="work folder (not the repo)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 15000, 50000], help="numbers of scans")
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scan-size", type=int, default=64, help="side of the synthetic scans in pixels")
     parser.add_argument("--image-size", type=int, default=64, help="data.image_size of the loader stages")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--report-only", action="store_true", help="print the tables from OUT/results, measure nothing")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -198,25 +205,28 @@ def main(argv: list[str] | None = None) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = write_synthetic_dataset(out / "data", num_samples=max(args.sizes), size=args.scan_size)
+    data, made = out / "data", _read_json(out / "data" / "synthetic.json")
+    enough = made is not None and made.get("size") == args.scan_size and made.get("num_samples", 0) >= max(args.sizes)
+    if not (args.report_only or enough):
+        write_synthetic_dataset(data, num_samples=max(args.sizes), size=args.scan_size)  # or reuse a larger one
     log.info("synthetic dataset ready in %.0f s: %s", time.perf_counter() - start, data)
-    results_file = out / "scale.json"
-    results: dict[str, dict[str, dict[str, float]]] = (
-        json.loads(results_file.read_text()) if results_file.is_file() else {}
-    )
-    for n in sorted(args.sizes):
+    (out / "results").mkdir(exist_ok=True)  # one file per stage and size: runs over other stages can go side by side
+    for n in [] if args.report_only else sorted(args.sizes):
         root = _link_subset(data, out / f"n{n}", n, test_txt=False)
         for stage in args.stages:
             where = _link_subset(data, out / f"n{n}_test_txt", n, test_txt=True) if stage == "setup_test_txt" else root
             load = os.getloadavg()[0]
             figures = _measure(stage, where, out, n, args.image_size, args.batch_size)
             figures["load"] = load
-            results.setdefault(stage, {})[str(n)] = figures
-            results_file.write_text(json.dumps(results, indent=1))
+            (out / "results" / f"{stage}_{n}.json").write_text(json.dumps(figures, indent=1))
             log.info("%s, %d scans: %s", stage, n, {k: round(v, 2) for k, v in figures.items()})
     print(f"\nmachine: {os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}")
     print(f"scans {args.scan_size} px, loader image_size {args.image_size}, batch {args.batch_size}, 0 workers\n")
     sizes = sorted(args.sizes)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for path in (out / "results").glob("*.json"):
+        stage, n = path.stem.rsplit("_", 1)
+        results.setdefault(stage, {})[n] = json.loads(path.read_text())
     floor = results.get("import", {})
     head = " | ".join(f"{n:,} scans" for n in sizes)
     print(f"| stage | {head} | exponent: time | exponent: memory above import |")
