@@ -19,7 +19,10 @@ Times are CPU seconds of the stage's process (user + system, from ``wait4``; ins
 setup and of each epoch alone): on shared cores they move far less with other jobs than wall time does (wall
 time is kept in ``OUT/results/<stage>_<N>.json``). The growth exponent is the least-squares slope of log(value) against
 log(N): a linear stage gives 1.0, an ``N log N`` one about 1.1 over 5,000-50,000, a quadratic one 2.0. Memory
-exponents are given for the peak above the ``import`` floor.
+is given as the change of the peak from the first to the last size (the floor is the imported libraries). Whole
+processes include a fixed start-up (imports, about 11 CPU s with torch), which flattens their exponents; the CPU
+seconds per 1,000 more scans between consecutive sizes are free of it (constant for a linear stage, growing with
+N for a quadratic one).
 
     python bench/scale.py --out /tmp/usclip_scale                          # 5,000, 15,000, 50,000; every stage
     python bench/scale.py --out /tmp/usclip_scale --sizes 500 1000 --stages setup check
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     enough = made is not None and made.get("size") == args.scan_size and made.get("num_samples", 0) >= max(args.sizes)
     if not (args.report_only or enough):
         write_synthetic_dataset(data, num_samples=max(args.sizes), size=args.scan_size)  # or reuse a larger one
-    log.info("synthetic dataset ready in %.0f s: %s", time.perf_counter() - start, data)
+    if not args.report_only:
+        log.info("synthetic dataset ready in %.0f s: %s", time.perf_counter() - start, data)
     (out / "results").mkdir(exist_ok=True)  # one file per stage and size: runs over other stages can go side by side
     for n in [] if args.report_only else sorted(args.sizes):
         root = _link_subset(data, out / f"n{n}", n, test_txt=False)
@@ -227,26 +232,30 @@ def main(argv: list[str] | None = None) -> None:
     for path in (out / "results").glob("*.json"):
         stage, n = path.stem.rsplit("_", 1)
         results.setdefault(stage, {})[n] = json.loads(path.read_text())
-    floor = results.get("import", {})
     head = " | ".join(f"{n:,} scans" for n in sizes)
-    print(f"| stage | {head} | exponent: time | exponent: memory above import |")
-    print("| --- |" + " ---: |" * (len(sizes) + 2))
+    print(f"| stage | {head} | exponent: time | CPU s per 1,000 more scans | peak RSS, first to last size |")
+    print("| --- |" + " ---: |" * (len(sizes) + 3))
     for stage in args.stages:
-        rows = [results.get(stage, {}).get(str(n)) for n in sizes]
-        if any(r is None for r in rows):
-            continue
+        rows = {n: results[stage][str(n)] for n in sizes if str(n) in results.get(stage, {})}
         for key in ("cpu_s", "setup_s", "epoch1_s", "epoch2_s"):
-            values = [r.get(key) for r in rows]  # type: ignore[union-attr]
-            if any(v is None for v in values):
+            got = [n for n in sizes if key in rows.get(n, {})]
+            if not got:
                 continue
             name = stage if key == "cpu_s" else f"{stage}: {key[:-2]}"
-            if key == "cpu_s":
-                cells = " | ".join(f"{v:.1f} s / {r['peak_mib']:.0f} MiB" for v, r in zip(values, rows, strict=True))  # type: ignore[index]
-                base = [floor.get(str(n), {}).get("peak_mib", 0.0) for n in sizes]
-                mem = f"{slope(sizes, [r['peak_mib'] - b for r, b in zip(rows, base, strict=True)]):.2f}"  # type: ignore[index]
-            else:
-                cells, mem = " | ".join(f"{v:.2f} s" for v in values), ""
-            print(f"| {name} | {cells} | {slope(sizes, values):.2f} | {mem} |")  # type: ignore[arg-type]
+            cells = " | ".join(
+                "not measured"
+                if n not in got
+                else f"{rows[n][key]:.1f} s / {rows[n]['peak_mib']:.0f} MiB"
+                if key == "cpu_s"
+                else f"{rows[n][key]:.2f} s"
+                for n in sizes
+            )
+            mem = f"{rows[got[-1]]['peak_mib'] - rows[got[0]]['peak_mib']:+.0f} MiB" if key == "cpu_s" else ""
+            # marginal cost between consecutive sizes: free of the start-up floor; constant when linear
+            marginal = ", ".join(
+                f"{1000 * (rows[b][key] - rows[a][key]) / (b - a):.2f}" for a, b in itertools.pairwise(got)
+            )
+            print(f"| {name} | {cells} | {slope(got, [rows[n][key] for n in got]):.2f} | {marginal} | {mem} |")
 
 
 if __name__ == "__main__":
