@@ -318,8 +318,12 @@ def _check_labels(index: DatasetIndex, report: DatasetReport, label_names: list[
         report.add("error", source, f"{len(empty)} ids have an empty label: {empty[:5]}")
     if label_names is not None:
         allowed = set(label_names) | {str(i) for i in range(len(label_names))}
-        for name in sorted(set(index.labels.values()) - allowed):
-            ids = sorted(k for k, v in index.labels.items() if v == name)
+        unknown: dict[str, list[str]] = {}  # one pass over the ids, not one per unknown label
+        for k, v in index.labels.items():
+            if v not in allowed:
+                unknown.setdefault(v, []).append(k)
+        for name in sorted(unknown):
+            ids = sorted(unknown[name])
             report.add("error", source, f"unknown label {name!r} (ids {ids[:5]}); expected one of {list(label_names)}")
 
 

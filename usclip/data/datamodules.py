@@ -257,7 +257,8 @@ class BaseDataModule(L.LightningDataModule):
             fractions = list(self.hparams["split_fractions"])
             held = predefined.get("test", [])
             if held:  # predefined test set (TN3K, micro-US): the rest is split train : (val + test), 8:2 for 8:1:1
-                ids = [i for i in ids if i not in set(held)]
+                held_ids = set(held)  # built once: a set per id made this loop quadratic (docs/benchmarks.md, Scale)
+                ids = [i for i in ids if i not in held_ids]
                 fractions = [fractions[0], fractions[1] + fractions[2], 0.0]
             groups = index.groups or None
             splits = split_ids(ids, fractions, seed=self.hparams["split_seed"], groups=groups, labels=self._labels)
