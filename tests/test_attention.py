@@ -1,3 +1,5 @@
+"""FastMultiheadAttention: same keys, outputs and gradients as nn.MultiheadAttention; fallbacks; encoder swap."""
+
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""usclip.metrics against MONAI on pairs built from the real BUSI and DDTI masks (strict protocol).
+"""usclip.metrics against MONAI: pairs built from the real BUSI and DDTI masks, and a synthetic twin (strict protocol).
 
 Targets are real masks resized to 224 x 224 (nearest); predictions are shifted, eroded, dilated, noisy,
 partly or wholly empty versions of them. Where both masks are non-empty, Dice, IoU and HD95 must equal MONAI's

@@ -98,3 +98,10 @@ def test_load_refuses_repeated_names_and_unknown_keys(tmp_path):
     (tmp_path / "two.yaml").write_text("- {name: b, file: calc.py, old: x, new: y, tests: [t.py], kill: 1}\n")
     with pytest.raises(ValueError, match=r"unknown keys \['kill'\]"):
         mutants.load_mutations(tmp_path)
+
+
+def test_the_testing_guide_names_every_test_file():
+    """docs/testing.md's table says what each test file covers: a new file without a row fails here."""
+    guide = (REPO / "docs" / "testing.md").read_text()
+    missing = [p.name for p in sorted((REPO / "tests").glob("test_*.py")) if f"`{p.name}`" not in guide]
+    assert missing == []
