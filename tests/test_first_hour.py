@@ -358,8 +358,9 @@ def test_data_commands_show_a_progress_bar_on_a_terminal_only(tmp_path, monkeypa
         main(["data", "check", str(root)])
     with pytest.raises(SystemExit):
         main(["data", "duplicates", str(root), "--output", str(tmp_path / "groups.csv")])
-    # one bar over every image each; disable=None: shown on a terminal, hidden in pipes and logs
-    assert bars == [("checking images", 6, None), ("reading images", 6, None)]
+    # one bar over every image each (and one over the comparison's tiles: one tile for 6 images);
+    # disable=None: shown on a terminal, hidden in pipes and logs
+    assert bars == [("checking images", 6, None), ("reading images", 6, None), ("comparing", 1, None)]
     bars.clear()
     usclip.data.checks.check_dataset(root)  # the library stays quiet unless asked
     assert bars == [("checking images", 6, True)]
