@@ -88,3 +88,48 @@ def test_data_duplicates_writes_groups_and_never_overwrites(dataset, capsys):
 def test_data_duplicates_on_a_missing_folder(tmp_path, capsys):
     assert run(["data", "duplicates", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_data_duplicates_warns_when_one_group_swallows_a_large_share(tmp_path, capsys):
+    """11 gain-changed copies of one scan plus 9 distinct scans: the 11-image group (55 %) is flagged as chained.
+
+    Catches: the warning's threshold inverted or compared with the number of groups instead of the group's size
+    (the 5-image fixture above, largest 2, stays silent: under the 10-image floor).
+    """
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    base = generate_sample(0, 0, 96).image.astype(np.float32)
+    for k in range(11):
+        Image.fromarray(np.clip(base * (0.9 + 0.02 * k), 0, 255).astype(np.uint8)).save(root / "images" / f"c{k}.png")
+    for k in range(9):
+        Image.fromarray(generate_sample(100 + k, k % 2, 96).image).save(root / "images" / f"u{k}.png")
+    assert run(["data", "duplicates", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "largest 11)" in out
+    assert "warning: the largest group holds 11 of 20 images (55.0 %)" in out
+    assert "--threshold above 0.93" in out
+
+
+def test_data_duplicates_stays_quiet_on_small_groups(dataset, capsys):
+    """Largest group 2 of 5 images (40 %, but under the 10-image floor): no chaining warning."""
+    assert run(["data", "duplicates", str(dataset)]) == 0
+    assert "warning: the largest group" not in capsys.readouterr().out
+
+
+def test_data_duplicates_measures_the_largest_group_against_all_images(tmp_path, capsys):
+    """11 copies of one scan among 241 images (4.6 %, under the 5 % share): no chaining warning.
+
+    Catches: the share taken of the number of groups (1 here) instead of the number of images.
+    """
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    base = generate_sample(0, 0, 64).image.astype(np.float32)
+    for k in range(11):
+        Image.fromarray(np.clip(base * (0.9 + 0.02 * k), 0, 255).astype(np.uint8)).save(root / "images" / f"c{k}.png")
+    rng = np.random.default_rng(0)
+    for k in range(230):  # independent noise: no pairs among them
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(root / "images" / f"n{k:03d}.png")
+    assert run(["data", "duplicates", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "241 images: 55 duplicate pairs, 1 groups with more than one image (11 images, largest 11)" in out
+    assert "warning: the largest group" not in out

@@ -27,6 +27,11 @@ LAYOUTS = ("auto", "folder", "busi")
 log = logging.getLogger(__name__)
 
 
+#: `data duplicates` warns when its largest group exceeds this share of the images (and _CHAIN_MIN_IMAGES images)
+_CHAIN_SHARE = 0.05
+_CHAIN_MIN_IMAGES = 10
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``usclip data`` argument parser."""
     parser = argparse.ArgumentParser(prog="usclip data", description="Dataset tools (see docs/data.md).")
@@ -111,6 +116,14 @@ def run_duplicates(args: argparse.Namespace) -> int:
         f"{len(index.ids)} images: {len(pairs)} duplicate pairs, {len(multi)} groups with more than one image "
         f"({sum(multi)} images, largest {max(multi, default=1)})"
     )
+    largest = max(multi, default=1)
+    if largest > max(_CHAIN_MIN_IMAGES, _CHAIN_SHARE * len(index.ids)):
+        print(
+            f"warning: the largest group holds {largest} of {len(index.ids)} images "
+            f"({100 * largest / len(index.ids):.1f} %): union-find chains pairs, so a few false pairs can merge "
+            "scans of different patients, and a group-aware split keeps the whole group in one split. Check its "
+            "pairs (--pairs FILE), or make pairs stricter (--threshold above 0.93, --hash-distance below 6)"
+        )
     if index.labels:
         seen: dict[str, set[str | None]] = {}
         for i, g in groups.items():
