@@ -24,8 +24,8 @@ processes include a fixed start-up (imports, about 11 CPU s with torch), which f
 seconds per 1,000 more scans between consecutive sizes are free of it (constant for a linear stage, growing with
 N for a quadratic one).
 
-    python bench/scale.py --out /tmp/usclip_scale                          # 5,000, 15,000, 50,000; every stage
-    python bench/scale.py --out /tmp/usclip_scale --sizes 500 1000 --stages setup check
+    python bench/scale.py          # 5,000, 15,000, 50,000; every stage; --out: usclip_scale in the temporary folder
+    python bench/scale.py --out DIR --sizes 500 1000 --stages setup check
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,7 +190,12 @@ def slope(sizes: list[int], values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Measure every stage at every size and print Markdown tables (figures also go to ``OUT/results/``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/usclip_scale"), help="work folder (not the repo)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "usclip_scale",
+        help="work folder, never the repo (default: usclip_scale in the system temporary folder)",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 15000, 50000], help="numbers of scans")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--scan-size", type=int, default=64, help="side of the synthetic scans in pixels")

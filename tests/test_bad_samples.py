@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from tests.test_reliability import _args
 from usclip._io import DiskFullError, atomic_path, write_csv_atomic, write_text_atomic
 from usclip.callbacks import AtomicCheckpointIO
 from usclip.cli import main
@@ -39,9 +40,6 @@ from usclip.data.synthetic import write_synthetic_dataset
 from usclip.data.transforms import build_transform
 from usclip.tasks import ClassificationTask, SegmentationTask
 from usclip.visualize import save_png
-
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "tests" / "conf" / "segmentation_lora.yaml"
 
 
 def make_folder(root: Path, n: int = 8, size: tuple[int, int] = (24, 32)) -> Path:
@@ -188,18 +186,6 @@ class DamageAtEpoch(Callback):
         if trainer.current_epoch == self.epoch:
             for f in self.files:
                 truncate(Path(f))
-
-
-def _args(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(CONF),
-        f"--data.init_args.root={tmp_path / 'data'}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        f"--trainer.logger.init_args.name={name}",
-        f"--trainer.default_root_dir={tmp_path}",
-        *extra,
-    ]
 
 
 def _splits(tmp_path: Path) -> dict[str, list[str]]:

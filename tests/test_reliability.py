@@ -36,19 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "tests" / "conf" / "segmentation_lora.yaml"
 
 
-class PauseAtStep(Callback):
-    """Test helper for the kill test: at global step ``step`` touch ``marker`` and sleep (the test kills us)."""
-
-    def __init__(self, step: int, marker: str) -> None:
-        self.step = step
-        self.marker = marker
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            Path(self.marker).write_text(f"{trainer.current_epoch} {batch_idx}")
-            time.sleep(600)
-
-
 @pytest.fixture(autouse=True)
 def _restore_determinism():
     """``--trainer.deterministic=true`` switches on deterministic algorithms process-wide: switch them off after."""
@@ -91,7 +78,17 @@ class StopAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             Path(self.marker).write_text(f"{trainer.current_epoch} {batch_idx}")
-            raise _Stopped(f"stopped at global step {self.step}")
+            self.halt()
+
+    def halt(self) -> None:
+        raise _Stopped(f"stopped at global step {self.step}")
+
+
+class PauseAtStep(StopAtStep):
+    """For the SIGKILL case: touch ``marker`` at global step ``step``, then sleep until the test kills the process."""
+
+    def halt(self) -> None:
+        time.sleep(600)
 
 
 class _Stopped(Exception):

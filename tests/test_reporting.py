@@ -281,7 +281,7 @@ SHARED_ADAPTER = {
     "OpenAI CLIP ViT-B-16 + Mona": model_args(),
     "BiomedCLIP + Mona": model_args(pretrained="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
     "MetaCLIP ViT-B-16-quickgelu (metaclip_400m) + Mona": model_args("ViT-B-16-quickgelu", "metaclip_400m"),
-    "ViT-B-16 (unimed_clip_vit_b16.pt) + Mona": model_args(pretrained="/weights/unimed_clip_vit_b16.pt"),
+    "ViT-B-16 (unimed_clip_vit_b16.pt) + Mona": model_args(pretrained="weights/unimed_clip_vit_b16.pt"),
     "OpenAI CLIP ViT-B-16 + Mona (ft.)": model_args(adapter_checkpoint="runs/captions/adapters/best.safetensors"),
 }
 
@@ -388,7 +388,7 @@ SEG_TITLES = ("Dice ↑", "IoU ↑", "HD95 ↓", "ASD ↓")
 
 def test_zero_shot_and_external_test_runs_without_sweep_run(tmp_path):
     zs = {"model_name": "ViT-B-16", "pretrained": "openai", "prompts": "lymph_node", "adapter_checkpoint": None}
-    run = make_run(tmp_path / "zs", {"acc": 0.6, "auc": 0.5}, task="ZeroShotClassifier", model=zs, root="/d/LN1")
+    run = make_run(tmp_path / "zs", {"acc": 0.6, "auc": 0.5}, task="ZeroShotClassifier", model=zs, root="data/LN1")
     result = load_run(run)
     assert (result.table, result.group, result.dataset, result.method) == (
         "table3",
