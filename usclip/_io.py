@@ -42,6 +42,20 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 @contextmanager
+def disk_full_named(path: str | os.PathLike[str], what: str = "file") -> Iterator[None]:
+    """Turn a "no space left" ``OSError`` raised inside the block into a :class:`DiskFullError` naming ``path``.
+
+    Other errors, and a :class:`DiskFullError` raised further down, pass through unchanged.
+    """
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(path, err, what) from err
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success, remove it on failure.
 
@@ -52,21 +66,16 @@ def atomic_path(path: str | os.PathLike[str], what: str = "file") -> Iterator[Pa
         DiskFullError: when the disk or quota is full (``ENOSPC``/``EDQUOT``) at any step; ``path`` is unchanged.
     """
     path = Path(path)
-    try:
+    with disk_full_named(path, what):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
-    except OSError as err:
-        if is_disk_full(err) and not isinstance(err, DiskFullError):
-            raise disk_full_error(path, err, what) from err
-        raise
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
+        with disk_full_named(path, what):
+            yield Path(tmp)
+            os.replace(tmp, path)
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(err) and not isinstance(err, DiskFullError):
-            raise disk_full_error(path, err, what) from err  # type: ignore[arg-type]
         raise
 
 

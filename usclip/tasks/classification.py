@@ -12,7 +12,7 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
-from usclip._io import atomic_path, disk_full_error, is_disk_full, write_csv_atomic, write_text_atomic
+from usclip._io import atomic_path, disk_full_named, write_csv_atomic, write_text_atomic
 from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.metrics import MetricProtocol, build_classification_metrics, check_metric_protocol, roc_curve
 from usclip.models.heads import ClassificationHead
@@ -213,11 +213,7 @@ class ClassificationTask(BaseTask):
             for j, image_id in enumerate(batch["id"])
         ]
         if self._predict_csv is not None:
-            try:
-                with self._predict_csv.open("a", newline="") as f:
-                    csv.writer(f).writerows([r["id"], r["prediction"], *r["probs"]] for r in rows)
-            except OSError as err:
-                if is_disk_full(err):
-                    raise disk_full_error(self._predict_csv.parent / "probabilities.csv", err, "predictions") from err
-                raise
+            final = self._predict_csv.parent / "probabilities.csv"
+            with disk_full_named(final, "predictions"), self._predict_csv.open("a", newline="") as f:
+                csv.writer(f).writerows([r["id"], r["prediction"], *r["probs"]] for r in rows)
         return rows
