@@ -164,6 +164,17 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def _write_slurm_marker(trainer: L.Trainer, finished: bool) -> None:
+    """Under SLURM, record in the run directory's :data:`SLURM_MARKER` this job's id and whether training finished.
+
+    The run directory is looked up on every process (a broadcast under DDP); rank zero writes.
+    """
+    job = slurm_job_id()
+    run = run_dir_of(trainer) if job is not None else None
+    if run is not None and trainer.is_global_zero:
+        write_text_atomic(run / SLURM_MARKER, json.dumps({"job_id": job, "finished": finished}) + "\n")
+
+
 class MidEpochCheckpoint(Callback):
     """Write ``checkpoints/last.ckpt`` in the middle of epochs, and on SLURM's preemption signal save it and requeue.
 
@@ -219,10 +230,7 @@ class MidEpochCheckpoint(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         if stage != "fit":
             return
-        job = slurm_job_id()
-        run = run_dir_of(trainer) if job is not None else None  # on every process (a broadcast under DDP)
-        if run is not None and trainer.is_global_zero:
-            write_text_atomic(run / SLURM_MARKER, json.dumps({"job_id": job, "finished": False}) + "\n")
+        _write_slurm_marker(trainer, finished=False)
         environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
         if (
             not self.requeue
@@ -254,10 +262,7 @@ class MidEpochCheckpoint(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        job = slurm_job_id()
-        run = run_dir_of(trainer) if job is not None else None
-        if run is not None and trainer.is_global_zero:  # a requeue of this job must not resume a finished run
-            write_text_atomic(run / SLURM_MARKER, json.dumps({"job_id": job, "finished": True}) + "\n")
+        _write_slurm_marker(trainer, finished=True)  # a requeue of this job must not resume a finished run
 
     # ----------------------------------------------------------------- saves
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
