@@ -179,12 +179,12 @@ def build_sampler(
 def training_position(trainer: Any) -> dict[str, int] | None:
     """Where the training loader stands in the middle of an epoch: ``{"epoch", "batches", "batch_size"}``, or ``None``.
 
-    ``batches`` is the number of batches of the current epoch the loop has processed: a checkpoint written now resumes
-    at that batch index (Lightning restores its counters; the sampler skips what they cover). ``global_step`` tells
-    the loader of the resumed run from one built before the loop counters are restored, or by a later, unrelated
-    ``fit`` of the same DataModule object. ``None`` when nothing
-    is to be skipped on resume: no epoch under way or every batch of it processed (Lightning starts the next epoch),
-    or a training loader that does not draw from an :class:`EpochSampler` (such runs redo the epoch).
+    ``batches`` is the number of batches of the current epoch the loop has processed: a checkpoint written now
+    resumes at that batch index (Lightning restores its counters; the sampler skips what they cover).
+    ``global_step`` tells the loader of the resumed run from one built before the loop counters are restored, or by
+    a later, unrelated ``fit`` of the same DataModule object. ``None`` when nothing is to be skipped on resume: no
+    epoch under way or every batch of it processed (Lightning starts the next epoch), or a training loader that does
+    not draw from an :class:`EpochSampler` (such runs redo the epoch).
     """
     loop = getattr(trainer, "fit_loop", None)
     if loop is None or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
