@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from usclip.data.crop import Box, CropMode, check_box, crop_box_for
 from usclip.data.imageio import (
     MAX_IMAGE_PIXELS,
     ImageReadError,
-    _pil_check_lifted,
     binarise_mask,
     deep_bit_depth,
+    open_header,
     read_image,
 )
 from usclip.data.layouts import (
@@ -160,9 +159,7 @@ def _index(root: Path, layout: str, report: DatasetReport) -> DatasetIndex | Non
 
 def _peek_mode(path: Path) -> str | None:
     try:
-        with _pil_check_lifted():  # called after read_image accepted the size
-            im = Image.open(path)
-        with im:
+        with open_header(path) as im:  # called after read_image accepted the size
             return str(im.mode)
     except (OSError, ValueError):
         return None
@@ -170,9 +167,7 @@ def _peek_mode(path: Path) -> str | None:
 
 def _deep_image_note(path: Path, mode: str, report: DatasetReport) -> None:
     """The 16-bit note, and a warning when hot pixels above the chosen bit depth saturate (read twice: rare)."""
-    with _pil_check_lifted():  # called after read_image accepted the size
-        im = Image.open(path)
-    with im:
+    with open_header(path) as im:  # called after read_image accepted the size
         bits, above = deep_bit_depth(np.asarray(im))
     report.add("note", path, f"{mode} (16-bit) image: scaled to 8 bits (from {bits} bits)")
     if above:

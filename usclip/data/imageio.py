@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,22 +122,19 @@ def _to_uint8_gray(im: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-@contextmanager
-def _pil_check_lifted() -> Iterator[None]:
-    """Lift PIL's own decompression-bomb check while opening: usclip applies ``max_pixels`` itself.
+def open_header(path: str | Path) -> Image.Image:
+    """``Image.open`` without PIL's own decompression-bomb check: reads the header, decodes nothing.
 
     PIL warns above ``Image.MAX_IMAGE_PIXELS`` (89.5 million) and refuses twice that, from ``Image.open``, before
-    the size can be read. Lifting it lets usclip name the size and its own limit, and lets a user who raises
-    ``max_image_pixels`` read larger images. Nothing is decoded while it is lifted (``Image.open`` reads the header).
+    the size can be read. Lifting it while opening lets usclip apply ``max_pixels`` itself (naming the size and its
+    own limit), and lets a user who raises ``max_image_pixels`` read larger images. Callers check the size before
+    decoding.
     """
-    if Image.MAX_IMAGE_PIXELS is None:
-        yield
-        return
     with _PIL_LIMIT_LOCK:
         limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            yield
+            return Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = limit
 
@@ -177,9 +173,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes); re-export it or remove it with its mask and CSV rows")
     try:
-        with _pil_check_lifted():
-            im = Image.open(path)  # reads the header only
-        with im:
+        with open_header(path) as im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageReadError(
