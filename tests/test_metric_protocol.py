@@ -9,13 +9,10 @@ appended per image, then ``np.mean`` / ``np.std`` over the finite ones.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ from monai.metrics import compute_average_surface_distance, compute_dice, comput
 from PIL import Image
 from torchmetrics.functional.classification import binary_auroc
 
+from tests.test_metrics_monai import _monai_settings
 from usclip.cli import main
 from usclip.data.synthetic import generate_sample
 from usclip.metrics import METRIC_PROTOCOLS, SegmentationMetrics, check_metric_protocol, per_image_values
@@ -35,19 +33,6 @@ from usclip.reporting import load_run
 NAMES = ("dice", "iou", "hd95", "asd")
 REPO = Path(__file__).parents[1]
 CONF_DIR = Path(__file__).parent / "conf"
-
-
-@contextlib.contextmanager
-def _quiet_monai() -> Iterator[None]:
-    """One torch thread (MONAI loops over tiny per-image ops) and no warnings for its empty masks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _AuthorsAccumulator:
@@ -59,7 +44,7 @@ class _AuthorsAccumulator:
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """``logits`` (B, 2, H, W), ``labels`` (B, 1, H, W) with 0 / 1, as their data loader yields."""
         preds = F.one_hot(torch.argmax(logits, dim=1), num_classes=2).permute(0, 3, 1, 2).float()
-        with _quiet_monai():
+        with _monai_settings():
             batch = {
                 "dice": compute_dice(preds, labels, include_background=False),
                 "iou": compute_iou(preds, labels, include_background=False),
