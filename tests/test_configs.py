@@ -15,7 +15,7 @@ from usclip.tasks import BaseTask, ClassificationTask
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 TOP = sorted(CONFIG_DIR.glob("*.yaml"))
-OVERLAYS = sorted((CONFIG_DIR / "adapters").glob("*.yaml")) + sorted((CONFIG_DIR / "baselines").glob("*.yaml"))
+OVERLAYS = [o for d in ("adapters", "baselines", "heads") for o in sorted((CONFIG_DIR / d).glob("*.yaml"))]
 TINY_CLIP = ["--model.init_args.model_name=usclip-test-vit", "--model.init_args.layers=[1,2,3]"]
 #: per overlay: the base config it extends and the small stand-in for its weights
 OVERLAY_CASES = {
@@ -58,6 +58,9 @@ def test_overlay_config_instantiates(overlay: Path, tmp_path: Path):
         assert model.encoder_args["adapter"] == expected
     if overlay.stem in ("unet", "resnet18"):
         assert model.hparams["head"] == "native" and all(p.requires_grad for p in model.parameters())
+    if overlay.parent.name == "heads":  # the authors' head, built as the task's head
+        assert model.hparams["head"] == overlay.stem and type(model.head).__name__ == "AuthorsHead"
+        assert model.head.version == overlay.stem and model.head.task == "segmentation"
 
 
 def test_paper_configs_read_blocks_3_6_9():

@@ -1,5 +1,9 @@
 """The paper's light task heads over multi-level ViT features (Qu et al., arXiv:2506.08849, Sec. 3).
 
+These follow the paper's text (``BaseTask(head="paper")``, the default). The authors' code has other heads (a
+Linear and an MLP block per level, cascaded or summed): :mod:`usclip.models.authors_heads` reproduces them
+(``head: authors_release | authors_src | authors_timm``); docs/adapters.md lists the differences.
+
 Feature reducing: each selected block's patch map is projected by a 1x1 conv to ``embed_dim`` (the CLIP embedding
 width, 512 for ViT-B/16) and the maps are fused by concatenation (the paper) or sum.
 

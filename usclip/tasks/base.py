@@ -27,11 +27,15 @@ from usclip.callbacks import (
     SeedEachEpoch,
 )
 from usclip.models import CLIPEncoder
+from usclip.models.authors_heads import AUTHORS_HEADS
 from usclip.models.baselines import TimmEncoder, build_native_model
 from usclip.models.encoder import check_weights_file
 from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
+
+#: ``BaseTask(head=...)``: the paper's head, a whole native model, or one of the authors' heads
+HEADS = ("paper", "native", *AUTHORS_HEADS)
 
 #: input normalisations: the encoder's mean and std, or none (the authors' code)
 NORMALIZATIONS = ("clip", "none")
@@ -60,7 +64,10 @@ class BaseTask(L.LightningModule):
         compile_encoder: run the encoder through ``torch.compile`` (the first steps compile; the state dict and
             checkpoints are unchanged). See docs/benchmarks.md for where it pays.
         head: ``paper``: the frozen encoder (CLIP, or a ``timm:<name>`` backbone such as DINOv2) under the paper's
-            head; ``native``: a whole baseline model trained end to end with its own decoder or classifier
+            head; ``authors_release``, ``authors_src``, ``authors_timm``: the same encoder under the head of the
+            authors' code (paper release; later ``src/`` code; later code for the medical CLIP rows), parameter for
+            parameter (:mod:`usclip.models.authors_heads`; ``embed_dim`` is their ``reduce_dim``, ``fusion`` is
+            unused); ``native``: a whole baseline model trained end to end with its own decoder or classifier
             (``smp:Unet/resnet34`` or ``clipseg:CIDAS/clipseg-rd64-refined`` for segmentation, ``timm:resnet18`` for
             classification).
         num_classes: output classes (linked from the DataModule by the CLI).
@@ -68,7 +75,7 @@ class BaseTask(L.LightningModule):
         normalization: ``clip`` feeds ``(x - mean) / std`` with the encoder's own mean and std (CLIP's, or the
             ``timm`` / native model's); ``none`` feeds the ``[0, 1]`` images unchanged, as the authors' code does.
         embed_dim: width each selected block is projected to before fusion (512, CLIP ViT-B/16's embedding width).
-        fusion: how projected block features are fused: ``concat`` (the paper) or ``sum``.
+        fusion: how projected block features are fused by the paper's head: ``concat`` (the paper) or ``sum``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -103,7 +110,7 @@ class BaseTask(L.LightningModule):
         allow_unsafe_torchscript: bool = False,
         grad_checkpointing: bool = False,
         compile_encoder: bool = False,
-        head: Literal["paper", "native"] = "paper",
+        head: Literal["paper", "native", "authors_release", "authors_src", "authors_timm"] = "paper",
         num_classes: int = 2,
         image_size: int = 224,
         normalization: Literal["clip", "none"] = "clip",
@@ -125,6 +132,8 @@ class BaseTask(L.LightningModule):
             raise ValueError(
                 f"num_classes must be at least 2 (background/benign and lesion/malignant), got {num_classes}"
             )
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if pretrained == PRETRAINED_REQUIRED:

@@ -15,6 +15,7 @@ from torch import nn
 from usclip._io import atomic_path, disk_full_named, write_csv_atomic, write_text_atomic
 from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.metrics import MetricProtocol, build_classification_metrics, check_metric_protocol, roc_curve
+from usclip.models.authors_heads import AUTHORS_HEADS, build_authors_head
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
 from usclip.visualize import confusion_matrix, draw_confusion_matrix, draw_roc, save_png
@@ -66,9 +67,10 @@ class ClassificationTask(BaseTask):
         self.monitor = f"val_{best_by}"
 
     def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
-        return ClassificationHead(
-            in_channels, self.hparams["num_classes"], self.hparams["embed_dim"], self.hparams["fusion"]
-        )
+        hp = self.hparams
+        if hp["head"] in AUTHORS_HEADS:
+            return build_authors_head(hp["head"], "classification", in_channels, hp["num_classes"], hp["embed_dim"])
+        return ClassificationHead(in_channels, hp["num_classes"], hp["embed_dim"], hp["fusion"])
 
     def configure_losses(self) -> None:  # noqa: D102
         alpha = self.hparams["alpha"]

@@ -17,6 +17,7 @@ from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.data.crop import paste_back
 from usclip.data.datasets import load_grayscale
 from usclip.metrics import MetricProtocol, SegmentationMetrics, check_metric_protocol
+from usclip.models.authors_heads import AUTHORS_HEADS, build_authors_head
 from usclip.models.heads import SegmentationHead
 from usclip.tasks.base import BaseTask
 from usclip.visualize import overlay, save_png
@@ -75,9 +76,10 @@ class SegmentationTask(BaseTask):
         super().__init__(**kwargs)
 
     def build_head(self, in_channels: list[int]) -> nn.Module:  # noqa: D102
-        return SegmentationHead(
-            in_channels, self.hparams["num_classes"], self.hparams["embed_dim"], self.hparams["fusion"]
-        )
+        hp = self.hparams
+        if hp["head"] in AUTHORS_HEADS:
+            return build_authors_head(hp["head"], "segmentation", in_channels, hp["num_classes"], hp["embed_dim"])
+        return SegmentationHead(in_channels, hp["num_classes"], hp["embed_dim"], hp["fusion"])
 
     def configure_losses(self) -> None:  # noqa: D102
         self.criterion = DiceCELoss(
