@@ -1,21 +1,25 @@
 """ZeroShotClassifier: classify with CLIP's image-text similarity to class prompts, no training.
 
 Prompts come from YAML (``{classes: {benign: [prompt, ...], malignant: [...]}}``): a path, or the name of a file
-shipped in ``usclip/prompts`` (``breast``, ``lymph_node``: the paper's prompts). Each prompt is embedded with the
-model's own tokenizer and text tower and L2-normalised; a class's prompts are averaged and renormalised (CLIP's
-prompt ensembling). Logits are ``exp(logit_scale) * cos(image, class)`` with the model's learned logit scale.
-Classes are ordered as the data's ``label_names`` (matched by name, case-insensitively), so predictions and metrics
-line up with the labels. The visual adapters of a caption fine-tuning run load through ``adapter_checkpoint``.
+shipped in ``usclip/prompts`` (``breast``, ``lymph_node``: the paper's prompts; ``prompt_set`` picks the authors'
+code's words instead, ``<name>_release.yaml`` or ``<name>_later.yaml``). Each prompt is embedded with the model's own
+tokenizer and text tower and L2-normalised; a class's prompts are averaged and renormalised (CLIP's prompt
+ensembling). Logits are ``exp(logit_scale) * cos(image, class)`` with the model's learned logit scale (or a fixed
+``logit_scale``). Classes are ordered as the data's ``label_names`` (matched by name, case-insensitively), so
+predictions and metrics line up with the labels. The visual adapters of a caption fine-tuning run load through
+``adapter_checkpoint``.
 
-Run it with ``usclip test --config configs/zeroshot/busi.yaml`` (the test split of a ``ClassificationDataModule``):
-accuracy, AUC and the other classification metrics, ``results/test_metrics.json`` and
-``results/test_predictions.csv`` are written by :class:`~usclip.tasks.ClassificationTask`'s test code, which this
-task inherits. ``usclip fit`` is refused: there is nothing to train.
+Run it with ``usclip test --config configs/vision_language/zeroshot_busi.yaml`` (the test split of a
+``ZeroShotDataModule``, or every image with ``score_on: all``; ``configs/vision_language/zeroshot_authors.yaml`` adds
+the authors' input and prompts). Accuracy, AUC and the other classification metrics, ``results/test_metrics.json``
+and ``results/test_predictions.csv`` are written by :class:`~usclip.tasks.ClassificationTask`'s test code, which
+this task inherits. ``usclip fit`` is refused: there is nothing to train.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,32 +37,50 @@ log = logging.getLogger(__name__)
 
 PROMPT_DIR = Path(__file__).parents[1] / "prompts"
 
+#: whose words a shipped prompt name stands for: ``paper`` (``<name>.yaml``, the paper's text), ``release`` (the
+#: code of the paper's release, ``<name>_release.yaml``) or ``later`` (the authors' later ``src/`` code,
+#: ``<name>_later.yaml``)
+PROMPT_SETS = ("paper", "release", "later")
+PromptSet = Literal["paper", "release", "later"]
+
 
 def list_prompt_files() -> list[str]:
-    """Names of the prompt files shipped with usclip (``breast``, ``lymph_node``)."""
+    """Names of the prompt files shipped with usclip (``breast``, ``breast_release``, ``lymph_node``, ...)."""
     return sorted(p.stem for p in PROMPT_DIR.glob("*.yaml"))
 
 
-def read_prompts(prompts: str | Path) -> dict[str, list[str]]:
+def read_prompts(prompts: str | Path, prompt_set: PromptSet = "paper") -> dict[str, list[str]]:
     """Class prompts from a YAML file or a shipped file's name.
 
     Args:
         prompts: a ``.yaml`` path, or one of :func:`list_prompt_files`.
+        prompt_set: for a shipped name, whose words to read (:data:`PROMPT_SETS`): ``paper`` reads
+            ``<prompts>.yaml``, ``release`` ``<prompts>_release.yaml`` (the authors' ``clip_cls_zero_shot.py`` at the
+            paper's release), ``later`` ``<prompts>_later.yaml`` (their later ``src/models/zero_shot_prompt.py``).
 
     Returns:
         ``{class name: [prompt, ...]}`` in file order.
 
     Raises:
-        FileNotFoundError: neither a file nor a shipped name.
-        ValueError: not ``{classes: {name: [non-empty str, ...]}}`` with at least two classes.
+        FileNotFoundError: neither a file nor a shipped name, or no such variant is shipped.
+        ValueError: an unknown ``prompt_set``, a variant asked of a file path, or not
+            ``{classes: {name: [non-empty str, ...]}}`` with at least two classes.
     """
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
     path = Path(prompts)
+    if path.is_file() and prompt_set != "paper":
+        raise ValueError(
+            f"prompt_set={prompt_set!r} picks a variant of a shipped prompt file, but prompts={str(prompts)!r} is a "
+            "file of its own; give a shipped name (breast, lymph_node) or prompt_set='paper'"
+        )
     if not path.is_file():
-        shipped = PROMPT_DIR / f"{prompts}.yaml"
+        name = str(prompts) if prompt_set == "paper" else f"{prompts}_{prompt_set}"
+        shipped = PROMPT_DIR / f"{name}.yaml"
         if not shipped.is_file():
-            raise FileNotFoundError(
-                f"prompts={str(prompts)!r} is neither a YAML file nor a shipped prompt set ({list_prompt_files()})"
-            )
+            what = "neither a YAML file nor a shipped prompt set" if prompt_set == "paper" else "not shipped"
+            subject = f"prompts={str(prompts)!r}" if prompt_set == "paper" else f"prompt file {name!r}"
+            raise FileNotFoundError(f"{subject} (prompt_set={prompt_set!r}) is {what} ({list_prompt_files()})")
         path = shipped
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     classes = data.get("classes") if isinstance(data, dict) else None
@@ -95,15 +117,22 @@ class ZeroShotClassifier(ClassificationTask):
 
     Args:
         prompts: prompts YAML path or shipped name (``breast``, ``lymph_node``).
+        prompt_set: whose words a shipped name stands for (:func:`read_prompts`): ``paper`` (default: the paper's
+            text), ``release`` (the authors' code at the paper's release, which produced the published zero-shot
+            numbers: "lost hilum", "posterior shadowing", a final ".") or ``later`` (their later code: ten prompts
+            per class).
         class_names: class order when no DataModule provides ``label_names`` (library use); ``None`` takes the
             DataModule's, or the YAML's order.
         text_adapter_checkpoint: text LoRA file from caption fine-tuning with ``text_adapter: lora``
             (``adapters/text_best.safetensors``).
         prompt_averaging: how several prompts of a class combine: ``embedding`` (default: the renormalised mean
             of the unit prompt embeddings, CLIP's prompt ensembling) or ``similarity`` (the mean over prompts of
-            the scaled cosine similarities, no renormalisation: the authors' ``clip_cls_zero_shot.py``). With one
-            prompt per class both give the same logits; with several, the classes' mean embeddings have different
-            norms, so predictions and AUC can differ.
+            the scaled cosine similarities, no renormalisation: the authors' later ``src/models/clip/zero_shot.py``;
+            their release script has one prompt per class). With one prompt per class both give the same logits;
+            with several, the classes' mean embeddings have different norms, so predictions and AUC can differ.
+        logit_scale: the factor of the cosine similarities; ``None`` (default) uses the model's learned
+            ``exp(logit_scale)``, a number fixes it (the authors' scripts write ``100.0``). A positive factor changes
+            neither the predicted class nor the AUC, only the probabilities.
         **kwargs: :class:`~usclip.tasks.BaseTask` arguments; used: ``model_name``, ``pretrained``,
             ``adapter_checkpoint`` (visual adapters, e.g. ``adapters/best.safetensors``), ``quick_gelu``,
             ``allow_unsafe_torchscript``, ``image_size``, ``num_classes`` (linked from the data), ``layers``
@@ -118,10 +147,16 @@ class ZeroShotClassifier(ClassificationTask):
         class_names: list[str] | None = None,
         text_adapter_checkpoint: str | None = None,
         prompt_averaging: Literal["embedding", "similarity"] = "embedding",
+        prompt_set: PromptSet = "paper",
+        logit_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         if prompt_averaging not in ("embedding", "similarity"):
             raise ValueError(f"prompt_averaging must be 'embedding' or 'similarity', got {prompt_averaging!r}")
+        if prompt_set not in PROMPT_SETS:
+            raise ValueError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
+        if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale > 0):
+            raise ValueError(f"logit_scale must be a positive number or null (the model's own), got {logit_scale!r}")
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:
@@ -136,7 +171,7 @@ class ZeroShotClassifier(ClassificationTask):
         for p in self.parameters():
             p.requires_grad_(False)
 
-        self.prompts = read_prompts(hp["prompts"])
+        self.prompts = read_prompts(hp["prompts"], hp.get("prompt_set", "paper"))
         tokenizer = self.encoder.tokenizer()
         context = int(getattr(tokenizer, "context_length", 0))
         for name, texts in self.prompts.items():
@@ -180,15 +215,17 @@ class ZeroShotClassifier(ClassificationTask):
             rows.append(class_embedding(self.encoder.encode_text(tokens, normalize=False).float(), renormalize))
         self.class_embeddings = torch.stack(rows)  # (K, D)
         self.class_order = labels
-        log.info("zero-shot classes %s from %s", labels, self.hparams["prompts"])
+        log.info("zero-shot classes %s from %s (%s)", labels, self.hparams["prompts"], self.hparams.get("prompt_set"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, K)``: the model's logit scale times the cosine to each class embedding."""
+        """Class logits ``(B, K)``: the logit scale times the cosine to each class embedding."""
         if self.class_embeddings is None:
             self.prepare_classes()
         assert self.class_embeddings is not None
         image = self.encoder.encode_image(self.normalize(images)).float()
-        return self.encoder.logit_scale.exp().float() * image @ self.class_embeddings.T
+        fixed = self.hparams.get("logit_scale")
+        scale = self.encoder.logit_scale.exp().float() if fixed is None else float(fixed)
+        return scale * image @ self.class_embeddings.T
 
     # ----------------------------------------------------------------- stages
     def setup(self, stage: str) -> None:
