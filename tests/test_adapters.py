@@ -69,6 +69,7 @@ CASES = [
     ("mona-mlp", "mona", {}, 4, MonaBlock, False),
     ("mona-attn-blocks", "mona", {"placement": "attn", "blocks": [1, 3]}, 2, MonaBlock, False),
     ("mona-both-zero", "mona", {"placement": "both", "init": "zero"}, 4, MonaBlock, True),
+    ("mona-released", "mona", {"placement": "released", "hidden_dim": 8, "blocks": [0, 2, 3]}, 3, MonaBlock, False),
     ("mona-noise-aware", "mona", {"variant": "noise_aware"}, 4, MonaBlock, False),
     ("mona-freq-enhanced", "mona", {"variant": "freq_enhanced", "blocks": [2, 3]}, 2, MonaBlock, False),
     ("mona-hybrid-zero", "mona", {"variant": "hybrid", "init": "zero"}, 4, MonaBlock, True),
@@ -123,7 +124,7 @@ class TestCases:
         assert len(wrapped) == count
         assert wrapper.__name__ in repr(enc)
         if adapter == "mona":
-            placements = {"mlp": 1, "attn": 1, "both": 2}[kwargs.get("placement", "mlp")]
+            placements = {"mlp": 1, "attn": 1, "both": 2, "released": 1}[kwargs.get("placement", "mlp")]
             assert sum(isinstance(m, Mona) for m in enc.modules()) == count * placements
 
     def test_init_identity(self, case, adapter, kwargs, count, wrapper, identity, tiny_base, images):
@@ -181,7 +182,8 @@ class TestCases:
         enc = _encoder(adapter, kwargs)
         names = adapter_parameter_names(enc)
         assert names
-        assert all(any(part.startswith(f"{adapter}_") for part in n.split(".")) for n in names)
+        # lora_A, mona_mlp, ...; the released Mona keeps the release's attribute name, "mona"
+        assert all(any(part == adapter or part.startswith(f"{adapter}_") for part in n.split(".")) for n in names)
         assert set(enc.adapter_state_dict()) == set(names)  # no adapter buffers in these configs
 
     def test_save_load_round_trip(self, case, adapter, kwargs, count, wrapper, identity, images, tmp_path):

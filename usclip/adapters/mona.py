@@ -10,15 +10,29 @@ Yin et al., "5%>100%: Breaking Performance Shackles of Full Fine-Tuning on Visua
     out = x + up(dropout(gelu(h)))                 # 64 -> C
 
 Only the patch tokens go through the convolutions, on their ``(gh, gw)`` grid; the class (prefix) tokens skip
-them. The grid is taken from the token count of the actual input (with the tower's grid as a hint for
-non-square inputs), not from a constant. Parameter names follow the reference code (``project1``,
-``adapter_conv.conv1``...), so its checkpoints map one to one.
+them (and, with ``placement="released"``, the whole module: see below). The grid is taken from the token count
+of the actual input (with the tower's grid as a hint for non-square inputs), not from a constant. Parameter
+names follow the reference code (``project1``, ``adapter_conv.conv1``...), so its checkpoints map one to one.
 
 **Placement.** ``MonaConfig.placement`` puts Mona after the attention residual (``"attn"``), after the MLP
-residual (``"mlp"``) or after both (``"both"``, as Yin et al. do in Swin). The default is ``"mlp"``: the
-published code of the paper usclip reproduces (Qu et al., arXiv:2506.08849) inserts one Mona per CLIP block,
-after the MLP residual, and the paper's numbers come from that setting; ``"both"`` doubles the adapter
-parameters.
+residual (``"mlp"``), after both with two modules (``"both"``, as Yin et al. do in Swin), or after both with one
+shared module as the paper-release code does (``"released"``). Qu et al. (arXiv:2506.08849) published two codes:
+
+- the paper-release commit (``release:models/openai/model.py:246-286``) builds one Mona per block and applies it
+  twice, after the attention residual and again after the MLP residual, with the same weights. Its class token
+  bypasses Mona (no LayerNorm, projections or convolutions) and leaves each application doubled
+  (``cat([cls, x]) + cat([cls, delta])``, lines 56 and 76), so a block maps the class token ``c`` to
+  ``4 (c + a) + 2 m`` (``a`` the attention output, ``m = mlp(ln_2(2 (c + a)))``): its residual stream grows
+  about fourfold per block. Mona runs only where the tokens
+  after the first form a square grid (``H * W == N``, lines 271-283), which skips the text tower. ``"released"``
+  reproduces this exactly, doubling included: the doubling is a quirk of that code, and the switch exists to
+  reproduce the paper's CLIP (Mona) rows, which most likely came from it;
+- the later ``src/`` code (``later:src/adapters/mona.py:551-571`` and ``656-676``) adds one Mona after each
+  whole block, i.e. after the MLP residual, the class token going through the projections but not the
+  convolutions. That is ``"mlp"``.
+
+The default is ``"mlp"``: it is the authors' later layout, trains as many parameters as ``"released"``, and has no
+class token that grows fourfold per block; ``"both"`` doubles the adapter parameters.
 
 **Initialisation.** ``init="mona"`` (default) keeps the reference initialisation: PyTorch's default for the
 linear and convolution layers, so the adapted model is *not* an identity at init (the up-projection adds a
@@ -26,12 +40,12 @@ small random term). This is what both papers trained with. ``init="zero"`` zeroe
 the model starts exactly at the pretrained one (like LoRA), and the other Mona weights receive gradients from
 the second step on.
 
-**Variants (beyond the paper).** ``MonaConfig.variant`` also offers the variants of Qu et al.'s published code
-(github.com/jinggqu/NextGen-UIA, ``src/adapters/mona.py``): ``"noise_aware"`` weights the three convolutions by
-a softmax computed from the pooled input, ``"freq_enhanced"`` multiplies the input of the convolutions by a
-learnable per-channel "frequency filter" (applied there between ``rfft2`` and ``irfft2``; since every frequency
-of a channel gets the same real factor it is a per-channel scale, computed here without the FFTs), and
-``"hybrid"`` combines both. ``"baseline"`` (default) is Yin et al.'s Mona.
+**Variants (beyond the paper).** ``MonaConfig.variant`` also offers the variants of Qu et al.'s later code
+(github.com/jinggqu/NextGen-UIA, ``src/adapters/mona.py``; the paper-release code has the plain Mona only):
+``"noise_aware"`` weights the three convolutions by a softmax computed from the pooled input, ``"freq_enhanced"``
+multiplies the input of the convolutions by a learnable per-channel "frequency filter" (applied there between
+``rfft2`` and ``irfft2``; since every frequency of a channel gets the same real factor it is a per-channel scale,
+computed here without the FFTs), and ``"hybrid"`` combines both. ``"baseline"`` (default) is Yin et al.'s Mona.
 """
 
 from __future__ import annotations
@@ -46,7 +60,7 @@ from torch import nn
 
 from usclip.adapters._inject import AdapterConfig, AdapterLayer, InjectContext
 
-_PLACEMENTS = ("attn", "mlp", "both")
+_PLACEMENTS = ("attn", "mlp", "both", "released")
 _INITS = ("mona", "zero")
 _VARIANTS = ("baseline", "noise_aware", "freq_enhanced", "hybrid")
 # open_clip 3.3 ResidualAttentionBlock and timm Block attributes re-composed by the wrappers below.
@@ -62,7 +76,11 @@ class MonaConfig(AdapterConfig):
 
     Args:
         hidden_dim: width of the down-projection (64 in the paper).
-        placement: ``"mlp"`` (default, the published CLIP code), ``"attn"`` or ``"both"`` (original Mona).
+        placement: ``"mlp"`` (default: one Mona after the MLP residual, the authors' later code), ``"attn"``,
+            ``"both"`` (two modules, after attention and after the MLP, as the original Mona) or ``"released"``
+            (one module applied after attention and again after the MLP, the class token bypassing it and doubled
+            at each application: the paper-release code, reproduced quirk included; needs one class token and a
+            square patch grid).
         dropout: dropout before the up-projection (0.1 in the reference code).
         init: ``"mona"`` (reference init, not an identity) or ``"zero"`` (zero up-projection, identity at init).
         variant: ``"baseline"`` (Yin et al.'s Mona, default) or, beyond the paper, the variants of Qu et al.'s
@@ -74,7 +92,7 @@ class MonaConfig(AdapterConfig):
     """
 
     hidden_dim: int = 64
-    placement: Literal["attn", "mlp", "both"] = "mlp"
+    placement: Literal["attn", "mlp", "both", "released"] = "mlp"
     dropout: float = 0.1
     init: Literal["mona", "zero"] = "mona"
     variant: Literal["baseline", "noise_aware", "freq_enhanced", "hybrid"] = "baseline"
@@ -100,8 +118,8 @@ class MonaConfig(AdapterConfig):
 
     @property
     def placements(self) -> tuple[str, ...]:
-        """Residual sums followed by a Mona module: ``("mlp",)``, ``("attn",)`` or ``("attn", "mlp")``."""
-        return ("attn", "mlp") if self.placement == "both" else (self.placement,)
+        """Residual sums followed by Mona: ``("mlp",)``, ``("attn",)``, or ``("attn", "mlp")`` (both, released)."""
+        return ("attn", "mlp") if self.placement in ("both", "released") else (self.placement,)
 
     def default_target_modules(self) -> str:
         """Every open_clip ``resblocks.{i}`` and timm ``blocks.{i}``."""
@@ -210,6 +228,9 @@ class Mona(nn.Module):
         num_prefix_tokens: leading class/register tokens.
         grid_size: the tower's patch grid, used when it matches the token count (non-square inputs).
         variant: convolution variant, see :class:`MonaOp`.
+        prefix: what happens to the prefix tokens: ``"adapt"`` (default) passes them through the LayerNorm and both
+            projections, skipping only the convolutions; ``"double"`` (the paper-release code) passes them around
+            Mona entirely and returns them doubled, ``2 * x_prefix``.
     """
 
     def __init__(
@@ -221,10 +242,14 @@ class Mona(nn.Module):
         num_prefix_tokens: int = 1,
         grid_size: tuple[int, int] | None = None,
         variant: str = "baseline",
+        prefix: Literal["adapt", "double"] = "adapt",
     ) -> None:
         super().__init__()
+        if prefix not in ("adapt", "double"):
+            raise ValueError(f"prefix={prefix!r} must be 'adapt' or 'double'")
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = grid_size
+        self.prefix = prefix
         self.norm = nn.LayerNorm(dim)
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
         self.gammax = nn.Parameter(torch.ones(dim))
@@ -238,7 +263,7 @@ class Mona(nn.Module):
 
     def extra_repr(self) -> str:
         """Prefix tokens and grid hint in ``print(model)``."""
-        return f"num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
+        return f"num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}, prefix={self.prefix!r}"
 
     def _grid(self, num_patches: int) -> tuple[int, int]:
         if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == num_patches:
@@ -251,9 +276,8 @@ class Mona(nn.Module):
             f"the tower's grid {self.grid_size} nor a square; feed images of the size the encoder was built for"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, C) -> (B, L, C)``."""
-        identity = x
+    def _delta(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        """``project2(dropout(gelu(h)))`` for tokens ``x`` whose first ``p`` skip the convolutions."""
         # LN(x) * gamma + x * gammax, with gamma folded into the LayerNorm affine: two passes over x instead of four.
         z = F.layer_norm(
             x, self.norm.normalized_shape, self.norm.weight * self.gamma, self.norm.bias * self.gamma, self.norm.eps
@@ -261,22 +285,44 @@ class Mona(nn.Module):
         z = torch.addcmul(z, x, self.gammax)
         h = self.project1(z)  # (B, L, D)
         bsz, length, dim = h.shape
-        p = self.num_prefix_tokens
         gh, gw = self._grid(length - p)
         patches = h[:, p:].transpose(1, 2).reshape(bsz, dim, gh, gw)  # (B, N, D) -> (B, D, gh, gw), a view
         patches = self.adapter_conv(patches).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
         h = torch.cat([h[:, :p], patches], dim=1) if p else patches
-        return identity + self.project2(self.dropout(F.gelu(h)))
+        return self.project2(self.dropout(F.gelu(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C) -> (B, L, C)``."""
+        p = self.num_prefix_tokens
+        if self.prefix == "double":
+            # The release's cat([cls, identity]) + cat([cls, project2]): only patch tokens enter Mona.
+            cls, patches = x[:, :p], x[:, p:]
+            return torch.cat([cls + cls, patches + self._delta(patches, 0)], dim=1)
+        return x + self._delta(x, p)
 
 
 class _MonaWrapper(AdapterLayer):
-    """Creates ``mona_attn`` / ``mona_mlp`` for the configured placements."""
+    """Creates ``mona_attn`` / ``mona_mlp`` for the configured placements, or one shared ``mona`` (``released``).
+
+    The shared module is registered once, as ``mona``, so its state-dict keys are the release's
+    (``resblocks.{i}.mona.project1.weight``, ...).
+    """
 
     mona_attn: Mona | None
     mona_mlp: Mona | None
+    mona: Mona | None
 
     def __init__(self, base_layer: nn.Module, config: MonaConfig, context: InjectContext, dim: int) -> None:
         super().__init__(base_layer, config)
+        released = config.placement == "released"
+        if released:
+            grid = context.grid_size
+            if context.num_prefix_tokens != 1 or (grid is not None and grid[0] != grid[1]):
+                raise ValueError(
+                    f"placement='released' reproduces the paper-release code, which handles one class token and a "
+                    f"square patch grid; this tower has num_prefix_tokens={context.num_prefix_tokens} and grid "
+                    f"{grid}. Use placement='both' (two modules, class token adapted) for it."
+                )
 
         def make() -> Mona:
             return Mona(
@@ -287,15 +333,23 @@ class _MonaWrapper(AdapterLayer):
                 context.num_prefix_tokens,
                 context.grid_size,
                 config.variant,
+                prefix="double" if released else "adapt",
             ).to(next(base_layer.parameters()))
 
-        self.mona_attn = make() if "attn" in config.placements else None
-        self.mona_mlp = make() if "mlp" in config.placements else None
+        self.mona = make() if released else None
+        self.mona_attn = make() if not released and "attn" in config.placements else None
+        self.mona_mlp = make() if not released and "mlp" in config.placements else None
+
+    def _after(self, site: Literal["attn", "mlp"], x: torch.Tensor) -> torch.Tensor:
+        """Mona after the ``site`` residual: the shared module (``released``), that site's own module, or none."""
+        mona = self.mona if self.mona is not None else (self.mona_attn if site == "attn" else self.mona_mlp)
+        return x if mona is None else mona(x)
 
 
 class MonaBlock(_MonaWrapper):
     """Open_clip ``ResidualAttentionBlock`` with Mona after the attention and/or MLP residual.
 
+    With ``placement="released"``, one shared Mona after both.
     Re-composes the wrapped block's own submodules (``ln_1``, ``attn``, ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``) and
     keeps its signature ``(q_x, k_x=None, v_x=None, attn_mask=None)``, which open_clip calls positionally under
     gradient checkpointing.
@@ -325,17 +379,15 @@ class MonaBlock(_MonaWrapper):
         k_x = b.ln_1_kv(k_x) if cross and k_x is not None else None
         v_x = b.ln_1_kv(v_x) if cross and v_x is not None else None
         x = q_x + b.ls_1(b.attention(q_x=b.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
-        if self.mona_attn is not None:
-            x = self.mona_attn(x)
+        x = self._after("attn", x)
         x = x + b.ls_2(b.mlp(b.ln_2(x)))
-        if self.mona_mlp is not None:
-            x = self.mona_mlp(x)
-        return x
+        return self._after("mlp", x)
 
 
 class MonaTimmBlock(_MonaWrapper):
     """Timm ``Block`` (BiomedCLIP's trunk) with Mona after the attention and/or MLP residual.
 
+    With ``placement="released"``, one shared Mona after both.
     Keeps timm's signature ``(x, attn_mask=None, is_causal=False)``.
 
     Args:
@@ -355,9 +407,6 @@ class MonaTimmBlock(_MonaWrapper):
         # Older timm attention takes no mask arguments; pass them only when used.
         a = b.attn(h) if attn_mask is None and not is_causal else b.attn(h, attn_mask=attn_mask, is_causal=is_causal)
         x = x + b.drop_path1(b.ls1(a))
-        if self.mona_attn is not None:
-            x = self.mona_attn(x)
+        x = self._after("attn", x)
         x = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
-        if self.mona_mlp is not None:
-            x = self.mona_mlp(x)
-        return x
+        return self._after("mlp", x)
