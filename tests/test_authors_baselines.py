@@ -399,3 +399,16 @@ def test_checkpoints_leave_out_the_frozen_dinov2_backbone(tmp_path: Path):
     again.on_load_checkpoint(checkpoint)
     again.load_state_dict(checkpoint["state_dict"], strict=True)
     torch.testing.assert_close(again.state_dict(), task.state_dict(), rtol=0, atol=0)
+
+
+def test_timm_encoder_reads_a_release_format_file_too(tmp_path: Path):
+    """``timm:<dinov2>`` under the paper's head loads Facebook's format through the same filter (mask_token dropped)."""
+    from usclip.models.baselines import TimmEncoder
+
+    enc = TimmEncoder("test_vit", None, layers=[0], image_size=64)
+    state = {k: torch.randn_like(v) for k, v in enc.model.state_dict().items()}
+    path = tmp_path / "release.pth"
+    torch.save({**state, "mask_token": torch.zeros(1, state["cls_token"].shape[-1])}, path)
+    loaded = TimmEncoder("test_vit", str(path), layers=[0], image_size=64).model.state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
