@@ -196,6 +196,8 @@ def test_dinov2_segmentation_equals_the_authors_forward(tmp_path: Path):
         assert outs[layer_scale].shape == (2, 2, SIZE, SIZE)
         torch.testing.assert_close(outs[layer_scale], ref, rtol=0, atol=1e-5)
     assert (outs[True] - outs[False]).abs().max() > 1e-2  # the switch changes the model
+    with torch.no_grad():  # another input size: resized to the model's, logits resized back
+        assert task(torch.rand(1, 3, 42, 70)).shape == (1, 2, 42, 70)
     with pytest.raises(ValueError, match="one decoder"):
         convert_dinov2_segmentation({**dec, **{k.replace("0_0001", "0_0002"): v for k, v in dec.items()}}, task.net)
     bad = {**dec, DECODER + "up4.upconv.bias": torch.zeros(3)}

@@ -23,7 +23,7 @@ OVERLAY_CASES = {
     "resnet18": ("busi_cls", []),
     "dinov2": ("busi_seg", ["--model.init_args.model_name=timm:test_vit", "--model.init_args.layers=[0,1]"]),
     "unet_authors": ("busi_seg", []),
-    "resnet18_authors": ("busi_cls", ["--model.init_args.pretrained=null"]),
+    "resnet18_authors": ("busi_cls", []),
     # DINOv2 has 14 px patches: the tiny stand-in runs at 56 px (_instantiate's 64 is not a multiple of 14)
     "dinov2_authors": ("busi_cls", ["--model.init_args.model_name=dinov2:test", "--data.init_args.image_size=56"]),
     "clipseg": (
