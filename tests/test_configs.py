@@ -22,6 +22,10 @@ OVERLAY_CASES = {
     "unet": ("busi_seg", []),
     "resnet18": ("busi_cls", []),
     "dinov2": ("busi_seg", ["--model.init_args.model_name=timm:test_vit", "--model.init_args.layers=[0,1]"]),
+    "unet_authors": ("busi_seg", []),
+    "resnet18_authors": ("busi_cls", []),
+    # DINOv2 has 14 px patches: the tiny stand-in runs at 56 px (_instantiate's 64 is not a multiple of 14)
+    "dinov2_authors": ("busi_cls", ["--model.init_args.model_name=dinov2:test", "--data.init_args.image_size=56"]),
     "clipseg": (
         "busi_seg",
         ["--model.init_args.model_name=clipseg:usclip-test-clipseg", "--model.init_args.text_prompt=busi"],
@@ -34,7 +38,8 @@ def _instantiate(configs: list[Path], overrides: list[str], tmp_path: Path) -> B
     args += ["--model.init_args.pretrained=null", "--data.init_args.image_size=64"]
     args += [f"--data.init_args.root={tmp_path}", f"--trainer.default_root_dir={tmp_path}", *overrides]
     cli = main(args, run=False)
-    assert cli.model.hparams["image_size"] == 64  # linked from data
+    size = 56 if "--data.init_args.image_size=56" in overrides else 64
+    assert cli.model.hparams["image_size"] == cli.datamodule.image_size == size  # linked from data
     assert cli.model.hparams["num_classes"] == cli.datamodule.num_classes
     assert any(p.requires_grad for p in cli.model.parameters())
     return cli.model
@@ -56,11 +61,14 @@ def test_overlay_config_instantiates(overlay: Path, tmp_path: Path):
     if overlay.parent.name == "adapters":
         expected = None if overlay.stem == "none" else overlay.stem.split("_")[0]  # lora_reference -> lora
         assert model.encoder_args["adapter"] == expected
-    if overlay.stem in ("unet", "resnet18"):
+    if overlay.stem in ("unet", "resnet18", "unet_authors", "resnet18_authors"):
         assert model.hparams["head"] == "native" and all(p.requires_grad for p in model.parameters())
     if overlay.parent.name == "heads":  # the authors' head, built as the task's head
         assert model.hparams["head"] == overlay.stem and type(model.head).__name__ == "AuthorsHead"
         assert model.head.version == overlay.stem and model.head.task == "segmentation"
+    if overlay.stem == "dinov2_authors":  # frozen backbone, their classifier trains
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"net.classifier.linear.weight", "net.classifier.linear.bias"}
 
 
 def test_paper_configs_read_blocks_3_6_9():

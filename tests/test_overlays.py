@@ -33,6 +33,8 @@ PAPER = {
 #: what every baseline overlay must write out, whatever the base config says
 NAMED = ("model_name", "pretrained", "adapter", "head")
 CLIP_VARIANTS = ("biomedclip", "metaclip", "unimedclip")
+#: baselines with a second overlay that runs them as the authors did (<name>_authors.yaml)
+AUTHORS_BASELINES = ("dinov2", "unet", "resnet18")
 
 
 def _init_args(overlay: Path) -> dict[str, Any]:
@@ -49,7 +51,7 @@ def _tasks(overlay: Path) -> list[str]:
     if "class_path" in model:
         return ["classification" if "Classification" in model["class_path"] else "segmentation"]
     init = model["init_args"]
-    if init.get("head") == "native":
+    if init.get("head") == "native" and not str(init["model_name"]).startswith("dinov2:"):  # DINOv2: both tasks
         return ["classification" if str(init["model_name"]).startswith("timm:") else "segmentation"]
     return ["segmentation", "classification"]
 
@@ -90,13 +92,18 @@ def fit_parser() -> Any:
     return _ParserOnly.parser_
 
 
+def _resolve_all(parser: Any, base: Path, overlay: Path) -> dict[str, Any]:
+    return parser.parse_args(["fit", "--config", str(base), "--config", str(overlay)]).fit.as_dict()
+
+
 def _resolve(parser: Any, base: Path, overlay: Path) -> dict[str, Any]:
-    cfg = parser.parse_args(["fit", "--config", str(base), "--config", str(overlay)])
-    return cfg.fit.model.init_args.as_dict()
+    return _resolve_all(parser, base, overlay)["model"]["init_args"]
 
 
 def test_the_cases_cover_every_overlay_and_paper_config():
     assert {o.stem for o in OVERLAYS} >= {*CLIP_VARIANTS, *(f"{v}_mona" for v in CLIP_VARIANTS), "unet", "resnet18"}
+    assert {o.stem for o in OVERLAYS} >= {f"{b}_authors" for b in AUTHORS_BASELINES}
+    assert _tasks(CONFIG_DIR / "baselines" / "dinov2_authors.yaml") == ["segmentation", "classification"]
     assert {b for _, b in CASES} == {*PAPER["segmentation"], *PAPER["classification"]}
     assert len(PAPER["segmentation"]) >= 5 and len(PAPER["classification"]) >= 2
     for bases in PAPER.values():  # why one base per task suffices in the default suite
@@ -125,9 +132,16 @@ def test_overlay_names_adapter_weights_head_and_activation(overlay: Path):
 def test_overlay_after_paper_config_resolves_to_the_overlay(fit_parser: Any, overlay: Path, base: Path):
     base_init = yaml.safe_load(base.read_text())["model"]["init_args"]
     assert base_init["adapter"] == "mona"  # what a forgotten key would silently keep
-    resolved = _resolve(fit_parser, base, overlay)
+    everything = _resolve_all(fit_parser, base, overlay)
+    resolved = everything["model"]["init_args"]
     for key, value in _init_args(overlay).items():
         assert resolved[key] == value, f"{base.name} + {overlay.name}: {key}={resolved[key]!r}, overlay says {value!r}"
+    raw = yaml.safe_load(overlay.read_text())  # the data and trainer settings of an overlay win too
+    for key, value in {**raw.get("data", {}).get("init_args", {}), **raw.get("trainer", {})}.items():
+        got = everything["data"]["init_args"].get(key, everything["trainer"].get(key))
+        assert got == value, f"{base.name} + {overlay.name}: {key}={got!r}, overlay says {value!r}"
+    if "image_size" in raw.get("data", {}).get("init_args", {}):  # the model follows the data's image size
+        assert resolved["image_size"] == raw["data"]["init_args"]["image_size"]
 
 
 def test_print_config_shows_what_the_parser_resolves(fit_parser: Any):

@@ -39,8 +39,9 @@ DATASET_ALIASES = {
     "microus": "Prostate",
 }
 ADAPTER_TITLES = {"mona": "Mona", "lora": "LoRA"}
-# runs named from their config: whole models trained end to end (head: native) from these are reference rows
-REFERENCE_MODEL_PREFIXES = ("smp:", "timm:resnet")
+# runs named from their config: whole models trained end to end (head: native) from these are reference rows (unet:
+# the authors' UNet; dinov2: is a compared method)
+REFERENCE_MODEL_PREFIXES = ("smp:", "timm:resnet", "unet")
 _WEIGHT_FILE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".safetensors", ".ckpt"})
 
 

@@ -247,7 +247,7 @@ def build_clipseg(
         ValueError: for a missing prompt, or ``source`` and ``pretrained`` naming different checkpoints.
         OSError: for weights that are neither cached nor downloadable (the message says where to get them).
     """
-    from usclip.models.baselines import _is_file, _load_file
+    from usclip.models.baselines import _is_file, load_weights_file
 
     transformers = _import_transformers()
     resolve_prompt(text_prompt)  # fail on a missing prompt before loading weights
@@ -258,7 +258,7 @@ def build_clipseg(
     if not from_hub:
         model = transformers.CLIPSegForImageSegmentation(clipseg_config(source))
         if pretrained is not None:
-            _load_file(model, pretrained)
+            load_weights_file(model, pretrained)
         else:
             log.warning("CLIPSeg %s with random weights (pretrained: null)", source)
         mean, std = _processor_stats(source) if not shipped_or_json else (CLIPSEG_MEAN, CLIPSEG_STD)

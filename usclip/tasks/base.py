@@ -68,8 +68,9 @@ class BaseTask(L.LightningModule):
             authors' code (paper release; later ``src/`` code; later code for the medical CLIP rows), parameter for
             parameter (:mod:`usclip.models.authors_heads`; ``embed_dim`` is their ``reduce_dim``, ``fusion`` is
             unused); ``native``: a whole baseline model trained end to end with its own decoder or classifier
-            (``smp:Unet/resnet34`` or ``clipseg:CIDAS/clipseg-rd64-refined`` for segmentation, ``timm:resnet18`` for
-            classification).
+            (``smp:Unet/resnet34``, ``clipseg:CIDAS/clipseg-rd64-refined`` or the authors' ``unet`` for segmentation,
+            ``timm:resnet18`` for classification, the authors' frozen ``dinov2:vitb14`` with their decoder or classifier
+            for both).
         num_classes: output classes (linked from the DataModule by the CLI).
         image_size: input side length (linked from the DataModule by the CLI).
         normalization: ``clip`` feeds ``(x - mean) / std`` with the encoder's own mean and std (CLIP's, or the
@@ -90,6 +91,9 @@ class BaseTask(L.LightningModule):
         save_frozen_backbone: store the frozen encoder weights in checkpoints. ``None`` (auto) stores them only for
             random initialisation (``pretrained: null``), which cannot be rebuilt; pretrained weights are reloaded from
             their source and checked against a fingerprint instead, so checkpoints hold adapters and head only.
+        native_kwargs: options of a ``head: native`` model (:func:`usclip.models.baselines.build_native_model`):
+            ``dinov2:<arch>`` takes ``layer_scale`` (``false``: the authors' model, which drops DINOv2's layer scale)
+            and ``n_last_blocks`` (classification), ``unet`` takes ``init_channels``.
     """
 
     #: what the task predicts (selects native baseline models)
@@ -125,6 +129,7 @@ class BaseTask(L.LightningModule):
         checkpoint_every_n_steps: int | None = None,
         checkpoint_every_minutes: float | None = 30.0,
         save_frozen_backbone: bool | None = None,
+        native_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         MidEpochCheckpoint(checkpoint_every_n_steps, checkpoint_every_minutes)  # bad values: an error now, not at fit
@@ -179,9 +184,20 @@ class BaseTask(L.LightningModule):
             )
         if self.hparams["head"] == "native":
             self.net, mean, std = build_native_model(
-                self.task, name, self.hparams["num_classes"], args["pretrained"], size, self.hparams.get("text_prompt")
+                self.task,
+                name,
+                self.hparams["num_classes"],
+                args["pretrained"],
+                size,
+                self.hparams.get("text_prompt"),
+                self.hparams.get("native_kwargs"),
             )
         else:
+            if self.hparams.get("native_kwargs"):
+                raise ValueError(
+                    f"native_kwargs={self.hparams['native_kwargs']!r} are options of head='native' models; "
+                    f"head={self.hparams['head']!r} takes none (set native_kwargs: null)"
+                )
             if name.startswith("timm:"):
                 self.encoder = TimmEncoder(name.removeprefix("timm:"), args["pretrained"], args["layers"], size)
             else:
@@ -300,7 +316,9 @@ class BaseTask(L.LightningModule):
     # ----------------------------------------------------------------- checkpoints without the frozen backbone
     def _frozen_keys(self) -> list[str]:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return [k for k in self.state_dict() if k.startswith("encoder.") and k not in trainable]
+        # the CLIP / timm encoder, and the frozen backbone of a native DINOv2 model (dinov2:<arch>)
+        frozen = ("encoder.", "net.backbone.")
+        return [k for k in self.state_dict() if k.startswith(frozen) and k not in trainable]
 
     def _frozen_fingerprint(self) -> str:
         state = self.state_dict()
