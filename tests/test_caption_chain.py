@@ -110,7 +110,7 @@ def test_reports_refined_then_caption_fit_on_both_sources_then_segmentation(tmp_
     tiny = ["--model.init_args.model_name=usclip-test-vit", "--model.init_args.pretrained=null"]
     tiny += ["--model.init_args.layers=[1,3]", "--data.init_args.image_size=64", "--data.init_args.batch_size=4"]
     tiny += ["--data.init_args.num_workers=0", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
-    short = ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1"]
+    short = ["--trainer.max_epochs=1", "--model.init_args.validate_every=null", "--trainer.log_every_n_steps=1"]
     cli = main(["fit", "--config", str(PAPER_CONF), f"--data.init_args.root={root}", *tiny, *short, *common])
     task, dm = cli.model, cli.datamodule
     assert isinstance(task, CaptionFinetuneTask) and isinstance(dm, CaptionDataModule)
