@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from monai.losses import DiceCELoss, FocalLoss
 
+import usclip.precision
 from usclip.callbacks import ValidateOnEpochs
 from usclip.cli import main
 from usclip.data import SegmentationDataModule
@@ -106,7 +107,7 @@ AUTHORS_LOOPS = {
 
 def _authors_cli(tmp_path, overlay: str, *extra: str):
     config = AUTHORS_LOOPS[overlay][0]
-    args = ["--config", str(REPO / "tests" / "conf" / f"{config}.yaml")]
+    args = ["--config", str(REPO / "tests" / "conf" / f"{config}.yaml"), "--trainer.precision=bf16-mixed"]  # as paper
     args += ["--config", str(REPO / "configs" / "training" / f"{overlay}.yaml")]
     args += [f"--data.init_args.root={tmp_path}", f"--trainer.default_root_dir={tmp_path}"]
     return main([*args, *extra], run=False)
@@ -168,8 +169,10 @@ def _epochs_validated(task, max_epochs: int) -> tuple[list[int], int]:
 
 
 @pytest.mark.parametrize("overlay", list(AUTHORS_LOOPS))
-def test_authors_training_overlays(tmp_path, overlay):
-    """Each overlay resolves to its loop: losses, floor, length, the validation schedule, stopping, fp32."""
+def test_authors_training_overlays(tmp_path, monkeypatch, overlay):
+    """Each overlay resolves to its loop: losses, floor, length, the validation schedule, stopping, and fp32 over the
+    paper configs' bf16-mixed (on a machine with native bf16, where usclip would keep bf16)."""
+    monkeypatch.setattr(usclip.precision, "cpu_has_native_bf16", lambda: True)
     _, expected, epochs, last = AUTHORS_LOOPS[overlay]
     cli = _authors_cli(tmp_path, overlay)
     for key, value in expected.items():
