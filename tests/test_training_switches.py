@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from monai.losses import DiceCELoss, FocalLoss
 
 import usclip.precision
@@ -150,15 +150,18 @@ class _Constant(L.LightningModule):
         return self.data
 
 
-def _epochs_validated(task, max_epochs: int) -> tuple[list[int], int]:
-    """Run ``task``'s own schedule and early-stopping callbacks on :class:`_Constant`: validated epochs, epochs run."""
-    callbacks = [c for c in task.configure_callbacks() if isinstance(c, (ValidateOnEpochs, EarlyStopping))]
+def _epochs_validated(task, max_epochs: int, folder=None) -> tuple[list[int], int]:
+    """Run ``task``'s own schedule and early-stopping callbacks (and checkpoints, with a ``folder``) on
+    :class:`_Constant`: the epochs validated, the epochs run."""
+    kinds = (ValidateOnEpochs, EarlyStopping, *((ModelCheckpoint,) if folder else ()))
+    callbacks = [c for c in task.configure_callbacks() if isinstance(c, kinds)]
     record = _RecordValidation()
     trainer = L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
+        default_root_dir=folder,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=folder is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -199,6 +202,15 @@ def test_early_stopping_counts_validations_not_epochs():
     """
     task = SegmentationTask(**TINY, validate_every=2, validate_last_epoch=True, early_stopping_patience=2)
     assert _epochs_validated(task, 12) == ([2, 4, 6], 7)
+
+
+def test_last_checkpoint_after_every_epoch_best_after_validations(tmp_path):
+    """Validation after epoch 2 of 0-3 only: ``last.ckpt`` holds epoch 3, which had no validation, ``best.ckpt`` the
+    validated epoch 2. Catches: ``last.ckpt`` waiting for a validation end (it would hold epoch 2)."""
+    task = SegmentationTask(**TINY, validate_every=2)
+    assert _epochs_validated(task, 4, tmp_path) == ([2], 4)
+    saved = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in (tmp_path / "checkpoints").iterdir()}
+    assert {name: ckpt["epoch"] for name, ckpt in saved.items()} == {"last": 3, "best": 2}
 
 
 @pytest.mark.slow

@@ -305,8 +305,14 @@ class BaseTask(L.LightningModule):
                 auto_insert_metric_name=False,
             ),
             # last.ckpt after every epoch, whether or not the monitor improved: Lightning 2.6's save_last=True only
-            # writes it together with a new best, which would make a resumed run redo epochs
-            ModelCheckpoint(filename="last", enable_version_counter=False),
+            # writes it together with a new best, which would make a resumed run redo epochs. With validate_every,
+            # at the end of every training epoch (after its validation, if any), also those without validation,
+            # where Lightning would otherwise wait for a validation end that does not come
+            ModelCheckpoint(
+                filename="last",
+                enable_version_counter=False,
+                save_on_train_epoch_end=True if self.hparams.get("validate_every") is not None else None,
+            ),
             # the same last.ckpt in the middle of epochs (steps, minutes) and on SLURM's preemption signal
             MidEpochCheckpoint(
                 self.hparams.get("checkpoint_every_n_steps"), self.hparams.get("checkpoint_every_minutes")
