@@ -110,7 +110,7 @@ def test_reports_refined_then_caption_fit_on_both_sources_then_segmentation(tmp_
     tiny = ["--model.init_args.model_name=usclip-test-vit", "--model.init_args.pretrained=null"]
     tiny += ["--model.init_args.layers=[1,3]", "--data.init_args.image_size=64", "--data.init_args.batch_size=4"]
     tiny += ["--data.init_args.num_workers=0", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
-    short = ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1"]
+    short = ["--trainer.max_epochs=1", "--model.init_args.validate_every=null", "--trainer.log_every_n_steps=1"]
     cli = main(["fit", "--config", str(PAPER_CONF), f"--data.init_args.root={root}", *tiny, *short, *common])
     task, dm = cli.model, cli.datamodule
     assert isinstance(task, CaptionFinetuneTask) and isinstance(dm, CaptionDataModule)
@@ -187,6 +187,44 @@ def test_sources_keep_their_split_rules_and_have_no_test_split(tmp_path: Path):
     assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4
     with pytest.raises(ValueError, match="train and val splits only"):
         dm._dataset("test")
+
+
+def test_pmc_oa_refined_overlay_reads_the_llm_captions(tmp_path: Path):
+    """configs/captions/pmcoa_refined.yaml: PMC-OA's captions go through ``usclip captions refine`` too (the authors'
+    caption file has a refined caption on every line, release:dataset_finetune.py:181-182) and the caption run reads
+    the refined PMC-OA files, CURD's as before (configs/captions_pmcoa_curd.yaml alone reads PMC-OA's own captions).
+
+    Catches: the overlay pointing at the original PMC-OA files, or dropping the CURD source.
+    """
+    root = _refined_root(tmp_path)
+    answers = {c: f"refined pmc caption {i}" for i, c in enumerate(sorted(set(_pmc_captions(root))))}
+
+    def script(body: dict, n: int) -> tuple:
+        answer = answers[body["messages"][1]["content"]]
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
+
+    llm = FakeLLM(script)
+    try:
+        for split in ("train", "val"):
+            io = [str(root / "pmc_oa" / f"{split}.jsonl"), str(root / "pmc_oa" / f"{split}_refined.jsonl")]
+            with pytest.raises(SystemExit) as done:
+                main(
+                    ["captions", "refine", *io, "--base-url", llm.base_url, "--model", "qwen3-8b", "--id-key", "image"]
+                )
+            assert done.value.code == 0
+    finally:
+        llm.server.shutdown()
+
+    args = ["--config", str(PAPER_CONF), "--config", str(REPO / "configs" / "captions" / "pmcoa_refined.yaml")]
+    args += ["--model.init_args.model_name=usclip-test-vit", "--model.init_args.pretrained=null"]
+    args += ["--model.init_args.layers=[1,3]", "--data.init_args.image_size=64", f"--data.init_args.root={root}"]
+    dm = main([*args, f"--trainer.default_root_dir={tmp_path}"], run=False).datamodule
+    dm.setup("fit")
+    pairs = [*dm._dataset("train").pairs, *dm._dataset("val").pairs]
+    source = {s: sorted(p.caption for p in pairs if p.image.parent.parent.name == s) for s in ("pmc_oa", "curd")}
+    assert source["pmc_oa"] == sorted(answers.values())  # all 16, train and val, refined
+    curd = read_captions(root / "curd" / "captions_en.jsonl", False)
+    assert source["curd"] == sorted(p.caption for p in curd) and len(curd) == 16  # CURD's source unchanged
 
 
 @pytest.mark.parametrize(

@@ -81,3 +81,15 @@ def test_paper_configs_read_blocks_3_6_9():
     for config in paper:
         init = yaml.safe_load(config.read_text())["model"]["init_args"]
         assert init.get("layers") == [3, 6, 9], config.name
+
+
+def test_paper_configs_train_200_epochs_in_bf16_mixed():
+    """usclip's length and precision in every downstream paper config (docs/reproduce.md, "Training length"): 200
+    epochs, bf16-mixed; the authors' 1000 epochs in fp32 come from configs/training/authors_*.yaml."""
+    import yaml
+
+    downstream = [c for c in TOP if c.stem.endswith(("_seg", "_cls"))]
+    assert len(downstream) == 7
+    for config in downstream:
+        trainer = yaml.safe_load(config.read_text())["trainer"]
+        assert (trainer["max_epochs"], trainer["precision"]) == (200, "bf16-mixed"), config.name

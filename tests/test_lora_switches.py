@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -35,6 +36,7 @@ from usclip.adapters import (
 )
 from usclip.cli import main
 from usclip.models import CLIPEncoder
+from usclip.tasks import CaptionFinetuneTask, SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "usclip-test-vit"
@@ -524,3 +526,115 @@ def test_dropout_is_not_structural(tmp_path, images):
     load_adapters(other, path)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(enc(images), other(images), strict=True))
+
+
+# ------------------------------------------------------------------------------- LoRA after caption tuning (#22)
+def _lora_task(**kw) -> SegmentationTask:
+    torch.manual_seed(0)  # the same random backbone and head every time; the LoRA tensors are drawn after them
+    return SegmentationTask(
+        model_name=TINY, pretrained=None, layers=[1, 3], image_size=64, embed_dim=16, num_classes=2, **kw
+    )
+
+
+def _train_step(task: SegmentationTask, images: torch.Tensor, mask: torch.Tensor) -> torch.optim.Optimizer:
+    """One AdamW step as ``usclip fit`` takes it (``configure_optimizers``), in training mode; returns the optimiser."""
+    task.trainer = SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads
+    opt = task.configure_optimizers()["optimizer"]
+    for group in opt.param_groups:
+        group["lr"] = 1e-2  # large, so that any tensor in the optimiser visibly moves
+    task.train()
+    opt.zero_grad()
+    task._loss(task(images), mask).backward()
+    opt.step()
+    return opt
+
+
+@pytest.fixture(scope="module")
+def tuned_lora(tmp_path_factory) -> Path:
+    """An adapter file as caption tuning leaves it: the authors' LoRA settings, A and B far from their init."""
+    src = _lora_task(adapter="lora", adapter_kwargs=REFERENCE_KWARGS)
+    _randomise_lora(src.encoder)
+    path = tmp_path_factory.mktemp("tuned") / "lora.safetensors"
+    save_adapters(src.encoder, path)
+    return path
+
+
+def test_frozen_adapter_stays_bit_identical_while_the_head_trains(tuned_lora, images):
+    """``train_adapter: false``: the loaded LoRA is used as loaded, only the head is in the optimiser and moves.
+
+    Catches: the switch ignored (LoRA trained, as usclip's default does), LoRA frozen by ``eval()`` instead of
+    ``requires_grad`` (its dropout would stop acting, unlike the authors'), the head frozen along with it.
+    """
+    mask = (images[:, 0] > 0).long()
+    task = _lora_task(
+        adapter="lora", adapter_kwargs=REFERENCE_KWARGS, adapter_checkpoint=str(tuned_lora), train_adapter=False
+    )
+    loaded = {k: v.clone() for k, v in task.encoder.state_dict().items()}
+    lora = {k for k in loaded if "lora_" in k}
+    assert lora and all(loaded[k].abs().max() > 0 for k in lora)  # the tuned tensors, B included, not the init
+    head = {n: p.detach().clone() for n, p in task.head.named_parameters()}
+
+    opt = _train_step(task, images, mask)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in task.head.parameters()}
+    after = task.encoder.state_dict()
+    assert all(torch.equal(after[k], loaded[k]) for k in loaded)  # LoRA and backbone: bit for bit
+    moved = [n for n, p in task.head.named_parameters() if not torch.equal(p.detach(), head[n])]
+    assert moved and len(moved) == sum(p.grad is not None for p in task.head.parameters())
+
+    # its dropout still acts in training mode (later:src/adapters/lora.py:82), and not in evaluation
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = task.encoder(images)[-1]
+        torch.manual_seed(2)
+        assert not torch.allclose(first, task.encoder(images)[-1])
+        task.eval()
+        assert torch.equal(task.encoder(images)[-1], task.encoder(images)[-1])
+
+    # usclip's default trains the same loaded LoRA
+    trained = _lora_task(adapter="lora", adapter_kwargs=REFERENCE_KWARGS, adapter_checkpoint=str(tuned_lora))
+    _train_step(trained, images, mask)
+    state = trained.encoder.state_dict()
+    assert all(not torch.equal(state[k], loaded[k]) for k in lora)
+
+
+def test_untuned_frozen_lora_is_the_frozen_encoder(images):
+    """The authors' "CLIP (LoRA)" row (configs/adapters/lora_authors.yaml): an untuned LoRA, frozen, changes nothing
+    (B = 0), in training mode with its dropout too; only the head trains, as with no adapter."""
+    plain = _lora_task(adapter=None)
+    lora = _lora_task(adapter="lora", adapter_kwargs=REFERENCE_KWARGS, train_adapter=False)
+    plain.train()
+    lora.train()
+    with torch.no_grad():
+        for a, b in zip(plain.encoder(images), lora.encoder(images), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert [n for n, p in lora.named_parameters() if p.requires_grad] == [
+        n for n, p in plain.named_parameters() if p.requires_grad
+    ]
+    with pytest.raises(ValueError, match="train_adapter=False is for downstream tasks"):
+        CaptionFinetuneTask(model_name=TINY, pretrained=None, adapter="mona", train_adapter=False)
+
+
+def test_authors_lora_overlays_freeze_the_reference_lora(tmp_path):
+    """configs/adapters/lora_authors.yaml and lora_ft_authors.yaml after a tiny task config: the authors' LoRA
+    settings, frozen, only the head trainable; the "ft." one loads the caption run's file (exactly its tensors)."""
+    args = ["--config", str(ROOT / "tests" / "conf" / "segmentation_mona.yaml")]
+    args += [f"--data.init_args.root={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}"]
+    tuned = tmp_path / "tuned.safetensors"
+    for overlay in ("lora_authors", "lora_ft_authors"):
+        extra = [f"--model.init_args.adapter_checkpoint={tuned}"] if overlay == "lora_ft_authors" else []
+        config = ["--config", str(ROOT / "configs" / "adapters" / f"{overlay}.yaml")]
+        task = main([*args, *config, *extra], run=False).model
+        cfg = task.encoder.adapter_config
+        assert task.hparams["train_adapter"] is False and isinstance(cfg, LoraConfig), overlay
+        settings = (cfg.r, cfg.alpha, cfg.scaling, cfg.dropout, cfg.attn_targets)
+        assert settings == (16, 32.0, "alpha/sqrt(r)", 0.1, TARGETS[1]), overlay
+        trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+        assert trainable == {f"head.{n}" for n, _ in task.head.named_parameters()}, overlay
+        lora = task.encoder.adapter_state_dict()
+        if overlay == "lora_authors":
+            assert all(not v.any() for k, v in lora.items() if "lora_B" in k)  # untuned: the identity
+            _randomise_lora(task.encoder)
+            save_adapters(task.encoder, tuned)
+            expected = task.encoder.adapter_state_dict()
+        else:
+            assert lora.keys() == expected.keys() and all(torch.equal(lora[k], expected[k]) for k in lora)

@@ -10,8 +10,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from monai.losses import DiceCELoss, FocalLoss
 
+import usclip.precision
+from usclip.callbacks import ValidateOnEpochs
 from usclip.cli import main
 from usclip.data import SegmentationDataModule
 from usclip.tasks import ClassificationTask, SegmentationTask
@@ -89,28 +92,148 @@ def test_focal_activation_and_best_metric():
         ClassificationTask(**TINY, best_by="f1")
 
 
-@pytest.mark.parametrize(
-    ("config", "overlay", "expected"),
-    [
-        (
-            "segmentation_none.yaml",
-            "authors_segmentation.yaml",
-            {"dice_squared_pred": True, "dice_smooth": 1e-8, "min_lr": 1e-8, "early_stopping_patience": 15},
-        ),
-        (
-            "classification_lora.yaml",
-            "authors_classification.yaml",
-            {"focal_activation": "sigmoid", "best_by": "acc", "min_lr": 1e-8, "early_stopping_patience": 15},
-        ),
-    ],
-)
-def test_authors_training_overlays(tmp_path, config, overlay, expected):
-    args = ["--config", str(REPO / "tests" / "conf" / config), "--config", str(REPO / "configs" / "training" / overlay)]
-    cli = main([*args, f"--data.init_args.root={tmp_path}", f"--trainer.default_root_dir={tmp_path}"], run=False)
+SEG_LOSS = {"dice_squared_pred": True, "dice_smooth": 1e-8, "min_lr": 1e-8}
+CLS_LOSS = {"focal_activation": "sigmoid", "best_by": "acc", "min_lr": 1e-8}
+#: per overlay: the tiny config it follows, the resolved model arguments, max_epochs
+AUTHORS_LOOPS = {
+    # paper release (release:clip_seg.py:47/148, release:clip_cls.py:48/149): 1000 epochs, no early stopping
+    "authors_segmentation": ("segmentation_none", {**SEG_LOSS, "early_stopping_patience": None}, 1000, False),
+    "authors_classification": ("classification_lora", {**CLS_LOSS, "early_stopping_patience": None}, 1000, False),
+    # later src/ scripts (later:scripts/baselines.sh:16, later:src/models/clip/segmentation.py:66/197): 200, patience 15
+    "authors_src_segmentation": ("segmentation_none", {**SEG_LOSS, "early_stopping_patience": 15}, 200, True),
+    "authors_src_classification": ("classification_lora", {**CLS_LOSS, "early_stopping_patience": 15}, 200, True),
+}
+
+
+def _authors_cli(tmp_path, overlay: str, *extra: str):
+    config = AUTHORS_LOOPS[overlay][0]
+    args = ["--config", str(REPO / "tests" / "conf" / f"{config}.yaml"), "--trainer.precision=bf16-mixed"]  # as paper
+    args += ["--config", str(REPO / "configs" / "training" / f"{overlay}.yaml")]
+    args += [f"--data.init_args.root={tmp_path}", f"--trainer.default_root_dir={tmp_path}"]
+    return main([*args, *extra], run=False)
+
+
+class _RecordValidation(L.Callback):
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.epochs.append(trainer.current_epoch)
+
+
+class _Constant(L.LightningModule):
+    """One weight, one sample per epoch; validation logs ``monitor`` = 0.5 every time (it never improves)."""
+
+    def __init__(self, monitor: str, callbacks: list[L.Callback]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.monitor, self.schedule = monitor, callbacks
+        self.data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * batch[0]).sum() ** 2
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log(self.monitor, 0.5)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return self.schedule
+
+    def train_dataloader(self):
+        return self.data
+
+    def val_dataloader(self):
+        return self.data
+
+
+def _epochs_validated(task, max_epochs: int, folder=None) -> tuple[list[int], int]:
+    """Run ``task``'s own schedule and early-stopping callbacks (and checkpoints, with a ``folder``) on
+    :class:`_Constant`: the epochs validated, the epochs run."""
+    kinds = (ValidateOnEpochs, EarlyStopping, *((ModelCheckpoint,) if folder else ()))
+    callbacks = [c for c in task.configure_callbacks() if isinstance(c, kinds)]
+    record = _RecordValidation()
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        default_root_dir=folder,
+        logger=False,
+        enable_checkpointing=folder is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[record],
+    )
+    trainer.fit(_Constant(task.monitor, callbacks))
+    return record.epochs, trainer.current_epoch
+
+
+@pytest.mark.parametrize("overlay", list(AUTHORS_LOOPS))
+def test_authors_training_overlays(tmp_path, monkeypatch, overlay):
+    """Each overlay resolves to its loop: losses, floor, length, the validation schedule, stopping, and fp32 over the
+    paper configs' bf16-mixed (on a machine with native bf16, where usclip would keep bf16)."""
+    monkeypatch.setattr(usclip.precision, "cpu_has_native_bf16", lambda: True)
+    _, expected, epochs, last = AUTHORS_LOOPS[overlay]
+    cli = _authors_cli(tmp_path, overlay)
     for key, value in expected.items():
         assert cli.model.hparams[key] == value, key
-    assert cli.trainer.check_val_every_n_epoch == 10
-    assert cli.trainer.max_epochs == 1000
+    assert (cli.model.hparams["validate_every"], cli.model.hparams["validate_last_epoch"]) == (10, last)
+    assert cli.trainer.max_epochs == epochs
+    assert cli.trainer.precision == "32-true"  # both loops run CLIP in float32 without autocast
+    schedule = [c for c in cli.model.configure_callbacks() if isinstance(c, ValidateOnEpochs)]
+    validated = [e for e in range(epochs) if schedule[0].validates(e, epochs)]
+    assert validated == [*range(10, epochs, 10), *([epochs - 1] if last else [])]  # 0-based, as their loops count
+    stoppers = [c for c in cli.model.configure_callbacks() if isinstance(c, EarlyStopping)]
+    assert [s.patience for s in stoppers] == ([] if expected["early_stopping_patience"] is None else [15])
+    # 22 epochs under the overlay's own callbacks: after epochs 10 and 20 (not 9, 19 and 21 as Lightning's
+    # check_val_every_n_epoch=10 would), and after the last one, 21, in the later loop only
+    assert _epochs_validated(cli.model, 22) == ([10, 20, 21] if last else [10, 20], 22)
+
+
+def test_early_stopping_counts_validations_not_epochs():
+    """Patience 2, validation after epochs 2, 4, 6, ... and a metric that never improves: the run stops after the
+    third validation, epoch 6, as the later loop's counter does (later:src/models/clip/segmentation.py:228-249).
+
+    Catches: early stopping judged at every training epoch end (with stale metrics it would stop after epoch 4, or
+    fail on the missing metric before the first validation).
+    """
+    task = SegmentationTask(**TINY, validate_every=2, validate_last_epoch=True, early_stopping_patience=2)
+    assert _epochs_validated(task, 12) == ([2, 4, 6], 7)
+
+
+def test_last_checkpoint_after_every_epoch_best_after_validations(tmp_path):
+    """Validation after epoch 2 of 0-3 only: ``last.ckpt`` holds epoch 3, which had no validation, ``best.ckpt`` the
+    validated epoch 2. Catches: ``last.ckpt`` waiting for a validation end (it would hold epoch 2)."""
+    task = SegmentationTask(**TINY, validate_every=2)
+    assert _epochs_validated(task, 4, tmp_path) == ([2], 4)
+    saved = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in (tmp_path / "checkpoints").iterdir()}
+    assert {name: ckpt["epoch"] for name, ckpt in saved.items()} == {"last": 3, "best": 2}
+
+
+@pytest.mark.slow
+def test_a_real_run_validates_on_the_authors_epochs(tmp_path):
+    """The same through ``usclip fit``'s own task and data (tiny model, 12 epochs of one batch): validation after
+    epoch 10 only under the release loop (about 10 s on 2 busy cores; the fast twin above runs the same callbacks)."""
+    tiny = ["--trainer.max_epochs=12", "--trainer.limit_train_batches=1", "--trainer.num_sanity_val_steps=0"]
+    tiny += ["--trainer.enable_checkpointing=false", "--trainer.logger=false", "--model.init_args.num_overlays=0"]
+    tiny += ["--data.init_args.num_workers=0"]
+    cli = _authors_cli(tmp_path, "authors_segmentation", *tiny)
+    record = _RecordValidation()
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert record.epochs == [10]
+
+
+def test_validation_schedule_arguments_are_checked():
+    with pytest.raises(ValueError, match="every must be a positive number of epochs, got 0"):
+        SegmentationTask(**TINY, validate_every=0)
+    with pytest.raises(ValueError, match="validate_last_epoch=True needs validate_every"):
+        SegmentationTask(**TINY, validate_last_epoch=True)
+    schedule = ValidateOnEpochs(10)
+    assert [e for e in range(1000) if schedule.validates(e, 1000)] == list(range(10, 1000, 10))  # 99, never 0 or 999
 
 
 # ------------------------------------------------------------------------------------------- losses by hand (#17)

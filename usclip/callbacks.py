@@ -14,6 +14,8 @@
 - :class:`FiniteLossGuard` stops training at the first NaN or infinite training loss, before the backward pass
   and the optimiser step spoil the weights, with a message naming the step and what to try.
 - :class:`OutOfMemoryAdvice` logs, once, what to change when a run runs out of (GPU or CPU) memory.
+- :class:`ValidateOnEpochs` validates after exactly the epochs the authors' training loops validate (``epoch > 0 and
+  epoch % 10 == 0``, counted from 0), which ``Trainer(check_val_every_n_epoch=...)`` cannot express.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "NonFiniteLossError",
     "OutOfMemoryAdvice",
     "SeedEachEpoch",
+    "ValidateOnEpochs",
     "is_out_of_memory",
     "slurm_job_id",
 ]
@@ -408,3 +411,63 @@ class OutOfMemoryAdvice(Callback):
         batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
         where = f" (batch size {batch}, precision {trainer.precision})" if batch is not None else ""
         log.error("%s: %s%s", type(exception).__name__, OUT_OF_MEMORY_ADVICE, where)
+
+
+class ValidateOnEpochs(Callback):
+    """Validate after exactly the epochs the authors' training loops validate, and after no other.
+
+    Their loops (``release:clip_seg.py:148``, ``release:clip_cls.py:149``) validate after the 0-based epoch ``e``
+    when ``e > 0 and e % every == 0``: with ``every=10`` and 1000 epochs after epochs 10, 20, ..., 990, i.e. after
+    the 11th, 21st, ..., 991st epoch of training, and never after the last nine. The later ``src/`` loops
+    (``later:src/models/clip/segmentation.py:197``) also validate after the last epoch (``last=True``).
+    Lightning's ``check_val_every_n_epoch=10`` validates after epochs 9, 19, ..., 999 instead: one epoch earlier,
+    and always after the last epoch of a 1000-epoch run.
+
+    Lightning decides per epoch with ``(current_epoch + 1) % trainer.check_val_every_n_epoch == 0``; this callback
+    sets that attribute before every epoch and every batch (a run resumed in the middle of an epoch gets no
+    epoch-start hook) to 1 on the epochs to validate and to a number that cannot divide otherwise. Checkpoint and
+    early-stopping callbacks that judge at the end of a training epoch must read fresh validation metrics only:
+    ``BaseTask`` builds its ``EarlyStopping`` with ``check_on_train_epoch_end=False`` (it would otherwise count
+    every epoch, with the last validation's value, as one without improvement).
+
+    Args:
+        every: validate after the 0-based epochs ``e > 0`` with ``e % every == 0``.
+        last: also validate after the last epoch (``trainer.max_epochs - 1``).
+
+    Raises:
+        ValueError: ``every`` is not a positive integer.
+    """
+
+    def __init__(self, every: int, last: bool = False) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive number of epochs, got {every!r}")
+        self.every = every
+        self.last = last
+
+    def validates(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether the loop validates after the 0-based ``epoch`` of a run of ``max_epochs`` epochs."""
+        if epoch > 0 and epoch % self.every == 0:
+            return True
+        return self.last and max_epochs is not None and max_epochs > 0 and epoch == max_epochs - 1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        if stage != "fit":
+            return
+        if trainer.check_val_every_n_epoch is None or trainer.val_check_interval != 1.0:
+            raise ValueError(
+                "validate_every validates at epoch ends; it needs trainer.check_val_every_n_epoch set (any value) and "
+                f"trainer.val_check_interval 1.0, got check_val_every_n_epoch={trainer.check_val_every_n_epoch!r}, "
+                f"val_check_interval={trainer.val_check_interval!r}"
+            )
+
+    def _apply(self, trainer: L.Trainer) -> None:
+        epoch = trainer.current_epoch
+        trainer.check_val_every_n_epoch = 1 if self.validates(epoch, trainer.max_epochs) else epoch + 2
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._apply(trainer)
+
+    def on_train_batch_start(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply(trainer)

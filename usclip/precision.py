@@ -1,6 +1,7 @@
 """Precision that fits the machine: ``bf16`` only where the hardware computes it natively.
 
-The paper's configs ask for ``precision: bf16-mixed`` (right on a recent GPU). On a CPU without native bfloat16
+usclip's paper configs ask for ``precision: bf16-mixed`` (usclip's choice: the paper names no precision and the
+authors' code runs fp32; right on a recent GPU). On a CPU without native bfloat16
 (x86 without ``avx512_bf16``/``amx_bf16``, e.g. AVX2-only machines) PyTorch emulates it, and a training step of
 ViT-B/16 runs about 50x slower than in fp32 (docs/benchmarks.md); on a GPU without bfloat16 (before Ampere)
 it is emulated or refused. :func:`fit_precision` replaces such a request by what the machine does well (fp32 on

@@ -25,6 +25,7 @@ from usclip.callbacks import (
     MidEpochCheckpoint,
     OutOfMemoryAdvice,
     SeedEachEpoch,
+    ValidateOnEpochs,
 )
 from usclip.models import CLIPEncoder
 from usclip.models.authors_heads import AUTHORS_HEADS
@@ -58,6 +59,10 @@ class BaseTask(L.LightningModule):
         adapter_kwargs: fields of the adapter's config (:class:`usclip.adapters.MonaConfig` /
             :class:`usclip.adapters.LoraConfig`).
         adapter_checkpoint: adapter-only file to start from (e.g. from caption fine-tuning).
+        train_adapter: ``True``: the adapter trains with the head. ``False``: the adapter stays as built or loaded
+            (``adapter_checkpoint``) and only the head trains, as the authors' later code treats LoRA from caption
+            tuning (it trains only parameters named ``mona``); dropout inside the frozen adapter still acts in
+            training mode, as theirs does. See docs/adapters.md, "LoRA after caption tuning".
         quick_gelu: force QuickGELU on or off; ``null`` follows the weights.
         allow_unsafe_torchscript: allow an OpenAI TorchScript ``.pt`` file (loading it can execute code).
         grad_checkpointing: recompute encoder activations in the backward pass to save memory.
@@ -83,6 +88,11 @@ class BaseTask(L.LightningModule):
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr: learning rate the cosine decays to (0; the authors' code: 1e-8, ``CosineAnnealingLR(eta_min)``).
         early_stopping_patience: stop after this many validation epochs without improvement; ``None`` never stops.
+        validate_every: validate after the 0-based epochs ``e > 0`` with ``e % validate_every == 0``, as the authors'
+            loops do (10: after epochs 10, 20, ..., 990 of 1000), and after no other
+            (:class:`usclip.callbacks.ValidateOnEpochs`); ``None``: ``trainer.check_val_every_n_epoch`` decides
+            (Lightning's ``(e + 1) % n == 0``: epochs 9, 19, ..., 999).
+        validate_last_epoch: with ``validate_every``, also validate after the last epoch (the later ``src/`` code).
         checkpoint_every_n_steps: also write ``checkpoints/last.ckpt`` every this many optimiser steps in the middle
             of epochs (``--ckpt_path last`` continues at the next batch, bit for bit); ``null``: not by steps.
         checkpoint_every_minutes: also write it when this many minutes passed since the last checkpoint (30: a kill
@@ -110,6 +120,7 @@ class BaseTask(L.LightningModule):
         adapter: Literal["mona", "lora"] | None = None,
         adapter_kwargs: dict[str, Any] | None = None,
         adapter_checkpoint: str | None = None,
+        train_adapter: bool = True,
         quick_gelu: bool | None = None,
         allow_unsafe_torchscript: bool = False,
         grad_checkpointing: bool = False,
@@ -126,6 +137,8 @@ class BaseTask(L.LightningModule):
         warmup_steps: int = 0,
         min_lr: float = 0.0,
         early_stopping_patience: int | None = None,
+        validate_every: int | None = None,
+        validate_last_epoch: bool = False,
         checkpoint_every_n_steps: int | None = None,
         checkpoint_every_minutes: float | None = 30.0,
         save_frozen_backbone: bool | None = None,
@@ -148,6 +161,10 @@ class BaseTask(L.LightningModule):
                 "default, so that a config that forgets it does not train a random encoder without saying so."
             )
         check_weights_file(pretrained, model_name)
+        if validate_every is not None:
+            ValidateOnEpochs(validate_every)  # a bad value: an error now, not at fit
+        elif validate_last_epoch:
+            raise ValueError("validate_last_epoch=True needs validate_every (the epochs validated before the last one)")
         self.save_hyperparameters()
         #: the :class:`CLIPEncoder` arguments among the hyperparameters
         self.encoder_args: dict[str, Any] = {
@@ -204,6 +221,8 @@ class BaseTask(L.LightningModule):
                 self.encoder = CLIPEncoder(image_size=size, **args)
             mean, std = self.encoder.image_mean, self.encoder.image_std
             self.head = self.build_head(self.encoder.out_channels)
+            if not self.hparams.get("train_adapter", True):  # checkpoints from before the switch: trained
+                self._freeze_adapter()
         # Kept out of the module tree (``__dict__``), so state dicts keep the encoder's own keys.
         self.__dict__["_compiled_encoder"] = (
             torch.compile(self.encoder) if self.hparams.get("compile_encoder") and self.encoder is not None else None
@@ -223,6 +242,19 @@ class BaseTask(L.LightningModule):
             f"{n_all:,}",
             100.0 * n_train / max(n_all, 1),
         )
+
+    def _freeze_adapter(self) -> None:
+        """``train_adapter: false``: no encoder tensor (adapters included) trains; only the head does."""
+        assert self.encoder is not None
+        adapter_tensors = [p for p in self.encoder.parameters() if p.requires_grad]
+        for p in adapter_tensors:
+            p.requires_grad_(False)
+        if adapter_tensors and self.encoder_args["adapter_checkpoint"] is None:
+            log.info(
+                "train_adapter=False without adapter_checkpoint: the %s adapter stays at its initialisation "
+                "(LoRA: the identity, B = 0)",
+                self.encoder_args["adapter"],
+            )
 
     def build_head(self, in_channels: list[int]) -> nn.Module:
         """Return the task head over feature maps with ``in_channels``; implemented by subclasses."""
@@ -279,7 +311,7 @@ class BaseTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        """Best and last checkpoints by the task's monitor, optional early stopping, and reliability guards.
+        """Best and last checkpoints by the task's monitor, optional early stopping and validation schedule, guards.
 
         ``last.ckpt`` is written at every epoch end and, by :class:`usclip.callbacks.MidEpochCheckpoint`, every
         ``checkpoint_every_n_steps`` steps / ``checkpoint_every_minutes`` minutes and on SLURM's preemption signal.
@@ -298,17 +330,30 @@ class BaseTask(L.LightningModule):
                 auto_insert_metric_name=False,
             ),
             # last.ckpt after every epoch, whether or not the monitor improved: Lightning 2.6's save_last=True only
-            # writes it together with a new best, which would make a resumed run redo epochs
-            ModelCheckpoint(filename="last", enable_version_counter=False),
+            # writes it together with a new best, which would make a resumed run redo epochs. With validate_every,
+            # at the end of every training epoch (after its validation, if any), also those without validation,
+            # where Lightning would otherwise wait for a validation end that does not come
+            ModelCheckpoint(
+                filename="last",
+                enable_version_counter=False,
+                save_on_train_epoch_end=True if self.hparams.get("validate_every") is not None else None,
+            ),
             # the same last.ckpt in the middle of epochs (steps, minutes) and on SLURM's preemption signal
             MidEpochCheckpoint(
                 self.hparams.get("checkpoint_every_n_steps"), self.hparams.get("checkpoint_every_minutes")
             ),
         ]
+        if self.hparams.get("validate_every") is not None:
+            callbacks.append(ValidateOnEpochs(self.hparams["validate_every"], self.hparams["validate_last_epoch"]))
         if self.hparams["early_stopping_patience"] is not None:
             callbacks.append(
                 EarlyStopping(
-                    monitor=self.monitor, mode=self.monitor_mode, patience=self.hparams["early_stopping_patience"]
+                    monitor=self.monitor,
+                    mode=self.monitor_mode,
+                    patience=self.hparams["early_stopping_patience"],
+                    # after each validation, never at a training epoch end: with validate_every (or
+                    # check_val_every_n_epoch > 1) an epoch without validation would count, with stale metrics
+                    check_on_train_epoch_end=False,
                 )
             )
         return callbacks

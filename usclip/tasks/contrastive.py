@@ -125,7 +125,7 @@ class CaptionFinetuneTask(BaseTask):
             ``pretrained``, ``adapter``, ``adapter_kwargs``, ``adapter_checkpoint``, ``quick_gelu``, ``lr``,
             ``weight_decay``, ``betas``, ``warmup_steps``, ...). ``layers`` is only recorded in the adapter files
             (the whole visual tower runs); ``num_classes``, ``embed_dim`` and ``fusion`` are unused; ``head`` must
-            be ``paper``.
+            be ``paper``; ``train_adapter`` must stay ``True`` (the adapters are what this task trains).
     """
 
     encoder: CLIPEncoder  # always an open_clip model with its text tower (build_clip_with_text)
@@ -144,6 +144,8 @@ class CaptionFinetuneTask(BaseTask):
     ) -> None:
         #: token ids (bytes) -> float32 normalised text embedding; see the module docstring
         self._text_cache: dict[bytes, torch.Tensor] = {}
+        if not kwargs.get("train_adapter", True):
+            raise ValueError("train_adapter=False is for downstream tasks; caption fine-tuning trains the adapters")
         super().__init__(**kwargs)
 
     # ----------------------------------------------------------------- construction
