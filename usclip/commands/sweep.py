@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +128,10 @@ def main(argv: Sequence[str]) -> int:
             print(f"# {len(deps)} runs kept as dependencies of the selection: {[d.key for d in deps][:5]}...")
         ordered = order_runs(deps + selected)
         if args.dry_run:
-            print("\n".join(dry_run_lines(ordered, plan, deps)))
+            try:
+                print("\n".join(dry_run_lines(ordered, plan, deps)), flush=True)
+            except BrokenPipeError:  # `usclip sweep paper --dry-run | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         if plan.datasets is None and any(r.needs for r in ordered):
             raise ManifestError(
