@@ -498,6 +498,118 @@ def test_bad_protocol_and_bad_sweep_run_files_are_clear_errors(tmp_path):
         load_run(run)
 
 
+# --- sweep protocols (authors / usclip) -------------------------------------------------------------------------------
+
+
+def protocol_run(root, protocol, table, group, method, dataset, seed, metrics, metric_protocol, **kwargs):
+    """A sweep run of one protocol where the sweep puts it: <root>/<protocol>/<table>/<dataset>/<slug>/seed_<k>.
+
+    ``protocol=None``: a sweep_run.json written before protocols existed (no "protocol" key).
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
+    sweep = {"table": table, "group": group, "method": method, "dataset": dataset}
+    sweep |= {"protocol": protocol} if protocol is not None else {}
+    sweep |= {"deterministic": True} if kwargs.pop("deterministic", False) else {}
+    folder = root / (protocol or "usclip") / table / dataset / slug / f"seed_{seed}"
+    return make_run(folder, metrics, sweep=sweep, seed=seed, protocol=metric_protocol, **kwargs)
+
+
+def test_compare_paper_shows_the_protocol_of_each_row_and_both_protocols_beside_the_paper(tmp_path):
+    root = tmp_path / "runs"
+    authors_dice, usclip_dice = (0.80, 0.82, 0.84), (0.70, 0.71, 0.75)
+    for seed in (1, 2, 3):
+        dice_a, dice_u = authors_dice[seed - 1], usclip_dice[seed - 1]
+        protocol_run(root, "authors", "table2", "segmentation", "CLIP (Mona)", "BUSI", seed, seg(dice_a), "authors")
+        protocol_run(root, "usclip", "table2", "segmentation", "CLIP (Mona)", "BUSI", seed, seg(dice_u), "strict")
+        protocol_run(root, "authors", "table2", "segmentation", "CLIPSeg", "BUSI", seed, seg(0.78), "authors")
+        # written before protocols existed: the usclip protocol (the paper manifest's configs as shipped)
+        protocol_run(root, None, "table2", "segmentation", "UNet", "BUSI", seed, seg(0.9), "strict")
+    out = tmp_path / "report"
+    assert report([root, "--output", out, "--compare-paper", "--grid-images", "0"]) == 0
+    text = (out / "table2.md").read_text()
+    lines = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in lines[0][:2]] == ["Method", "Protocol"]
+    rows = [[c.strip() for c in line] for line in lines[1:5]]  # the first table, before the side-by-side one
+    # the paper's order (UNet, CLIPSeg, CLIP (Mona)), a method's protocols adjacent, authors before usclip
+    assert [r[:2] for r in rows] == [["UNet †", "usclip"], ["CLIPSeg", "authors"], ["CLIP (Mona)", "authors"],
+                                     ["CLIP (Mona)", "usclip"]]  # fmt: skip
+    paper = {m: published_lookup()["table2", "segmentation", "CLIP (Mona)", "BUSI", m] for m in SEG}
+    mean_a, mean_u = 100 * statistics.fmean(authors_dice), 100 * statistics.fmean(usclip_dice)
+    std_u = 100 * statistics.stdev(usclip_dice)
+    # ranked within each protocol: usclip's CLIP (Mona) is bold (UNet is a reference row) though 72 < 78 < 82
+    assert rows[2][2] == f"**{mean_a:.2f} ± 2.00** ({paper['dice']:.2f}, {mean_a - paper['dice']:+.2f})"
+    assert rows[3][2] == f"**{mean_u:.2f} ± {std_u:.2f}** ({paper['dice']:.2f}, {mean_u - paper['dice']:+.2f})"
+    assert rows[1][2].startswith("<u>78.00 ± 0.00</u>")
+    # side by side: only cells that both protocols ran (CLIP (Mona) on BUSI), with the paper's number
+    side = text[text.index("Protocols side by side") :]
+    side_rows = [
+        [c.strip() for c in line.strip("|").split(" | ")] for line in side.splitlines() if line.startswith("| ")
+    ]
+    assert side_rows[0] == ["Group", "Method", "Dataset", "Metric", "Paper", "authors", "usclip", "authors − paper",
+                            "usclip − paper"]  # fmt: skip
+    assert [r[1] for r in side_rows[1:]] == ["CLIP (Mona)"] * 4
+    assert side_rows[1] == ["segmentation", "CLIP (Mona)", "BUSI", "Dice", f"{paper['dice']:.2f}",
+                            f"{mean_a:.2f} ± 2.00", f"{mean_u:.2f} ± {std_u:.2f}",
+                            f"{mean_a - paper['dice']:+.2f}", f"{mean_u - paper['dice']:+.2f}"]  # fmt: skip
+    assert "Metric protocol: `authors` (authors rows), `strict` (strict rows)" not in text
+    assert "Metric protocol: `authors` (authors rows), `strict` (usclip rows)." in text
+    assert "Warning: these runs (usclip rows) use the `strict` metric protocol" in text
+    assert "these runs (authors rows)" not in text
+    # CSV: a row per method and protocol; the side-by-side CSV in raw units
+    csv_rows = {(r["method"], r["sweep_protocol"]): r for r in read_csv(out / "table2.csv")}
+    assert sorted(csv_rows) == [("CLIP (Mona)", "authors"), ("CLIP (Mona)", "usclip"), ("CLIPSeg", "authors"),
+                                ("UNet", "usclip")]  # fmt: skip
+    assert csv_rows["CLIP (Mona)", "usclip"]["protocol"] == "strict"
+    assert float(csv_rows["CLIP (Mona)", "usclip"]["BUSI_dice_mean"]) == pytest.approx(mean_u / 100, abs=1e-12)
+    side_csv = read_csv(out / "table2_protocols.csv")
+    assert [(r["method"], r["metric"]) for r in side_csv] == [("CLIP (Mona)", m) for m in SEG]
+    dice = side_csv[0]
+    assert float(dice["paper"]) == pytest.approx(paper["dice"] / 100, abs=1e-12)
+    assert float(dice["authors_mean"]) == pytest.approx(mean_a / 100, abs=1e-12) and dice["usclip_n"] == "3"
+    assert float(dice["usclip_diff"]) == pytest.approx((mean_u - paper["dice"]) / 100, abs=1e-12)
+    # the library refuses to fold two protocols into one ResultTable
+    with pytest.raises(ValueError, match=r"table2 holds runs of several sweep protocols \['authors', 'usclip'\]"):
+        aggregate([load_run(d) for d in find_run_dirs([root])])
+
+
+def test_one_protocol_says_so_and_a_zero_shot_cell_run_once_shows_no_std(tmp_path):
+    root = tmp_path / "runs"
+    cls = {"task": "ClassificationTask"}
+    for seed in (1, 2, 3):
+        metrics = {"acc": 0.8 + seed / 100, "auc": 0.9}
+        protocol_run(root, "authors", "table3", "supervised", "CLIP (Mona)", "LN-1", seed, metrics, "authors", **cls)
+    protocol_run(root, "authors", "table3", "zero-shot", "CLIP (vanilla)", "LN-1", 1, {"acc": 0.5813, "auc": 0.5},
+                 "authors", deterministic=True, **cls)  # fmt: skip
+    # a zero-shot cell whose three runs load three caption runs: mean ± std as usual
+    for seed in (1, 2, 3):
+        protocol_run(root, "authors", "table3", "zero-shot", "CLIP (LoRA, ft.)", "LN-1", seed,
+                     {"acc": 0.6 + seed / 100, "auc": 0.5}, "authors", **cls)  # fmt: skip
+    out = tmp_path / "report"
+    assert report([root, "--output", out]) == 0
+    text = (out / "table3.md").read_text()
+    header, rows = md_rows(text)
+    assert "Protocol" not in header
+    assert rows["CLIP (vanilla)"][0] == "<u>58.13</u>"  # no "± 0.00", no "(n=1)"; second best
+    assert rows["CLIP (LoRA, ft.)"][0] == "**62.00 ± 1.00**"
+    assert "- Protocol: `authors` (`usclip sweep`), every cell." in text
+    assert "- A value without ± ran once: nothing trains (zero-shot), so every seed gives the same numbers." in text
+    assert "Mean ± std (sample std) over 3 seeds" in text and "(n=…)" not in text
+    assert [r["sweep_protocol"] for r in read_csv(out / "table3.csv")] == ["authors"] * 3
+
+
+def test_the_sweep_protocol_of_a_run(tmp_path):
+    cases = [({"protocol": "authors"}, "authors"), ({"protocol": None}, None), ({}, "usclip")]
+    for n, (extra, expected) in enumerate(cases):
+        run = make_run(tmp_path / str(n), seg(0.8), sweep={"table": "table2", "group": "segmentation",
+                                                           "method": "M", "dataset": "BUSI"} | extra)  # fmt: skip
+        assert load_run(run).sweep_protocol == expected
+    # an old sweep_run.json of another manifest than the paper's, and a run without sweep_run.json: no protocol
+    sweep = {"table": "table2", "group": "segmentation", "method": "M", "dataset": "BUSI", "manifest": "/my/m.yaml"}
+    other = make_run(tmp_path / "other", seg(0.8), sweep=sweep)
+    assert load_run(other).sweep_protocol is None
+    assert load_run(make_run(tmp_path / "hand", seg(0.8))).sweep_protocol is None
+
+
 # --- old runs --------------------------------------------------------------------------------------------------------
 
 

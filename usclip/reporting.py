@@ -9,9 +9,11 @@ groups, Acc and AUC) in the paper's row and column order (:data:`usclip.paper.TA
 set the paper's published numbers beside ours (:func:`usclip.paper.published`).
 
 The std is the sample standard deviation over seeds (``ddof=1``; 0 for a single seed). Best and second best are
-marked among the compared methods of each row group; the reference rows (UNet, ResNet18) are not ranked. A table
-never mixes metric protocols (``"metric_protocol"`` of ``test_metrics.json``: ``strict``, the default, or
-``authors``).
+marked among the compared methods of each row group; the reference rows (UNet, ResNet18) are not ranked. Runs of
+``usclip sweep`` carry the sweep's *protocol* (``authors``: the code that made the published numbers; ``usclip``:
+usclip's defaults): a table holds one :class:`ResultTable` per protocol, printed as rows side by side with a
+Protocol column and ranked within each protocol. Within one protocol a table never mixes metric protocols
+(``"metric_protocol"`` of ``test_metrics.json``: ``strict``, the default, or ``authors``).
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ __all__ = [
     "ResultTable",
     "RunResult",
     "aggregate",
+    "aggregate_by_protocol",
     "dataset_name",
     "find_run_dirs",
     "format_markdown",
+    "format_protocol_comparison",
     "load_run",
     "method_name",
     "missing_paper_cells",
@@ -61,6 +65,7 @@ __all__ = [
     "weights_name",
     "write_csv",
     "write_overlay_grids",
+    "write_protocol_comparison_csv",
     "write_report",
 ]
 
@@ -86,11 +91,15 @@ METRIC_TITLES = {
 
 @dataclass(frozen=True)
 class Cell:
-    """Mean and sample std of one metric of one (method, dataset) over seeds."""
+    """Mean and sample std of one metric of one (method, dataset) over seeds.
+
+    ``once``: the sweep ran the cell once by design (nothing trains: every seed would give the same numbers).
+    """
 
     mean: float
     std: float
     n: int
+    once: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,11 @@ class ResultTable:
 
     Attributes:
         spec: the paper's layout of this table.
-        protocol: the runs' metric protocol (one per table).
+        protocol: the runs' metric protocol (one per table and sweep protocol).
         cells: ``{(group, method, dataset): {metric: Cell}}``.
         references: ``(group, method)`` of the reference rows.
         runs: the runs aggregated.
+        sweep_protocol: the ``usclip sweep`` protocol of every run here (``None``: runs without one).
     """
 
     spec: PaperTable
@@ -110,6 +120,7 @@ class ResultTable:
     cells: dict[tuple[str, str, str], dict[str, Cell]]
     references: frozenset[tuple[str, str]]
     runs: tuple[RunResult, ...]
+    sweep_protocol: str | None = None
 
     @property
     def name(self) -> str:
@@ -138,57 +149,93 @@ class ResultTable:
         return [m for m in wanted if any(m in c for c in self.cells.values())]
 
     def seed_counts(self) -> list[int]:
-        """The distinct numbers of seeds behind the cells, ascending."""
-        return sorted({c.n for cs in self.cells.values() for c in cs.values()})
+        """The distinct numbers of seeds behind the cells, ascending (cells run once by design left out)."""
+        return sorted({c.n for cs in self.cells.values() for c in cs.values() if not c.once})
+
+    @property
+    def label(self) -> str:
+        """The sweep protocol as printed: its name, or ``–`` for runs without one."""
+        return self.sweep_protocol or "–"
 
 
-def _check_one_protocol(name: str, runs: Sequence[RunResult]) -> str:
+def _check_one_protocol(name: str, runs: Sequence[RunResult], scope: str = "") -> str:
     first = runs[0]
     for run in runs[1:]:
         if run.protocol != first.protocol:
             raise ValueError(
-                f"{name} mixes metric protocols: {first.path} has metric_protocol {first.protocol!r} and "
+                f"{name} mixes metric protocols{scope}: {first.path} has metric_protocol {first.protocol!r} and "
                 f"{run.path} has {run.protocol!r}; report them separately (one `usclip report` per protocol)"
             )
     return first.protocol
 
 
-def aggregate(runs: Sequence[RunResult]) -> dict[str, ResultTable]:
-    """Mean and sample std over seeds, per table.
+def _protocol_order(protocol: str | None) -> tuple[bool, str]:
+    return protocol is None, protocol or ""
+
+
+def _result_table(name: str, members: list[RunResult], sweep_protocol: str | None) -> ResultTable:
+    where = name if sweep_protocol is None else f"{name} (protocol {sweep_protocol})"
+    protocol = _check_one_protocol(name, members, "" if sweep_protocol is None else f" in its {sweep_protocol} runs")
+    groups: dict[tuple[str, str, str], list[RunResult]] = {}
+    for run in members:
+        groups.setdefault((run.group, run.method, run.dataset), []).append(run)
+    cells: dict[tuple[str, str, str], dict[str, Cell]] = {}
+    for key, seeds_runs in groups.items():
+        seeds = [r.seed for r in seeds_runs]
+        if len(set(seeds)) != len(seeds):
+            log.warning("%s: %s on %s: several runs share a seed (%s)", where, key[1], key[2], seeds)
+        once = all(r.deterministic for r in seeds_runs)
+        cells[key] = {}
+        for metric in sorted({k for r in seeds_runs for k in r.metrics}):
+            values = [r.metrics[metric] for r in seeds_runs if math.isfinite(r.metrics.get(metric, math.nan))]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells[key][metric] = Cell(statistics.fmean(values), std, len(values), once and len(values) == 1)
+    references = frozenset((r.group, r.method) for r in members if r.reference)
+    return ResultTable(TABLES[name], protocol, cells, references, tuple(members), sweep_protocol)
+
+
+def aggregate_by_protocol(runs: Sequence[RunResult]) -> dict[str, list[ResultTable]]:
+    """Mean and sample std over seeds, per table and sweep protocol.
 
     Returns:
-        ``{table name: ResultTable}`` in the paper's order; a cell per (group, method, dataset) and metric that the
-        runs have (every numeric key of ``test_metrics.json``); non-finite values (e.g. HD95 of an empty
+        ``{table name: [ResultTable per sweep protocol]}``, tables in the paper's order, protocols alphabetically
+        (``authors``, ``usclip``) and runs without a protocol last; a cell per (group, method, dataset) and metric
+        that the runs have (every numeric key of ``test_metrics.json``); non-finite values (e.g. HD95 of an empty
         prediction) are left out of that metric's mean.
 
     Raises:
-        ValueError: if the runs of one table differ in metric protocol (the message names two of them).
+        ValueError: if the runs of one table and sweep protocol differ in metric protocol (the message names two).
     """
-    by_table: dict[str, list[RunResult]] = {}
+    by_table: dict[str, dict[str | None, list[RunResult]]] = {}
     for run in runs:
         if run.table not in TABLES:
             raise ValueError(f"{run.path}: table must be one of {sorted(TABLES)}, got {run.table!r}")
-        by_table.setdefault(run.table, []).append(run)
-    tables: dict[str, ResultTable] = {}
-    for name in [t for t in TABLES if t in by_table]:
-        members = by_table[name]
-        protocol = _check_one_protocol(name, members)
-        groups: dict[tuple[str, str, str], list[RunResult]] = {}
-        for run in members:
-            groups.setdefault((run.group, run.method, run.dataset), []).append(run)
-        cells: dict[tuple[str, str, str], dict[str, Cell]] = {}
-        for key, seeds_runs in groups.items():
-            seeds = [r.seed for r in seeds_runs]
-            if len(set(seeds)) != len(seeds):
-                log.warning("%s: %s on %s: several runs share a seed (%s)", name, key[1], key[2], seeds)
-            cells[key] = {}
-            for metric in sorted({k for r in seeds_runs for k in r.metrics}):
-                values = [r.metrics[metric] for r in seeds_runs if math.isfinite(r.metrics.get(metric, math.nan))]
-                if values:
-                    std = statistics.stdev(values) if len(values) > 1 else 0.0
-                    cells[key][metric] = Cell(statistics.fmean(values), std, len(values))
-        references = frozenset((r.group, r.method) for r in members if r.reference)
-        tables[name] = ResultTable(TABLES[name], protocol, cells, references, tuple(members))
+        by_table.setdefault(run.table, {}).setdefault(run.sweep_protocol, []).append(run)
+    return {
+        name: [_result_table(name, by_table[name][p], p) for p in sorted(by_table[name], key=_protocol_order)]
+        for name in TABLES
+        if name in by_table
+    }
+
+
+def aggregate(runs: Sequence[RunResult]) -> dict[str, ResultTable]:
+    """Mean and sample std over seeds, per table, for runs of one sweep protocol (:func:`aggregate_by_protocol`).
+
+    Returns:
+        ``{table name: ResultTable}`` in the paper's order.
+
+    Raises:
+        ValueError: if the runs of one table differ in metric protocol or in sweep protocol (use
+            :func:`aggregate_by_protocol` for several sweep protocols).
+    """
+    tables = {}
+    for name, parts in aggregate_by_protocol(runs).items():
+        if len(parts) > 1:
+            raise ValueError(
+                f"{name} holds runs of several sweep protocols {[p.label for p in parts]}: use aggregate_by_protocol"
+            )
+        tables[name] = parts[0]
     return tables
 
 
@@ -230,7 +277,7 @@ def missing_paper_cells(table: ResultTable) -> list[tuple[str, str, str, str]]:
 
 def _fmt(cell: Cell, metric: str) -> str:
     scale = _scale(metric)
-    return f"{cell.mean * scale:.2f} ± {cell.std * scale:.2f}"
+    return f"{cell.mean * scale:.2f}" if cell.once else f"{cell.mean * scale:.2f} ± {cell.std * scale:.2f}"
 
 
 def _units(metrics: Sequence[str]) -> str:
@@ -248,110 +295,255 @@ def _cell_text(table: ResultTable, key: tuple[str, str, str], metric: str, rank:
     cell = table.cells.get(key, {}).get(metric)
     if cell is None:
         return "–"
-    text = _fmt(cell, metric) + (f" (n={cell.n})" if cell.n < most_seeds else "")
+    text = _fmt(cell, metric) + (f" (n={cell.n})" if cell.n < most_seeds and not cell.once else "")
     return f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
 
 
+def _ordered(present: set[str], paper: Sequence[str]) -> list[str]:
+    return [x for x in paper if x in present] + sorted(present - set(paper))
+
+
+def _as_parts(table: ResultTable | Sequence[ResultTable]) -> list[ResultTable]:
+    parts = [table] if isinstance(table, ResultTable) else list(table)
+    if not parts or len({p.name for p in parts}) != 1:
+        raise ValueError(f"expected the ResultTables of one paper table, got {[p.name for p in parts]}")
+    return parts
+
+
+def _layout(parts: list[ResultTable], all_metrics: bool) -> tuple[list[str], list[str], list[str]]:
+    """Groups, datasets and metrics of the parts together, in the paper's order."""
+    spec = parts[0].spec
+    groups = _ordered({g for p in parts for g in p.groups()}, spec.groups)
+    datasets = _ordered({d for p in parts for d in p.datasets()}, spec.datasets)
+    wanted = spec.metrics + (EXTRA_METRICS.get(spec.name, ()) if all_metrics else ())
+    metrics = [m for m in wanted if any(m in p.metrics(all_metrics) for p in parts)]
+    return groups, datasets, metrics
+
+
+def _rows(parts: list[ResultTable], group: str) -> list[tuple[str, ResultTable]]:
+    """(method, part) of a group: methods in the paper's order, each method's protocols side by side."""
+    methods = _ordered({m for p in parts for m in p.methods(group)}, parts[0].spec.methods.get(group, ()))
+    return [(m, p) for m in methods for p in parts if m in p.methods(group)]
+
+
 def format_markdown(
-    table: ResultTable, compare_paper: bool = False, all_metrics: bool = False, datasets_per_block: int = 3
+    table: ResultTable | Sequence[ResultTable],
+    compare_paper: bool = False,
+    all_metrics: bool = False,
+    datasets_per_block: int = 3,
 ) -> str:
     """One of the paper's tables in Markdown: a row per method, grouped as the paper does; a column per metric.
 
     Cells read ``mean ± std`` over seeds (percent for Dice/IoU/Acc/AUC, pixels for HD95/ASD); ``(n=k)`` marks a
-    cell over fewer seeds than the table's others. Within each row group the best compared method of a column is
-    **bold**, the second best underlined (``<u>``), as in the paper; reference rows (†) are not ranked. ↓ marks
-    lower-is-better metrics, ↑ the others. With ``compare_paper`` a cell reads ``ours (paper, ours − paper)`` where
-    the paper has that cell. Like the paper, the datasets are split over tables of ``datasets_per_block`` datasets
-    (0: one table). A list under the table gives the units, the metric protocol and, when comparing ``strict`` runs
-    with the paper (``authors`` protocol), a warning.
+    cell over fewer seeds than the table's others; a cell the sweep ran once by design (zero-shot: nothing trains)
+    reads ``mean``. Within each row group the best compared method of a column is **bold**, the second best
+    underlined (``<u>``), as in the paper; reference rows (†) are not ranked. ↓ marks lower-is-better metrics, ↑
+    the others. With ``compare_paper`` a cell reads ``ours (paper, ours − paper)`` where the paper has that cell.
+    Like the paper, the datasets are split over tables of ``datasets_per_block`` datasets (0: one table). A list
+    under the table gives the units, the protocols and, when comparing ``strict`` runs with the paper (``authors``
+    metric protocol), a warning.
+
+    Given the tables of several sweep protocols (:func:`aggregate_by_protocol`), a Protocol column tells which
+    protocol produced each row, a method's protocols are adjacent rows, and marks rank within each protocol; with
+    ``compare_paper`` a second table sets the protocols side by side with the paper's number
+    (:func:`format_protocol_comparison`).
     """
-    datasets, metrics = table.datasets(), table.metrics(all_metrics)
-    show_group = len(table.spec.groups) > 1
-    most_seeds = max(table.seed_counts(), default=0)
+    parts = _as_parts(table)
+    several = len(parts) > 1
+    groups, datasets, metrics = _layout(parts, all_metrics)
+    show_group = len(parts[0].spec.groups) > 1
+    most = {id(p): max(p.seed_counts(), default=0) for p in parts}
     step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
-    column_ranks = {(g, d, m): ranks(table, g, d, m) for g in table.groups() for d in datasets for m in metrics}
+    column_ranks = {
+        (id(p), g, d, m): ranks(p, g, d, m) for p in parts for g in groups for d in datasets for m in metrics
+    }
     compared = 0
     blocks = []
     for first in range(0, max(len(datasets), 1), step):
         block = datasets[first : first + step]
-        header = (["Group"] if show_group else []) + ["Method"]
+        header = (["Group"] if show_group else []) + ["Method"] + (["Protocol"] if several else [])
         header += [f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in block for m in metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for group in table.groups():
-            for i, method in enumerate(table.methods(group)):
+        for group in groups:
+            for i, (method, part) in enumerate(_rows(parts, group)):
                 row = [group.capitalize() if i == 0 else ""] if show_group else []
-                row.append(method + (" †" if (group, method) in table.references else ""))
+                row.append(method + (" †" if (group, method) in part.references else ""))
+                row += [part.label] if several else []
                 for d in block:
                     for m in metrics:
-                        rank = column_ranks[group, d, m].get(method)
-                        text = _cell_text(table, (group, method, d), m, rank, most_seeds)
-                        paper = _paper_value(table, group, method, d, m) if compare_paper else None
-                        cell = table.cells.get((group, method, d), {}).get(m)
+                        rank = column_ranks[id(part), group, d, m].get(method)
+                        text = _cell_text(part, (group, method, d), m, rank, most[id(part)])
+                        paper = _paper_value(part, group, method, d, m) if compare_paper else None
+                        cell = part.cells.get((group, method, d), {}).get(m)
                         if paper is not None and cell is not None:
                             compared += 1
                             text += f" ({paper:.2f}, {cell.mean * _scale(m) - paper:+.2f})"
                         row.append(text)
                 lines.append("| " + " | ".join(row) + " |")
         blocks.append("\n".join(lines) + "\n")
-    n = table.seed_counts()
-    seeds = f"{'/'.join(map(str, n))} seed{'s' if n != [1] else ''}"
+    notes = _notes(parts, metrics, compare_paper, compared)
+    text = "\n".join(blocks) + "\n" + "".join(f"- {note}\n" for note in notes)
+    if compare_paper and several:
+        text += "\n" + format_protocol_comparison(parts, all_metrics)
+    return text
+
+
+def _notes(parts: list[ResultTable], metrics: list[str], compare_paper: bool, compared: int) -> list[str]:
+    counts = sorted({n for p in parts for n in p.seed_counts()})
+    most_seeds = max(counts, default=0)
+    seeds = f"{'/'.join(map(str, counts))} seed{'s' if counts != [1] else ''}" if counts else "seeds"
     notes = [f"Mean ± std (sample std) over {seeds}; {_units(metrics)}."]
-    if len(n) > 1:
+    if len(counts) > 1:
         notes[0] += f" (n=…): a cell over fewer than {most_seeds} seeds."
-    notes.append("**Best**, <u>second best</u> among the compared methods of each group; † reference, not ranked.")
-    notes.append(f"Metric protocol: `{table.protocol}`.")
-    if compare_paper:
+    if any(c.once for p in parts for cs in p.cells.values() for c in cs.values()):
+        notes.append("A value without ± ran once: nothing trains (zero-shot), so every seed gives the same numbers.")
+    several = len(parts) > 1
+    rank_scope = " and protocol" if several else ""
+    notes.append(
+        f"**Best**, <u>second best</u> among the compared methods of each group{rank_scope}; † reference, not ranked."
+    )
+    if several:
         notes.append(
-            "Paper comparison: ours (paper, ours − paper); differences in percentage points for "
-            "Dice/IoU/Acc/AUC and pixels for HD95/ASD; the paper's values are means of three runs under the "
-            f"authors' metric protocol ({compared} cells compared)."
+            "Protocol: the `usclip sweep` protocol that produced the row (`authors`: the authors' code as it made the "
+            "published numbers; `usclip`: usclip's defaults; `–`: runs not made by a sweep with protocols)."
         )
-        missing = missing_paper_cells(table)
+        notes.append("Metric protocol: " + ", ".join(f"`{p.protocol}` ({p.label} rows)" for p in parts) + ".")
+    else:
+        if parts[0].sweep_protocol is not None:
+            notes.append(f"Protocol: `{parts[0].sweep_protocol}` (`usclip sweep`), every cell.")
+        notes.append(f"Metric protocol: `{parts[0].protocol}`.")
+    if not compare_paper:
+        return notes
+    notes.append(
+        "Paper comparison: ours (paper, ours − paper); differences in percentage points for "
+        "Dice/IoU/Acc/AUC and pixels for HD95/ASD; the paper's values are means of three runs under the "
+        f"authors' metric protocol ({compared} cells compared)."
+    )
+    for part in parts:
+        missing = missing_paper_cells(part)
         if missing:
             group, method, dataset, metric = missing[0]
+            under = f" under protocol `{part.label}`" if several else ""
             notes.append(
-                f"{len(missing)} of the paper's cells of this table have no run "
+                f"{len(missing)} of the paper's cells of this table have no run{under} "
                 f"(the first: {method} on {dataset}, {METRIC_TITLES[metric]}, {group})."
             )
-        if table.protocol != "authors":
+        if part.protocol != "authors":
+            rows = f" ({part.label} rows)" if several else ""
             warning = (
-                f"Warning: these runs use the `{table.protocol}` metric protocol and the paper's numbers the "
+                f"Warning: these runs{rows} use the `{part.protocol}` metric protocol and the paper's numbers the "
                 "authors' (non-finite HD95/ASD dropped, directed ASD, empty ground truth skipped): the comparison is "
                 "not like for like."
             )
             notes.append(f"**{warning}**")
-            log.warning("%s: %s", table.name, warning.removeprefix("Warning: "))
-    return "\n".join(blocks) + "\n" + "".join(f"- {note}\n" for note in notes)
+            log.warning("%s: %s", part.name, warning.removeprefix("Warning: "))
+    return notes
 
 
-def write_csv(table: ResultTable, path: str | Path, compare_paper: bool = False, all_metrics: bool = False) -> Path:
+def _comparison_rows(
+    parts: list[ResultTable], all_metrics: bool
+) -> list[tuple[str, str, str, str, float | None, list[Cell | None]]]:
+    """(group, method, dataset, metric, paper, cell per part) where at least two protocols have the cell."""
+    groups, datasets, metrics = _layout(parts, all_metrics)
+    rows = []
+    for group in groups:
+        methods = _ordered({m for p in parts for m in p.methods(group)}, parts[0].spec.methods.get(group, ()))
+        for method in methods:
+            for d in datasets:
+                for m in metrics:
+                    cells = [p.cells.get((group, method, d), {}).get(m) for p in parts]
+                    if sum(c is not None for c in cells) >= 2:
+                        rows.append((group, method, d, m, _paper_value(parts[0], group, method, d, m), cells))
+    return rows
+
+
+def format_protocol_comparison(parts: Sequence[ResultTable], all_metrics: bool = False) -> str:
+    """The sweep protocols side by side with the paper's number: a row per cell that two or more protocols ran.
+
+    Columns: the cell (group, method, dataset, metric), the paper's value, each protocol's mean, and each
+    protocol's mean minus the paper's (percentage points for Dice/IoU/Acc/AUC, pixels for HD95/ASD).
+    """
+    parts = _as_parts(parts)
+    labels = [p.label for p in parts]
+    header = ["Group", "Method", "Dataset", "Metric", "Paper", *labels, *[f"{x} − paper" for x in labels]]
+    lines = [
+        "Protocols side by side (cells that two or more protocols ran):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    rows = _comparison_rows(parts, all_metrics)
+    for group, method, dataset, metric, paper, cells in rows:
+        scale = _scale(metric)
+        means = ["–" if c is None else _fmt(c, metric) for c in cells]
+        diffs = ["–" if c is None or paper is None else f"{c.mean * scale - paper:+.2f}" for c in cells]
+        shown = "–" if paper is None else f"{paper:.2f}"
+        lines.append("| " + " | ".join([group, method, dataset, METRIC_TITLES[metric], shown, *means, *diffs]) + " |")
+    if not rows:
+        lines.append("| " + " | ".join(["–"] * len(header)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(
+    table: ResultTable | Sequence[ResultTable],
+    path: str | Path,
+    compare_paper: bool = False,
+    all_metrics: bool = False,
+) -> Path:
     """The table as CSV, raw values (fractions for Dice/IoU/Acc/AUC, pixels for HD95/ASD).
 
-    Columns: ``table, group, method, reference, protocol``, then per dataset and metric ``<dataset>_<metric>_mean``,
-    ``_std`` and ``_n`` (seeds counted); with ``compare_paper`` also ``_paper`` (the published value in the same
-    raw units: percent / 100 for Dice/IoU/Acc/AUC) and ``_diff`` (mean − paper), empty where the paper has no value.
+    Columns: ``table, group, method, reference, protocol`` (the metric protocol), ``sweep_protocol`` (the
+    ``usclip sweep`` protocol, empty for runs without one; one row per method and sweep protocol), then per dataset
+    and metric ``<dataset>_<metric>_mean``, ``_std`` and ``_n`` (seeds counted); with ``compare_paper`` also
+    ``_paper`` (the published value in the same raw units: percent / 100 for Dice/IoU/Acc/AUC) and ``_diff``
+    (mean − paper), empty where the paper has no value.
     """
-    datasets, metrics = table.datasets(), table.metrics(all_metrics)
+    parts = _as_parts(table)
+    groups, datasets, metrics = _layout(parts, all_metrics)
     stats = ("mean", "std", "n", "paper", "diff") if compare_paper else ("mean", "std", "n")
     path = Path(path)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        header = ["table", "group", "method", "reference", "protocol"]
+        header = ["table", "group", "method", "reference", "protocol", "sweep_protocol"]
         writer.writerow(header + [f"{d}_{m}_{s}" for d in datasets for m in metrics for s in stats])
-        for group in table.groups():
-            for method in table.methods(group):
-                row: list[str | float | int] = [table.name, group, method, int((group, method) in table.references)]
-                row.append(table.protocol)
+        for group in groups:
+            for method, part in _rows(parts, group):
+                row: list[str | float | int] = [part.name, group, method, int((group, method) in part.references)]
+                row += [part.protocol, part.sweep_protocol or ""]
                 for d in datasets:
                     for m in metrics:
-                        cell = table.cells.get((group, method, d), {}).get(m)
+                        cell = part.cells.get((group, method, d), {}).get(m)
                         row += ["", "", 0] if cell is None else [repr(cell.mean), repr(cell.std), cell.n]
                         if compare_paper:
-                            paper = _paper_value(table, group, method, d, m)
+                            paper = _paper_value(part, group, method, d, m)
                             raw = None if paper is None else paper / _scale(m)
                             row.append("" if raw is None else repr(raw))
                             row.append("" if raw is None or cell is None else repr(cell.mean - raw))
                 writer.writerow(row)
+    return path
+
+
+def write_protocol_comparison_csv(parts: Sequence[ResultTable], path: str | Path, all_metrics: bool = False) -> Path:
+    """:func:`format_protocol_comparison` as CSV, raw values like :func:`write_csv`.
+
+    Columns: ``table, group, method, dataset, metric, paper``, then per protocol ``<protocol>_mean``, ``_std``,
+    ``_n`` and ``_diff`` (mean − paper); empty where a protocol has no run or the paper no value.
+    """
+    parts = _as_parts(parts)
+    path = Path(path)
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        stats = ("mean", "std", "n", "diff")
+        writer.writerow(["table", "group", "method", "dataset", "metric", "paper"] + [
+            f"{p.label}_{s}" for p in parts for s in stats
+        ])  # fmt: skip
+        for group, method, dataset, metric, paper, cells in _comparison_rows(parts, all_metrics):
+            raw = None if paper is None else paper / _scale(metric)
+            row: list[str | int] = [parts[0].name, group, method, dataset, metric, "" if raw is None else repr(raw)]
+            for c in cells:
+                row += ["", "", 0, ""] if c is None else [repr(c.mean), repr(c.std), c.n]
+                row += [] if c is None else ["" if raw is None else repr(c.mean - raw)]
+            writer.writerow(row)
     return path
 
 
@@ -365,21 +557,25 @@ def write_report(
     """Write ``<table>.md`` and ``<table>.csv`` (``table2``, ``table3``) into ``out_dir``.
 
     ``compare_paper``, ``all_metrics`` and ``datasets_per_block`` as in :func:`format_markdown` and :func:`write_csv`.
+    Runs of several sweep protocols share each table (a Protocol column); with ``compare_paper`` the protocols side
+    by side with the paper's number also go to ``<table>_protocols.csv``.
 
     Returns:
         ``{table name: (markdown path, csv path, markdown text)}``.
 
     Raises:
-        ValueError: if one table's runs mix metric protocols.
+        ValueError: if one table's runs of one sweep protocol mix metric protocols.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, table in aggregate(runs).items():
-        text = format_markdown(table, compare_paper, all_metrics, datasets_per_block)
+    for name, parts in aggregate_by_protocol(runs).items():
+        text = format_markdown(parts, compare_paper, all_metrics, datasets_per_block)
         md = out_dir / f"{name}.md"
-        write_text_atomic(md, f"# {table.spec.title}\n\n{text}")
-        written[name] = (md, write_csv(table, out_dir / f"{name}.csv", compare_paper, all_metrics), text)
+        write_text_atomic(md, f"# {parts[0].spec.title}\n\n{text}")
+        written[name] = (md, write_csv(parts, out_dir / f"{name}.csv", compare_paper, all_metrics), text)
+        if compare_paper and len(parts) > 1:
+            write_protocol_comparison_csv(parts, out_dir / f"{name}_protocols.csv", all_metrics)
     return written
 
 
@@ -402,7 +598,8 @@ def write_overlay_grids(
     """One grid per dataset comparing segmentation methods on the same test images (``overlays_<dataset>.png``).
 
     Rows are test images (the first ``num_images`` ids that every method has in ``<run>/overlays``), columns are
-    methods; each method shows its run with the lowest seed. Pictures smaller than ``min_size`` pixels are
+    methods (``method [protocol]`` when the runs come from several sweep protocols); each method shows its run with
+    the lowest seed. Pictures smaller than ``min_size`` pixels are
     enlarged (nearest neighbour) to that size. Column titles longer than a picture is wide are cut in the middle
     (:func:`short_title`; the full names go to the log).
 
@@ -410,9 +607,11 @@ def write_overlay_grids(
         The grids written (none for a dataset whose methods share no overlay).
     """
     by_dataset: dict[str, dict[str, RunResult]] = {}
+    several = len({r.sweep_protocol for r in runs if r.task == "segmentation"}) > 1
     for run in sorted(runs, key=lambda r: (r.seed is None, r.seed or 0)):
         if run.task == "segmentation":
-            by_dataset.setdefault(run.dataset, {}).setdefault(run.method, run)
+            name = f"{run.method} [{run.sweep_protocol or '–'}]" if several else run.method
+            by_dataset.setdefault(run.dataset, {}).setdefault(name, run)
     written = []
     for dataset, chosen in sorted(by_dataset.items()):
         methods = sorted(chosen)

@@ -59,6 +59,9 @@ class RunResult:
         metrics: the numbers of ``results/test_metrics.json``.
         protocol: its ``metric_protocol`` (``"strict"`` when absent).
         reference: a reference row (UNet, ResNet18), shown but not ranked.
+        sweep_protocol: the ``usclip sweep`` protocol that made it (``"authors"``, ``"usclip"``; ``sweep_run.json``),
+            ``None`` for runs made by hand or by a manifest without protocols.
+        deterministic: the manifest runs this cell once (nothing trains, so every seed gives the same numbers).
     """
 
     path: Path
@@ -70,6 +73,8 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     protocol: str = "strict"
     reference: bool = False
+    sweep_protocol: str | None = None
+    deterministic: bool = False
 
     @property
     def task(self) -> str:
@@ -199,6 +204,17 @@ def _read_sweep_run(path: Path) -> dict[str, Any]:
     return info
 
 
+def sweep_protocol_of(info: dict[str, Any]) -> str | None:
+    """The sweep protocol of a ``sweep_run.json``: its ``protocol`` (``None`` for a manifest without protocols).
+
+    Files written by the paper manifest before protocols existed (no such key) get ``"usclip"``: the only protocol
+    there was, usclip's defaults.
+    """
+    if "protocol" in info:
+        return None if info["protocol"] is None else str(info["protocol"])
+    return "usclip" if info.get("manifest") == "paper" else None
+
+
 def _seed(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -206,10 +222,11 @@ def _seed(value: Any) -> int | None:
 def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult:
     """Read one run directory: ``results/test_metrics.json`` and ``sweep_run.json`` or ``config.yaml``.
 
-    With ``sweep_run.json`` (written by ``usclip sweep``), the table, row group, method, dataset and seed are the
-    paper's, from that file. Without it they come from ``config.yaml``: the group from ``model.class_path``, the
-    method from :func:`method_name`, the dataset from the folder name of ``data.init_args.test_root`` (the external
-    test set, when set) or ``root`` (:func:`dataset_name`), the seed from ``seed_everything``.
+    With ``sweep_run.json`` (written by ``usclip sweep``), the table, row group, method, dataset, seed and sweep
+    protocol (:func:`sweep_protocol_of`) are the paper's, from that file. Without it they come from
+    ``config.yaml``: the group from ``model.class_path``, the method from :func:`method_name`, the dataset from the
+    folder name of ``data.init_args.test_root`` (the external test set, when set) or ``root``
+    (:func:`dataset_name`), the seed from ``seed_everything``; such runs have no sweep protocol.
 
     Args:
         run_dir: the run directory.
@@ -236,10 +253,12 @@ def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult
             raise ValueError(f"{config_path}: expected a YAML mapping, got {type(loaded).__name__}")
         config = loaded
     metrics, protocol = _read_metrics(metrics_path)
+    sweep_protocol, deterministic = None, False
     if sweep_path.is_file():
         info = _read_sweep_run(sweep_path)
         table, group, dataset = str(info["table"]), str(info["group"]), str(info["dataset"])
         method, seed = str(info["method"]), _seed(info.get("seed"))
+        sweep_protocol, deterministic = sweep_protocol_of(info), info.get("deterministic") is True
     else:
         group = _group_of(config, metrics)
         table = TABLE_OF_GROUP[group]
@@ -250,7 +269,9 @@ def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult
     if method_from in ("config", "name"):
         method = method_name(config, method_from)
     reference = method in REFERENCE_METHODS or (bool(config) and _is_reference_config(config))
-    return RunResult(run_dir, table, group, method, dataset, seed, metrics, protocol, reference)
+    return RunResult(
+        run_dir, table, group, method, dataset, seed, metrics, protocol, reference, sweep_protocol, deterministic
+    )
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:

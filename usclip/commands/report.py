@@ -2,8 +2,9 @@
 
 Each ``RUN_DIR`` is a run directory (``runs/<name>/version_<n>``, or ``<runs_root>/<table>/<dataset>/<method>/
 seed_<seed>`` from ``usclip sweep``) or a folder above several; every folder below that holds
-``results/test_metrics.json`` and ``sweep_run.json`` or ``config.yaml`` counts. The logic lives in
-:mod:`usclip.reporting` (and :mod:`usclip.run_results`); docs/reports.md describes the tables.
+``results/test_metrics.json`` and ``sweep_run.json`` or ``config.yaml`` counts. Runs of several ``usclip sweep``
+protocols (``runs/paper/authors``, ``runs/paper/usclip``) share a table: a Protocol column names each row's. The
+logic lives in :mod:`usclip.reporting` (and :mod:`usclip.run_results`); docs/reports.md describes the tables.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare-paper",
         action="store_true",
-        help="set the paper's published value and the difference beside each cell: ours (paper, ours - paper)",
+        help="set the paper's published value and the difference beside each cell: ours (paper, ours - paper); "
+        "with runs of several sweep protocols also a table of the protocols side by side with the paper's number "
+        "(and <table>_protocols.csv)",
     )
     parser.add_argument("--all-metrics", action="store_true", help="Table 3 also shows sensitivity, specificity and F1")
     parser.add_argument(

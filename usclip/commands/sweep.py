@@ -1,27 +1,32 @@
 """``usclip sweep MANIFEST``: run (or print, or write SLURM scripts for) a manifest's experiments.
 
-``MANIFEST`` is a YAML path or ``paper`` (the packaged Tables 2 and 3). The logic lives in :mod:`usclip.reproduce`;
-docs/reproduce.md shows the whole path from datasets to tables.
+``MANIFEST`` is a YAML path or ``paper`` (the packaged Tables 2 and 3). ``--protocol`` chooses the manifest's
+protocol (``paper``: ``authors``, the default, or ``usclip``; ``all`` or ``both`` for every one). The logic lives in
+:mod:`usclip.reproduce`; docs/reproduce.md shows the whole path from datasets to tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from usclip.reproduce import (
     ManifestError,
     Run,
     RunFailedError,
     SweepPlan,
+    default_protocol,
     dry_run_lines,
     expand_runs,
     load_datasets,
     load_manifest,
     order_runs,
+    protocol_names,
     run_sweep,
     select_runs,
     write_slurm_scripts,
@@ -38,6 +43,20 @@ def _seeds(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds needs at least one seed")
     return seeds
+
+
+def chosen_protocols(manifest: dict[str, Any], value: str | None) -> list[str | None]:
+    """The protocols ``--protocol value`` selects: ``None`` -> the default; ``all`` (or ``both``, for two) -> every one.
+
+    Raises:
+        ManifestError: ``all``/``both`` for a manifest without protocols, or ``both`` for one without exactly two.
+    """
+    names = protocol_names(manifest)
+    if value not in ("all", "both"):
+        return [value if value is not None else default_protocol(manifest)]
+    if not names or (value == "both" and len(names) != 2):
+        raise ManifestError(f"--protocol {value}: {manifest['path']} declares {len(names)} protocols {names}")
+    return list(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="keep runs of this table, group, dataset or method (repeatable; same kind: or, different kinds: and); "
         "their dependencies are kept",
+    )
+    parser.add_argument(
+        "--protocol",
+        metavar="NAME",
+        help="the manifest's protocol: for 'paper' 'authors' (the default: what produced the published numbers) or "
+        "'usclip' (usclip's defaults); 'all' or 'both' runs every protocol, each in <runs-root>/<protocol>/",
     )
     parser.add_argument("--seeds", type=_seeds, help="seeds instead of the manifest's, e.g. '1' or '1,2,3'")
     parser.add_argument("--dry-run", action="store_true", help="print every command in dependency order; run nothing")
@@ -88,7 +113,7 @@ def main(argv: Sequence[str]) -> int:
         parser.error("--launcher slurm needs --slurm-out DIR (the scripts are written there, never submitted)")
     try:
         manifest = load_manifest(args.manifest)
-        runs = expand_runs(manifest, args.seeds)
+        runs = [r for p in chosen_protocols(manifest, args.protocol) for r in expand_runs(manifest, args.seeds, p)]
         datasets = load_datasets(args.datasets) if args.datasets is not None else None
         manifest_ref = "paper" if args.manifest == "paper" else str(Path(args.manifest).resolve())
         plan = SweepPlan(args.runs_root.resolve(), datasets, args.config_root.resolve(), manifest_ref)
@@ -103,7 +128,10 @@ def main(argv: Sequence[str]) -> int:
             print(f"# {len(deps)} runs kept as dependencies of the selection: {[d.key for d in deps][:5]}...")
         ordered = order_runs(deps + selected)
         if args.dry_run:
-            print("\n".join(dry_run_lines(ordered, plan, deps)))
+            try:
+                print("\n".join(dry_run_lines(ordered, plan, deps)), flush=True)
+            except BrokenPipeError:  # `usclip sweep paper --dry-run | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         if plan.datasets is None and any(r.needs for r in ordered):
             raise ManifestError(
@@ -111,7 +139,9 @@ def main(argv: Sequence[str]) -> int:
                 f"{sorted({n for r in ordered for n in r.needs})} (a YAML file 'NAME: /path/to/folder')"
             )
         if args.launcher == "slurm":
-            files = write_slurm_scripts(ordered, plan, args.slurm_out, manifest_ref, args.datasets, args.sbatch_option)
+            files = write_slurm_scripts(
+                ordered, plan, args.slurm_out, manifest_ref, args.datasets, args.sbatch_option, args.protocol
+            )
             for path in files:
                 print(f"wrote {path}")
             print(f"submit with: bash {files[-1]}")

@@ -5,7 +5,8 @@ and the SLURM launcher only writes ``sbatch`` scripts and a submit script for th
 
 Per run directory (``<runs_root>/<run key>``):
 
-- ``sweep_run.json``: written before the first command (table, group, method, dataset, seed, manifest, commands).
+- ``sweep_run.json``: written before the first command (table, group, method, dataset, seed, manifest, protocol,
+  commands).
 - ``sweep.log``: the stdout and stderr of every command, appended, each after a ``#`` line with the command.
 - ``sweep_progress.json``: how many of the run's commands finished, so that a restarted sweep continues with the
   next one. A ``fit`` that was killed resumes with ``--ckpt_path last``, which ``usclip._resume`` resolves within
@@ -151,6 +152,8 @@ def _record(run: Run, plan: SweepPlan, commands: list[list[str]]) -> None:
         "dataset": run.dataset,
         "seed": run.seed,
         "manifest": plan.manifest,
+        "protocol": run.protocol,
+        "deterministic": run.deterministic,
         "commands": commands,
         "reference": run.reference,
         "depends": run.depends,
@@ -298,7 +301,9 @@ def run_sweep(
 
 def dry_run_lines(runs: list[Run], plan: SweepPlan, dependencies: list[Run] | None = None) -> list[str]:
     """The sweep as a shell script: a ``#`` line per run, then its commands, one shell-quoted line each."""
-    lines = [f"# usclip sweep {plan.manifest}: {len(runs)} runs; run from {plan.config_root}"]
+    protocols = list(dict.fromkeys(r.protocol for r in runs if r.protocol is not None))
+    under = f" (protocol {', '.join(protocols)})" if protocols else ""
+    lines = [f"# usclip sweep {plan.manifest}{under}: {len(runs)} runs; run from {plan.config_root}"]
     if plan.datasets is None:
         lines.append("# no --datasets file: ${NAME} stands for the folder of dataset NAME")
     extra = {r.key for r in dependencies or []}
@@ -320,6 +325,8 @@ def dry_run_lines(runs: list[Run], plan: SweepPlan, dependencies: list[Run] | No
         why = " (dependency of the selection)" if run.key in extra else ""
         head = f"# {run.key}: {run.method} | {run.dataset} | seed {run.seed}{why}"
         lines.append(head + (f" [{status}]" if status else ""))
+        if run.note:
+            lines.append(f"#   note: {run.note}")
         if lacking or blocked:
             continue
         lines += [shlex.join(cmd) for cmd in build_commands(run, plan)]
@@ -343,12 +350,14 @@ def write_slurm_scripts(
     manifest_arg: str,
     datasets_file: str | Path | None,
     sbatch_options: list[str] | None = None,
+    protocol_arg: str | None = None,
 ) -> list[Path]:
     """Write one job-array script per dependency level and ``submit.sh`` chaining them with ``afterok``.
 
     Each array task runs one run through ``usclip sweep ... --run KEY`` (skips it if finished, resumes a killed
     ``fit``). ``submit.sh`` submits level 0, captures its job id with ``sbatch --parsable`` and submits level
-    ``n`` with ``--dependency=afterok:<job of level n-1>``. Nothing is submitted here.
+    ``n`` with ``--dependency=afterok:<job of level n-1>``. Nothing is submitted here. ``protocol_arg`` is the
+    sweep's ``--protocol`` value (a protocol, or ``all``), passed on so that every task finds its run.
 
     Returns:
         The written files, ``submit.sh`` last.
@@ -366,6 +375,8 @@ def write_slurm_scripts(
         usable = [r for r in usable if r.key not in bad]
     sweep = [sys.executable, "-m", "usclip", "sweep", str(manifest_arg), "--runs-root", str(plan.runs_root)]
     sweep += ["--config-root", str(plan.config_root)]
+    if protocol_arg is not None:
+        sweep += ["--protocol", protocol_arg]
     if datasets_file is not None:
         sweep += ["--datasets", str(Path(datasets_file).resolve())]
     written: list[Path] = []
