@@ -52,20 +52,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "conf" / "manifests" / "sweep_tiny.yaml"
 # config files the contract says other engineers add in this round (absent on this branch until the merge): the
 # authors protocol's heads, adapters, baselines, training loops and zero-shot input (issue #22)
-PENDING = {
-    "configs/adapters/mona_released.yaml",
-    "configs/adapters/lora_authors.yaml",
-    "configs/adapters/lora_ft_authors.yaml",
-    "configs/heads/authors_release.yaml",
-    "configs/heads/authors_src.yaml",
-    "configs/heads/authors_timm.yaml",
-    "configs/training/authors_src_segmentation.yaml",
-    "configs/training/authors_src_classification.yaml",
-    "configs/baselines/dinov2_authors.yaml",
-    "configs/baselines/unet_authors.yaml",
-    "configs/baselines/resnet18_authors.yaml",
-    "configs/vision_language/zeroshot_authors.yaml",
-}
 PROTOCOLS = ("authors", "usclip")
 
 
@@ -210,7 +196,6 @@ def test_paper_manifest_zero_shot_and_baseline_choices():
 
 
 def test_paper_dry_run_composes_every_cell_of_both_protocols(tmp_path, capsys):
-    # fails until every config file the authors protocol names exists (PENDING: added by other parts of issue #22)
     manifest = load_manifest("paper")
     runs = {r.key: r for p in PROTOCOLS for r in expand_runs(manifest, protocol=p)}
     missing = sorted({c for r in runs.values() for c in r.configs if not (REPO / c).is_file()})
@@ -383,14 +368,14 @@ def test_paper_manifest_commands_resolve(tmp_path):
     # one command per distinct config file, option and row group (the exhaustive twin below is slow)
     parsed, missing = _resolve_all(tmp_path, exhaustive=False)
     assert parsed >= 10
-    assert missing <= PENDING, f"config files missing that no one adds: {sorted(missing - PENDING)}"
+    assert not missing, f"config files the paper manifest names do not exist: {sorted(missing)}"
 
 
 @pytest.mark.slow
 def test_paper_manifest_every_command_resolves(tmp_path):
     parsed, missing = _resolve_all(tmp_path, exhaustive=True)
-    assert parsed >= 50  # 57 on a branch without the pending configs
-    assert missing <= PENDING
+    assert parsed >= 50
+    assert not missing
 
 
 # --------------------------------------------------------------------------------------- manifest and selection
