@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from usclip.models.authors import load_authors_checkpoint
 from usclip.models.authors_baselines import (
     AuthorsUNet,
     DINOv2Classifier,
@@ -282,7 +283,9 @@ def _randomise(net: nn.Module) -> None:
                 t.copy_(0.5 + torch.rand_like(t) if name.endswith("running_var") else torch.randn_like(t) * 0.2)
 
 
-def test_unet_equals_the_authors_unet():
+def test_unet_equals_the_authors_unet(tmp_path: Path):
+    """Their saved UNet (``best_model.pth``) loads through the one entry point for every authors' checkpoint and
+    computes their forward, dropout included."""
     torch.manual_seed(3)
     theirs = _their_unet()
     _randomise(theirs)
@@ -291,7 +294,9 @@ def test_unet_equals_the_authors_unet():
     assert {k: v.shape for k, v in task.net.state_dict().items()} == {
         k: v.shape for k, v in theirs.state_dict().items()
     }
-    task.net.load_state_dict(convert_unet(theirs.state_dict(), task.net), strict=True)
+    torch.save(theirs.state_dict(), tmp_path / "best_model.pth")
+    loaded = load_authors_checkpoint(task, tmp_path / "best_model.pth")
+    assert set(loaded) == {f"net.{k}" for k in theirs.state_dict()}
     assert all(p.requires_grad for p in task.parameters())  # trained from scratch, end to end
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

@@ -366,3 +366,40 @@ def test_load_refuses_what_does_not_fit(tmp_path):
         ValueError, match=r"keys the task does not have: \['encoder.visual.transformer.resblocks.0.mona"
     ):
         load_authors_checkpoint(plain, seg)
+
+
+def test_release_checkpoint_with_its_mona_loads_into_the_released_placement(tmp_path):
+    """The whole paper-release ``adapter_components.pth`` (head parts and the Mona of all 12 vision and 12 text
+    blocks) into ``head: authors_release`` + ``placement: released``: every Mona tensor of the built blocks lands in
+    the one shared ``mona`` module under its own name, strictly, and the logits are their head over the activations
+    of the encoder that now holds their Mona. Catches: Mona keys mapped to ``mona_mlp`` or a wrong block."""
+    model = SegmentationTask(
+        **TINY,
+        head="authors_release",
+        adapter="mona",
+        adapter_kwargs={"placement": "released"},
+        num_classes=CLASSES,
+        normalization="none",
+    ).eval()
+    theirs = their_modules("authors_release", width=64, img=64)
+    mona: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(5)
+    for tower in ("clip_model.visual.transformer.resblocks", "clip_model.transformer.resblocks"):
+        for i in range(12):
+            for n, p in model.encoder.visual.transformer.resblocks[0].mona.named_parameters():
+                mona[f"{tower}.{i}.mona.{n}"] = 0.05 * torch.randn(p.shape, generator=generator)
+    path = tmp_path / "adapter_components.pth"
+    torch.save({**their_parts(theirs, "segmentation"), "mona": mona}, path)
+    loaded = load_authors_checkpoint(model, path)
+    built = range(len(model.encoder.visual.transformer.resblocks))  # blocks 0-3 (layers up to 3)
+    for i in built:
+        for n, p in model.encoder.visual.transformer.resblocks[i].mona.named_parameters():
+            assert torch.equal(p, mona[f"clip_model.visual.transformer.resblocks.{i}.mona.{n}"])
+            assert f"encoder.visual.transformer.resblocks.{i}.mona.{n}" in loaded
+    assert not any(".mona_" in k for k in loaded)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = their_forward(
+            theirs, "authors_release", "segmentation", their_visual_activations(model.encoder.visual, images, [1, 2, 3])
+        )
+        assert (model(images) - expected).abs().max() <= 1e-5

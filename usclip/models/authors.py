@@ -177,7 +177,9 @@ def load_authors_checkpoint(
 
     Build the task with the equivalent config first (``head: authors_release`` / ``authors_src`` /
     ``authors_timm``, the same ``layers``, ``embed_dim`` (their ``reduce_dim``), ``num_classes`` and adapter); the
-    frozen encoder comes from the task's ``pretrained`` weights, not from the file.
+    frozen encoder comes from the task's ``pretrained`` weights, not from the file. A ``head: native`` task built from
+    ``configs/baselines/{dinov2,unet,resnet18}_authors.yaml`` takes the ``best_model.pth`` of their baseline scripts
+    instead (:func:`usclip.models.authors_baselines.convert_authors_baseline`, loaded strictly into ``task.net``).
 
     Args:
         task: a :class:`~usclip.tasks.SegmentationTask` or :class:`~usclip.tasks.ClassificationTask` with an authors'
@@ -194,18 +196,29 @@ def load_authors_checkpoint(
             keys the task does not have, shapes that differ, or trainable tensors of the task the file does not
             hold (all named).
     """
-    head = getattr(task, "hparams", {}).get("head")
-    if not str(head).startswith("authors_"):
-        raise ValueError(
-            f"the task has head={head!r}; an authors' checkpoint loads into head: authors_release, authors_src or "
-            "authors_timm"
-        )
     if isinstance(checkpoint, Mapping):
         saved: Any = checkpoint
         source = "the checkpoint dict"
     else:
         source = os.fspath(checkpoint)
         saved = torch.load(source, map_location="cpu", weights_only=True)
+    head = getattr(task, "hparams", {}).get("head")
+    net = getattr(task, "net", None)
+    if head == "native" and isinstance(net, nn.Module):  # their baselines: DINOv2, UNet, ResNet18
+        from usclip.models.authors_baselines import convert_authors_baseline
+
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{source} holds a {type(saved).__name__}, not a state dict of the authors' baselines")
+        converted = convert_authors_baseline(saved, net)
+        net.load_state_dict(converted, strict=True)
+        log.info("loaded %d tensors from %s into %s.net", len(converted), source, type(task).__name__)
+        return {f"net.{k}": v for k, v in converted.items()}
+    if not str(head).startswith("authors_"):
+        raise ValueError(
+            f"the task has head={head!r}; an authors' checkpoint loads into head: authors_release, authors_src or "
+            "authors_timm (their CLIP scripts), or a head: native task of configs/baselines/*_authors.yaml (their "
+            "baseline scripts)"
+        )
     kind = getattr(task, "task", None)
     expected = {"segmentation": "seg_head", "classification": "cls_head"}.get(str(kind))
     if isinstance(saved, Mapping) and expected is not None and expected not in saved:

@@ -71,7 +71,9 @@ KNOWN_WEIGHT_FILES: dict[str, str] = {
         "pretrained: openai loads the same weights as safetensors from the Hugging Face Hub instead"
     ),
     "dinov2_vitb14_pretrain.pth": (
-        "DINOv2 ViT-B/14; configs/baselines/dinov2.yaml loads the same weights through timm "
+        "DINOv2 ViT-B/14 as Meta released it (https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/"
+        "dinov2_vitb14_pretrain.pth); configs/baselines/dinov2_authors.yaml reads this file, and "
+        "configs/baselines/dinov2.yaml loads the same weights through timm "
         "(model_name timm:vit_base_patch14_dinov2, pretrained lvd142m)"
     ),
 }
