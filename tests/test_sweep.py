@@ -143,7 +143,11 @@ def test_paper_manifest_has_every_cell_of_tables_2_and_3_with_its_configs(protoc
     # the release's zero-shot script loaded the tuned Mona state dict into a CLIP without Mona modules
     assert ft_without_adapters == ({("zero-shot", "CLIP (Mona, ft.)")} if protocol == "authors" else set())
     captions = {r.method: r.configs for r in runs if r.table is None}
-    mona, lora = ("mona_released", "lora_authors") if protocol == "authors" else ("mona", "lora_reference")
+    mona, lora = ("mona_released", "lora_reference") if protocol == "authors" else ("mona", "lora_reference")
+    for configs in captions.values():  # caption tuning trains its adapters: it refuses train_adapter: false
+        for config in configs:
+            init = (yaml.safe_load((REPO / config).read_text()).get("model") or {}).get("init_args") or {}
+            assert init.get("train_adapter", True), f"{config} freezes the adapter that caption tuning trains"
     assert captions == {
         "CLIP (Mona) caption fine-tuning": ["configs/captions_pmcoa_curd.yaml", f"configs/adapters/{mona}.yaml"],
         "CLIP (LoRA) caption fine-tuning": ["configs/captions_pmcoa_curd.yaml", f"configs/adapters/{lora}.yaml"],
