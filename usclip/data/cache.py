@@ -27,7 +27,7 @@ from usclip.data.crop import Box
 
 log = logging.getLogger(__name__)
 
-_VERSION = 1  # bump when the cached content changes (reading or cropping rules)
+_VERSION = 2  # bump when the cached content changes (reading or cropping rules; 2: DICOM palette scale)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from usclip.data.colour import ColourMode, check_colour_mode
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datamodules import BaseDataModule
 from usclip.data.datasets import decode_sample
@@ -197,6 +198,7 @@ class CaptionDataset(Dataset):
         pairs: the image-caption pairs (:func:`read_captions`).
         transform: albumentations-style callable ``f(image=...) -> dict`` (resize, augment).
         crop: ``auto`` (scan area) or ``none``.
+        colour: ``keep`` or ``replace`` coloured pixels of colour files (see :mod:`usclip.data.colour`).
     """
 
     def __init__(
@@ -204,19 +206,21 @@ class CaptionDataset(Dataset):
         pairs: Sequence[CaptionPair],
         transform: Callable[..., dict[str, Any]] | None = None,
         crop: CropMode = "auto",
+        colour: ColourMode = "keep",
     ) -> None:
         if crop not in CROP_MODES or crop == "boxes":
             raise ValueError(f"CaptionDataset: crop must be 'auto' or 'none', got {crop!r}")
         self.pairs = list(pairs)
         self.transform = transform
         self.crop: CropMode = crop
+        self.colour: ColourMode = check_colour_mode(colour)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
-        d = decode_sample(pair.image, None, self.crop)
+        d = decode_sample(pair.image, None, self.crop, colour=getattr(self, "colour", "keep"))
         image: np.ndarray = d.image
         if self.transform is not None:
             image = self.transform(image=image)["image"]
@@ -412,7 +416,7 @@ class CaptionDataModule(BaseDataModule):
             pairs = self._source_pairs.get(split) or []
             if not pairs:
                 raise ValueError(f"the {split!r} split of data.sources holds no pair; check the files and val_fraction")
-            return CaptionDataset(pairs, transform, crop=self.crop)
+            return CaptionDataset(pairs, transform, crop=self.crop, colour=self.colour)
         if split == "predict":
             raise ValueError("CaptionDataModule has no predict split; use usclip fit/validate/test")
         if self._index is None:
@@ -421,4 +425,4 @@ class CaptionDataModule(BaseDataModule):
         if not ids:
             raise ValueError(f"the {split!r} split of {self.root} holds no captioned image; check split_fractions")
         pairs = [CaptionPair(self._index.images[i], c) for i in ids for c in self._captions[i]]
-        return CaptionDataset(pairs, transform, crop=self.crop)
+        return CaptionDataset(pairs, transform, crop=self.crop, colour=self.colour)

@@ -16,8 +16,10 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from usclip.data.colour import scan_area_colour_share
 from usclip.data.crop import Box, CropMode, check_box, crop_box_for
 from usclip.data.imageio import (
+    _GREY_MODES,
     MAX_IMAGE_PIXELS,
     ImageReadError,
     binarise_mask,
@@ -68,6 +70,7 @@ class DatasetReport:
     largest_group: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     crop_removed: list[float] = field(default_factory=list)  # share of pixels the crop removes
+    colour_share: dict[str, float] = field(default_factory=dict)  # colour file -> coloured share of its scan area
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -114,6 +117,8 @@ class DatasetReport:
                 f"  auto crop: removes {r.mean():.1f} % of the pixels on average (median {np.median(r):.1f} %, "
                 f"max {r.max():.1f} %)"
             )
+        if self.colour_share:
+            lines.append(_colour_line(self.colour_share))
         order = {"error": 0, "warning": 1, "note": 2}
         problems = sorted(self.problems, key=lambda p: (order[p.severity], p.path))
         counts = Counter(p.severity for p in problems)
@@ -126,6 +131,18 @@ class DatasetReport:
         if len(problems) > max_problems:
             lines.append(f"  ... and {len(problems) - max_problems} more")
         return "\n".join(lines)
+
+
+def _colour_line(shares: dict[str, float], top: int = 3) -> str:
+    """One summary line: how many colour files hold coloured pixels in their scan area, and the largest shares."""
+    s = np.array(list(shares.values())) * 100
+    worst = sorted(shares.items(), key=lambda kv: -kv[1])[:top]
+    named = ", ".join(f"{Path(p).name} {100 * v:.2f} %" for p, v in worst if v > 0)
+    return (
+        f"  colour in the scan area: {int((s > 0).sum())} of {len(s)} colour files hold coloured pixels (mean "
+        f"{s.mean():.2f} %, max {s.max():.2f} %){'; largest: ' + named if named else ''}"
+        f"{' (data.colour: replace fills them with grey)' if named else ''}"
+    )
 
 
 def _index(root: Path, layout: str, report: DatasetReport) -> DatasetIndex | None:
@@ -264,6 +281,10 @@ def check_dataset(
         elif mode is not None and mode.startswith("I"):
             _deep_image_note(path, mode, report)
         report.sizes[(image.shape[1], image.shape[0])] += 1
+        if path.suffix.lower() == ".dcm" or (mode is not None and mode not in _GREY_MODES):
+            share = scan_area_colour_share(path, image, max_image_pixels)  # None for a grey file
+            if share is not None:
+                report.colour_share[str(path)] = share
         mask = None
         if sid in index.masks:
             mask = _check_mask(index.masks[sid], image.shape, report, max_image_pixels)

@@ -31,6 +31,7 @@ from usclip.data.bad_samples import (
     collate_skipping_bad,
 )
 from usclip.data.cache import SampleCache
+from usclip.data.colour import ColourMode, check_colour_mode
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
 from usclip.data.imageio import MAX_IMAGE_PIXELS, check_max_pixels
@@ -133,7 +134,12 @@ class BaseDataModule(L.LightningDataModule):
             percent); more stops the run naming the share and the limit. Under DDP each process checks its shard.
         max_image_pixels: largest image read, in pixels (64 million, e.g. 8000 x 8000), checked from the file header
             before decoding, so a decompression bomb or a huge scan cannot exhaust memory (one read holds at most
-            about 12 bytes per pixel, 3 for 8-bit grey: 770 MB at the default). ``null`` lifts the limit.
+            about 12 bytes per pixel, 3 for 8-bit grey: 770 MB at the default). ``null`` lifts the limit. DICOM
+            files are checked from ``Rows x Columns`` in their header.
+        colour: what happens to coloured pixels of colour files (colour or power Doppler, coloured calipers):
+            ``keep`` their luminance (the default: the image as stored, as before the option existed), or
+            ``replace`` them by the median of their grey neighbours. ``usclip data check`` reports the share of
+            coloured pixels in each scan area. See docs/data.md.
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
@@ -163,6 +169,7 @@ class BaseDataModule(L.LightningDataModule):
         on_bad_sample: OnBadSample = "raise",
         max_bad_fraction: float = 0.01,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        colour: ColourMode = "keep",
     ) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
@@ -172,6 +179,7 @@ class BaseDataModule(L.LightningDataModule):
                 f"data.max_bad_fraction must be a share in [0, 1] of a split's samples, got {max_bad_fraction}"
             )
         check_max_pixels(max_image_pixels, "data.max_image_pixels")
+        check_colour_mode(colour, "data.colour")
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
         if image_size < 16:
@@ -202,6 +210,7 @@ class BaseDataModule(L.LightningDataModule):
         self.cache = SampleCache(cache_mb, cache_dir) if cache_mb > 0 or cache_dir else None
         self.on_bad_sample: OnBadSample = on_bad_sample
         self.max_image_pixels = max_image_pixels
+        self.colour: ColourMode = colour
         #: bad files skipped so far (``on_bad_sample: skip``), per split
         self.bad_samples = BadSampleCounter(max_bad_fraction)
         self._run_dir: Path | None = None
@@ -365,6 +374,7 @@ class BaseDataModule(L.LightningDataModule):
             cache=self.cache,
             on_bad_sample=self.on_bad_sample,
             max_image_pixels=self.max_image_pixels,
+            colour=self.colour,
         )
 
     def _dataset(self, split: str) -> Dataset:

@@ -35,6 +35,7 @@ from usclip.data.bad_samples import (
     bad_sample_error,
 )
 from usclip.data.cache import DecodedSample, SampleCache, file_key
+from usclip.data.colour import ColourMode, check_colour_mode
 from usclip.data.crop import CROP_MODES, CropMode, check_box, crop_box_for
 from usclip.data.imageio import MAX_IMAGE_PIXELS, _note_once, check_max_pixels, load_grayscale, read_image, read_mask
 from usclip.data.layouts import IMAGE_SUFFIXES, DatasetIndex, index_folder, list_images, read_csv_column
@@ -94,6 +95,7 @@ def decode_sample(
     crop: CropMode = "none",
     box: tuple[int, int, int, int] | None = None,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
+    colour: ColourMode = "keep",
 ) -> DecodedSample:
     """Read an image (and its merged mask) and crop both to the scan area.
 
@@ -103,7 +105,10 @@ def decode_sample(
         crop: ``auto`` finds the scan area (DICOM: the file's ultrasound region), ``boxes`` uses ``box``,
             ``none`` keeps the whole image.
         box: the crop box for ``crop="boxes"``.
-        max_pixels: largest image or mask read, in pixels (see :func:`usclip.data.imageio.read_image`).
+        max_pixels: largest image or mask read, in pixels (see :func:`usclip.data.imageio.read_image`); DICOM
+            files are checked from ``Rows x Columns`` before decoding.
+        colour: ``keep`` coloured pixels (colour Doppler, coloured calipers) as their luminance, or ``replace``
+            them by the median of their grey neighbours (see :mod:`usclip.data.colour`).
 
     Raises:
         ImageReadError: for unreadable images and bad masks (see ``usclip.data.imageio``).
@@ -114,10 +119,10 @@ def decode_sample(
     if image_path.suffix.lower() == ".dcm":
         from usclip.data.dicom import read_dicom
 
-        dcm = read_dicom(image_path)
+        dcm = read_dicom(image_path, colour=colour, max_pixels=max_pixels)
         image, spacing, region = dcm.image, dcm.spacing, dcm.region
     else:
-        image = read_image(image_path, max_pixels)
+        image = read_image(image_path, max_pixels, colour)
     mask = read_mask(mask_paths, image.shape, max_pixels) if mask_paths else None
     if crop == "boxes":
         if box is None:
@@ -170,11 +175,12 @@ class FolderDataset(Dataset):
             :class:`~usclip.data.bad_samples.BadSample` marker instead of the sample (see
             :mod:`usclip.data.bad_samples`; batch with :func:`~usclip.data.bad_samples.collate_skipping_bad`).
         max_image_pixels: largest image or mask read, in pixels; larger files are bad files (``None``: no limit).
+        colour: ``keep`` or ``replace`` coloured pixels of colour files (see :func:`decode_sample`).
 
     Raises:
         FileNotFoundError: if an id has no image or (``with_masks``) no mask, naming the ids and folder.
         KeyError: if ``crop="boxes"`` and an id has no row in ``boxes.csv``.
-        ValueError: if an id has no label, or ``crop`` or ``on_bad_sample`` is unknown.
+        ValueError: if an id has no label, or ``crop``, ``on_bad_sample`` or ``colour`` is unknown.
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class FolderDataset(Dataset):
         cache: SampleCache | None = None,
         on_bad_sample: OnBadSample = "raise",
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        colour: ColourMode = "keep",
     ) -> None:
         if crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
@@ -197,6 +204,7 @@ class FolderDataset(Dataset):
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         self.on_bad_sample: OnBadSample = on_bad_sample
         self.max_image_pixels = check_max_pixels(max_image_pixels)
+        self.colour: ColourMode = check_colour_mode(colour)
         self.root = Path(root)
         self.ids = list(ids)
         self.index = index if index is not None else index_folder(self.root, image_dir, masks=with_masks)
@@ -238,13 +246,14 @@ class FolderDataset(Dataset):
         box = self.index.boxes.get(self.ids[index]) if self.crop == "boxes" else None
 
         max_pixels = getattr(self, "max_image_pixels", MAX_IMAGE_PIXELS)  # datasets pickled before the option
+        colour: ColourMode = getattr(self, "colour", "keep")
 
         def load() -> DecodedSample:
-            return decode_sample(image_path, masks, self.crop, box, max_pixels)
+            return decode_sample(image_path, masks, self.crop, box, max_pixels, colour)
 
         if self.cache is None:
             return load()
-        return self.cache.get(file_key([image_path, *(masks or ())], self.crop, box), load)
+        return self.cache.get(file_key([image_path, *(masks or ())], self.crop, box, colour), load)
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
         """Sample ``index`` as a dict (see the module docstring), or a :class:`BadSample` marker.

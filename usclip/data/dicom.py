@@ -14,20 +14,26 @@ plugins (e.g. ``pylibjpeg``).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from usclip.data.colour import ColourMode, check_colour_mode, coloured_pixels, replace_coloured
 from usclip.data.crop import Box
-from usclip.data.imageio import ImageReadError, _note_once
+from usclip.data.imageio import MAX_IMAGE_PIXELS, ImageReadError, _note_once, check_max_pixels, too_many_pixels
 
 log = logging.getLogger(__name__)
 
 _UNITS_TO_MM = {3: 10.0}  # PhysicalUnits code -> millimetres per unit (3 = cm; others are not lengths)
 _SPATIAL_2D = 1  # RegionSpatialFormat: 2-D (tissue or flow)
 _TISSUE = 1  # RegionDataType: tissue
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luminance, as PIL's convert("L")
+_DEFER_BYTES = 1 << 16  # elements larger than this (the pixel data) are read from disk only when used
+_GUARD_PIXELS = 1 << 20  # the grey-level guard counts levels on a strided view of at most about this many pixels
+_PIP_NAMES = {"gdcm": "python-gdcm"}  # pydicom names modules; pip names some packages otherwise
 
 
 @dataclass
@@ -35,14 +41,20 @@ class DicomImage:
     """An ultrasound DICOM frame.
 
     Attributes:
-        image: H x W uint8 grayscale (the first frame of a cine loop).
+        image: H x W uint8 grayscale (the first frame of a cine loop): the luminance of colour files, with coloured
+            pixels replaced by the median of their grey neighbours when read with ``colour="replace"``.
         region: ``(x0, y0, x1, y1)`` of the largest 2-D region, end exclusive; ``None`` without regions.
         spacing: ``(row, column)`` pixel spacing in millimetres of that region; ``None`` when not given in cm.
+        coloured: H x W bool, the pixels whose colour channels differ by more than
+            :data:`usclip.data.colour.COLOUR_TOLERANCE` (colour Doppler, coloured calipers, tinted background), as
+            stored in the file; ``None`` for a greyscale (MONOCHROME) file. See
+            :func:`usclip.data.colour.colour_share`.
     """
 
     image: np.ndarray
     region: Box | None
     spacing: tuple[float, float] | None
+    coloured: np.ndarray | None = None
 
 
 def _import_pydicom() -> Any:
@@ -54,31 +66,153 @@ def _import_pydicom() -> Any:
     return pydicom
 
 
-def _to_gray_uint8(ds: Any, frame: np.ndarray, path: Path) -> np.ndarray:
-    """One decoded frame -> uint8 grayscale.
+def _levels(a: np.ndarray) -> int:
+    """The number of distinct values of an integer array (a histogram for 8 and 16 bits: no sort)."""
+    if a.dtype.kind in "ui" and a.dtype.itemsize <= 2 and (a.dtype.kind == "u" or int(a.min()) >= 0):
+        return int(np.count_nonzero(np.bincount(a.ravel().astype(np.uint16, copy=False))))
+    return int(np.unique(a).size)
+
+
+def _guard_view(a: np.ndarray) -> np.ndarray:
+    """A strided view of at most about :data:`_GUARD_PIXELS` pixels (the first two axes are rows and columns)."""
+    step = max(1, int(np.sqrt(a.shape[0] * a.shape[1] / _GUARD_PIXELS)))
+    return a[::step, ::step]
+
+
+def _warn_if_collapsed(source_levels: int, what: str, gray: np.ndarray, path: Path) -> None:
+    """Warn when the grey image holds far fewer levels than the file: a decoding or scaling fault, not an image.
+
+    The rule: the file holds at least 16 distinct values (or colours) and the 8-bit image fewer than
+    ``min(source, 256) / 16`` grey levels. A faithful conversion keeps about ``min(source, 256)`` levels;
+    reading a 16-bit palette on the 8-bit scale left 2 of 67 (the issue's ALOKA scan), a 10-bit image declared as
+    16 bits stored keeps 4 of 1024.
+    """
+    levels = _levels(_guard_view(gray))
+    if source_levels >= 16 and levels < min(source_levels, 256) / 16:
+        _note_once(
+            "collapsed",
+            path,
+            "%s: the 8-bit image holds %d grey levels but the file %d distinct %s: the conversion lost the image "
+            "(check BitsStored and the palette, and report the file's header if they look right)",
+            path,
+            levels,
+            source_levels,
+            what,
+            level=logging.WARNING,
+        )
+
+
+def _is_little_endian(ds: Any) -> bool:
+    encoding = getattr(ds, "original_encoding", (None, None))[1]
+    if encoding is not None:
+        return bool(encoding)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return True if syntax is None else bool(syntax.is_little_endian)
+
+
+def _palette_table(ds: Any, path: Path) -> tuple[np.ndarray, int]:
+    """The palette as stored, an (entries, 3) float array, and its full-scale value from the LUTs' own bit depth.
+
+    The full scale is 255 for 8-bit entries and 65535 for 16-bit ones (the descriptor's third value), except for
+    8-bit values in 16-bit entries (all <= 255: read on the 8-bit scale) and the reverse, with a note.
+
+    Plain LUT data is read here in the file's byte order (``pydicom.pixels.apply_color_lut`` reads 16-bit entries
+    in the machine's order, which byte-swaps big-endian files); segmented LUTs are expanded by pydicom.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        entries, first, bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ImageReadError(f"{path}: PALETTE COLOR file without a usable palette descriptor ({err})") from err
+    entries = entries or 1 << 16  # 0 stands for 65536 entries
+    if bits not in (8, 16):
+        raise ImageReadError(f"{path}: palette entries of {bits} bits; DICOM allows 8 or 16 (descriptor {bits})")
+    if "RedPaletteColorLookupTableData" in ds:
+        order = "<" if _is_little_endian(ds) else ">"
+        channels = []
+        for name in ("Red", "Green", "Blue"):
+            raw = bytes(ds[f"{name}PaletteColorLookupTableData"].value)
+            if len(raw) in (entries, entries + 1):  # one byte per entry (padded to an even length)
+                channels.append(np.frombuffer(raw[:entries], np.uint8))
+            elif len(raw) == 2 * entries:
+                channels.append(np.frombuffer(raw, f"{order}u2"))
+            else:
+                raise ImageReadError(
+                    f"{path}: {name.lower()} palette of {len(raw)} bytes for {entries} entries (descriptor); "
+                    f"expected {entries} or {2 * entries} bytes"
+                )
+        table = np.stack(channels, axis=1).astype(np.float64)
+    elif "SegmentedRedPaletteColorLookupTableData" in ds:
+        try:
+            table = apply_color_lut(np.arange(first, first + entries), ds)[:, :3].astype(np.float64)
+        except Exception as err:  # pydicom raises ValueError, struct.error, ... for broken segments
+            raise ImageReadError(f"{path}: cannot expand the segmented palette ({err})") from err
+    else:
+        raise ImageReadError(f"{path}: PALETTE COLOR file without palette lookup tables (0028,1201-1203 or 1221-1223)")
+    top = float(table.max())
+    if bits == 16 and 0 < top <= 255:
+        # 8-bit values in 16-bit words: on the 16-bit scale the image would be black (<= 255 / 65535)
+        _note_once("palette8in16", path, "%s: 16-bit palette holding 8-bit values; read on the 8-bit scale", path)
+        bits = 8
+    elif bits == 8 and top > 255:
+        _note_once("palette16in8", path, "%s: 8-bit palette holding 16-bit values; read on the 16-bit scale", path)
+        bits = 16
+    return table, 2**bits - 1
+
+
+def _palette_to_gray(ds: Any, frame: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Grey image and coloured-pixel mask of a palette frame, through per-value lookup tables (no float image)."""
+    if frame.dtype.kind not in "ui" or frame.dtype.itemsize > 2:
+        raise ImageReadError(f"{path}: palette indices of type {frame.dtype}; expected 8 or 16 bit integers")
+    first = int(ds.RedPaletteColorLookupTableDescriptor[1])
+    table, top = _palette_table(ds, path)
+    values = np.arange(2 ** (8 * frame.dtype.itemsize))  # every stored value the frame can hold
+    full = table[np.clip(values - first, 0, len(table) - 1)]  # below the first mapped value: entry 0; above: last
+    scale = 255.0 / top
+    gray_lut = np.clip(np.round(full @ _LUMA * scale), 0, 255).astype(np.uint8)
+    rgb_lut = np.clip(np.round(full * scale), 0, 255).astype(np.uint8)
+    coloured_lut = coloured_pixels(rgb_lut[None])[0]
+    indices = frame.astype(np.uint16, copy=False) if frame.dtype.kind == "i" else frame
+    gray = gray_lut[indices]
+    used = np.bincount(_guard_view(indices).ravel(), minlength=len(values)) > 0
+    # the colours the frame uses, as stored in the LUT (before any scaling, so a scale fault shows)
+    _warn_if_collapsed(int(np.unique(full[used], axis=0).shape[0]), "palette colours", _guard_view(gray), path)
+    return gray, coloured_lut[indices]
+
+
+def _to_gray_uint8(ds: Any, frame: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """One decoded frame -> uint8 grayscale, and the mask of its coloured pixels (``None`` for MONOCHROME).
 
     ``frame`` comes from pydicom 3's pixel decoding, which already converts YCbCr data (``YBR_FULL``,
     ``YBR_FULL_422``, ...) to RGB but leaves ``PhotometricInterpretation`` as written: a 3-sample frame is therefore
     RGB whatever the header says, and converting it again would shift the grey values (a YBR_FULL pixel of
-    luminance 91 read as 171).
+    luminance 91 read as 171). Palette frames go through their lookup tables on the tables' own bit depth (8 or 16
+    bits, from the descriptor). Colour samples of more than 8 bits are scaled from ``BitsStored``. Every path
+    ends in :func:`_warn_if_collapsed`.
     """
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        frame = apply_color_lut(frame, ds)
-    if frame.ndim == 3:
-        rgb = frame[..., :3].astype(np.float64)
-        frame = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luminance, as PIL's convert("L")
-    frame = np.asarray(frame)
-    bits = int(getattr(ds, "BitsStored", 8))
     if frame.dtype.kind == "i" and frame.min() < 0:
         raise ImageReadError(f"{path}: signed pixel data with negative values is not an ultrasound image")
-    top = 2**bits - 1 if photometric.startswith("MONOCHROME") else 255
+    bits = int(getattr(ds, "BitsStored", 8))
+    if photometric == "PALETTE COLOR" and frame.ndim == 2:
+        return _palette_to_gray(ds, frame, path)
+    if frame.ndim == 3:
+        rgb = frame[..., :3]
+        scale = 255.0 / (2**bits - 1)
+        if bits != 8:
+            _note_once("dicom-bits", path, "%s: %d-bit DICOM colour samples scaled to 8 bits", path, bits)
+        gray = np.clip(np.round((rgb.astype(np.float64) @ _LUMA) * scale), 0, 255).astype(np.uint8)
+        rgb8 = rgb if rgb.dtype == np.uint8 and bits == 8 else np.clip(np.round(rgb * scale), 0, 255).astype(np.uint8)
+        view = _guard_view(rgb)
+        _warn_if_collapsed(max(_levels(view[..., c]) for c in range(3)), "values per channel", _guard_view(gray), path)
+        return gray, coloured_pixels(np.ascontiguousarray(rgb8))
+    top = 2**bits - 1
     if top != 255:
         _note_once("dicom-bits", path, "%s: %d-bit DICOM pixels scaled to 8 bits", path, bits)
     gray = np.clip(np.round(frame.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-    return 255 - gray if photometric == "MONOCHROME1" else gray  # MONOCHROME1: 0 is white
+    _warn_if_collapsed(_levels(_guard_view(frame)), "values", _guard_view(gray), path)
+    return (255 - gray if photometric == "MONOCHROME1" else gray), None  # MONOCHROME1: 0 is white
 
 
 def _region(ds: Any, shape: tuple[int, int], path: Path) -> tuple[Box | None, tuple[float, float] | None]:
@@ -111,44 +245,141 @@ def _region(ds: Any, shape: tuple[int, int], path: Path) -> tuple[Box | None, tu
     return box, spacing
 
 
-def read_dicom(path: str | Path) -> DicomImage:
+def _read_header(pydicom: Any, path: Path) -> tuple[Any, bool]:
+    """The data set with its pixel data left on disk, and whether the file has a file meta header.
+
+    A file without the DICOM preamble and meta header (older ACR-NEMA style files, e.g. ``OT-PAL-8-face.dcm``) is
+    read again with ``force=True`` and taken when it holds pixel data; its byte order gives the transfer syntax.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        return pydicom.dcmread(path, defer_size=_DEFER_BYTES), True
+    except InvalidDicomError as err:
+        not_dicom = ImageReadError(f"{path}: not a readable DICOM file ({err})")
+        try:
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+            usable = "PixelData" in ds and "Rows" in ds and "Columns" in ds
+        except Exception:  # pydicom raises many kinds of errors on data that is not DICOM
+            usable = False
+        if not usable:
+            raise not_dicom from err
+        implicit, little = ds.original_encoding
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            ds.file_meta = meta if meta is not None else FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = syntax
+        _note_once("no-meta", path, "%s: DICOM file without preamble and meta header; read as %s", path, syntax.name)
+        return ds, False
+    except Exception as err:  # pydicom raises OSError, EOFError, ValueError ... on broken files
+        raise ImageReadError(f"{path}: not a readable DICOM file ({err})") from err
+
+
+def _install_hint(missing: list[str]) -> str:
+    """The plugins pydicom lists as missing, as pip commands, one per plugin.
+
+    ``"pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"`` -> ``"pip install pylibjpeg
+    pylibjpeg-libjpeg"``.
+    """
+    options = []
+    for line in missing:
+        plugin, _, needs = line.partition(" - requires ")
+        names = [re.sub(r"[<>=!~;\[ ].*", "", part.strip()) for part in re.split(r", | and ", needs)]
+        names = [_PIP_NAMES.get(n, n) for n in names if n and n != "numpy"]
+        if plugin.strip() == "pillow":
+            options.append("a Pillow built with this codec (pip install --upgrade pillow)")
+        elif names:
+            options.append("pip install " + " ".join(names))
+    options.sort(key=lambda o: "gdcm" in o)  # the pure pip wheels first
+    return "; or ".join(options) if options else "a pydicom pixel-data plugin for it"
+
+
+def _check_decoder(pydicom: Any, ds: Any, path: Path) -> None:
+    """Refuse, before decoding, a transfer syntax that no installed pydicom plugin decodes, naming the package."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None:
+        raise ImageReadError(f"{path}: DICOM file without a transfer syntax (0002,0010); cannot decode its pixels")
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+    except NotImplementedError as err:
+        raise ImageReadError(
+            f"{path}: pixel data in transfer syntax {syntax.name} ({syntax}), which pydicom "
+            f"{pydicom.__version__} cannot decode; convert the file (e.g. gdcmconv --raw, dcmdjpeg)"
+        ) from err
+    if not decoder.is_available:
+        raise ImageReadError(
+            f"{path}: pixel data compressed as {syntax.name} ({syntax}) and no decoder for it is installed: "
+            f"{_install_hint(list(decoder.missing_dependencies))}"
+        )
+
+
+def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | None = MAX_IMAGE_PIXELS) -> DicomImage:
     """Read an ultrasound DICOM file: first frame as uint8 grayscale, the largest 2-D region and its spacing.
 
-    A cine loop (``NumberOfFrames`` > 1) gives its first frame, decoded alone (the rest of the loop is not decoded);
-    one sample per file keeps the 8:1:1 split per scan. Colour data (RGB, YCbCr, palette) becomes ITU-R 601
-    luminance.
+    A cine loop (``NumberOfFrames`` > 1) gives its first frame: only that frame is read from disk and decoded; one
+    sample per file keeps the 8:1:1 split per scan. Colour data becomes ITU-R 601 luminance: RGB, YCbCr (converted
+    to RGB by pydicom) and palette colour, whose 8- or 16-bit lookup tables (plain or segmented) are read on their
+    own bit depth. A file whose 8-bit image keeps far fewer grey levels than the file holds is logged as a warning
+    naming it (see :func:`_warn_if_collapsed`).
+
+    Args:
+        path: the ``.dcm`` file.
+        colour: ``keep`` the luminance of coloured pixels (colour Doppler, coloured calipers), or ``replace`` them
+            by the median of their grey neighbours (:func:`usclip.data.colour.replace_coloured`). Greyscale files
+            are not changed.
+        max_pixels: largest ``Rows x Columns`` read, as for PNG (:func:`usclip.data.imageio.read_image`); checked
+            from the header before any pixel is read. ``None``: no limit.
 
     Raises:
         ImportError: if pydicom is not installed.
         FileNotFoundError: if the file does not exist.
-        ImageReadError: if the file is not DICOM, has no pixel data, or its pixels cannot be decoded (naming the
-            file and, for compressed data, the transfer syntax).
+        ImageReadError: if the file is not DICOM, has no pixel data, is larger than ``max_pixels``, is compressed
+            with a codec that no installed plugin decodes (naming the transfer syntax and the package to install),
+            or its pixels cannot be decoded.
+        ValueError: for an unknown ``colour`` or a bad ``max_pixels``.
     """
     path = Path(path)
+    check_colour_mode(colour)
+    max_pixels = check_max_pixels(max_pixels, "max_pixels")
     pydicom = _import_pydicom()
     if not path.is_file():
         raise FileNotFoundError(f"DICOM file {path} does not exist")
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as err:  # pydicom raises InvalidDicomError, OSError, EOFError, ValueError ...
-        raise ImageReadError(f"{path}: not a readable DICOM file ({err})") from err
+    ds, has_meta = _read_header(pydicom, path)
+    if len(ds) == 0:
+        raise ImageReadError(f"{path}: DICOM file with a meta header but no data set after it (truncated?)")
     if "PixelData" not in ds:
-        raise ImageReadError(f"{path}: DICOM file without pixel data")
+        kind = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+        detail = f"only {kind}: floating-point data, not an ultrasound image" if kind else "no (7FE0,0010) element"
+        modality = getattr(ds, "Modality", "?")
+        raise ImageReadError(
+            f"{path}: DICOM file without pixel data ({detail}; modality {modality}); expected an ultrasound image"
+        )
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ImageReadError(f"{path}: DICOM pixel data without Rows and Columns ({err})") from err
+    if max_pixels is not None and rows * columns > max_pixels:
+        raise too_many_pixels(path, columns, rows, max_pixels)
+    _check_decoder(pydicom, ds, path)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     try:
-        # index=0 decodes only the first frame of a cine loop; YCbCr is converted to RGB (as_rgb, the default)
-        pixels = pydicom.pixels.pixel_array(ds, index=0 if frames > 1 else None)
+        # from the path, pydicom reads only the frame asked for; index=0 decodes the first frame of a cine loop;
+        # YCbCr is converted to RGB (as_rgb, the default)
+        pixels = pydicom.pixels.pixel_array(path if has_meta else ds, index=0 if frames > 1 else None)
     except Exception as err:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
-        raise ImageReadError(
-            f"{path}: cannot decode the pixel data (transfer syntax {syntax}: {err}); compressed files need "
-            "pydicom's pixel-data plugins (e.g. pip install pylibjpeg pylibjpeg-libjpeg)"
-        ) from err
+        syntax = ds.file_meta.TransferSyntaxUID
+        raise ImageReadError(f"{path}: cannot decode the pixel data (transfer syntax {syntax.name}: {err})") from err
     samples = int(getattr(ds, "SamplesPerPixel", 1))
     if frames > 1:
         _note_once("dicom-frames", path, "%s: cine loop of %d frames; using the first", path, frames)
     if pixels.ndim != (2 if samples == 1 else 3):
         raise ImageReadError(f"{path}: unexpected pixel array shape {pixels.shape}")
-    image = np.ascontiguousarray(_to_gray_uint8(ds, pixels, path))
+    gray, coloured = _to_gray_uint8(ds, pixels, path)
+    if colour == "replace" and coloured is not None:
+        gray = replace_coloured(gray, coloured, path)
+    image = np.ascontiguousarray(gray)
     region, spacing = _region(ds, image.shape, path)
-    return DicomImage(image=image, region=region, spacing=spacing)
+    return DicomImage(image=image, region=region, spacing=spacing, coloured=coloured)

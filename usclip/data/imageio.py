@@ -8,7 +8,10 @@ Images become H x W uint8 grayscale (B-mode is grey; colour overlays keep their 
   32 bits that holds all but at most :data:`HOT_PIXEL_FRACTION` of the pixels, at least one, so images of one
   scanner keep one scale and a single hot pixel does not darken the image 16-fold); the few pixels above that range
   saturate at 255 (a warning names the file and their count), with an info note;
-- DICOM files go through :mod:`usclip.data.dicom` (needs ``pydicom``);
+- DICOM files go through :mod:`usclip.data.dicom` (needs ``pydicom``), with the same pixel limit checked from
+  ``Rows x Columns`` in their header;
+- ``colour="replace"`` fills the coloured pixels of colour files (colour Doppler, coloured calipers) with the median
+  of their grey neighbours (:mod:`usclip.data.colour`); ``keep`` (the default) leaves their luminance;
 - unreadable, truncated and empty (0-byte) files raise :class:`ImageReadError` naming the file;
 - images of more than ``max_pixels`` pixels (default :data:`MAX_IMAGE_PIXELS`, 64 million: 8000 x 8000) raise
   :class:`ImageReadError` from the size in the file's header, before any pixel is decoded: a decompression bomb (a
@@ -26,9 +29,13 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from usclip.data.colour import ColourMode
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,9 @@ MAX_IMAGE_PIXELS = 64_000_000
 HOT_PIXEL_FRACTION = 1e-4
 
 _PIL_LIMIT_LOCK = threading.Lock()
+
+#: PIL modes without colour: ``colour="replace"`` has nothing to do
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 class ImageReadError(ValueError):
@@ -150,13 +160,24 @@ def check_max_pixels(max_pixels: int | None, name: str = "max_image_pixels") -> 
     return None if max_pixels is None else int(max_pixels)
 
 
-def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+def too_many_pixels(path: Path | str, width: int, height: int, max_pixels: int) -> ImageReadError:
+    """The error for an image larger than ``max_pixels``, found from its header (PNG, JPEG, ..., DICOM alike)."""
+    return ImageReadError(
+        f"{path}: image of {width} x {height} = {width * height:,} pixels, more than the limit of "
+        f"{max_pixels:,} (data.max_image_pixels); not decoded. A decompression bomb or a huge scan: "
+        "downscale it, or raise data.max_image_pixels (memory: up to 12 bytes per pixel)"
+    )
+
+
+def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, colour: ColourMode = "keep") -> np.ndarray:
     """Read an image file as an H x W uint8 grayscale array.
 
     Args:
         path: the image file.
         max_pixels: largest width x height read; checked from the file's header before decoding. ``None``: no
             limit (memory then grows with the image: up to about 12 bytes per pixel).
+        colour: ``keep`` the luminance of coloured pixels, or ``replace`` them by the median of their grey
+            neighbours (colour Doppler, coloured calipers; see :mod:`usclip.data.colour`).
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -167,7 +188,10 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
     if path.suffix.lower() == ".dcm":
         from usclip.data.dicom import read_dicom
 
-        return read_dicom(path).image
+        return read_dicom(path, colour=colour, max_pixels=max_pixels).image
+    from usclip.data.colour import check_colour_mode, coloured_pixels, replace_coloured
+
+    check_colour_mode(colour)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     if path.stat().st_size == 0:
@@ -176,13 +200,11 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
         with open_header(path) as im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageReadError(
-                    f"{path}: image of {width} x {height} = {width * height:,} pixels, more than the limit of "
-                    f"{max_pixels:,} (data.max_image_pixels); not decoded. A decompression bomb or a huge scan: "
-                    "downscale it, or raise data.max_image_pixels (memory: up to 12 bytes per pixel)"
-                )
+                raise too_many_pixels(path, width, height, max_pixels)
             im.load()  # decode now: a truncated file fails here, not later in a worker
             out = _to_uint8_gray(im, path)
+            if colour == "replace" and im.mode not in _GREY_MODES:
+                out = replace_coloured(out, coloured_pixels(np.asarray(im.convert("RGB"))), path)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as err:  # PIL checks again in some decoders (GIF frames) while loading
@@ -197,9 +219,11 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
     return np.ascontiguousarray(out)
 
 
-def load_grayscale(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+def load_grayscale(
+    path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, colour: ColourMode = "keep"
+) -> np.ndarray:
     """Load an image file as an H x W uint8 array (alias of :func:`read_image`, kept for the tasks)."""
-    return read_image(path, max_pixels)
+    return read_image(path, max_pixels, colour)
 
 
 def binarise_mask(mask: np.ndarray, path: str | Path) -> np.ndarray:
