@@ -229,7 +229,7 @@ def test_colour_share_keep_and_replace_on_a_doppler_dicom(tmp_path):
     ring &= ~blob  # the grey pixels around the blob
     assert replaced.image[blob].max() <= keep.image[ring].max()
     assert replaced.image[blob].min() >= keep.image[ring].min()
-    untouched = ~keep.coloured
+    untouched = ~blob  # grey pixels, and the caliper outside the scan region (the crop removes it)
     np.testing.assert_array_equal(replaced.image[untouched], keep.image[untouched])
     report = check_dataset(root)
     assert report.colour_share == {str(path): pytest.approx(0.04)}
@@ -351,6 +351,18 @@ def test_missing_codec_names_the_package(tmp_path, monkeypatch, syntax, deps, ex
     with pytest.raises(ImageReadError, match=r"c\.dcm: pixel data compressed as .*no decoder for it is installed") as e:
         read_dicom(path)
     assert f"{syntax.name} ({syntax})" in str(e.value) and expected in str(e.value)
+
+
+def test_unknown_transfer_syntax_is_named(tmp_path):
+    from usclip.data.dicom import read_dicom
+
+    path = write_dicom(tmp_path / "u.dcm", np.zeros((4, 4), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6"  # a private syntax no pydicom plugin knows
+    ds.PixelData = encapsulate([b"\x00" * 10])
+    ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"u\.dcm: pixel data in transfer syntax 1\.2\.3\.4\.5\.6, which pydicom "):
+        read_dicom(path)
 
 
 def test_dicom_without_pixel_data_and_without_meta_header(tmp_path):

@@ -42,7 +42,7 @@ class DicomImage:
 
     Attributes:
         image: H x W uint8 grayscale (the first frame of a cine loop): the luminance of colour files, with coloured
-            pixels replaced by the median of their grey neighbours when read with ``colour="replace"``.
+            pixels inside its 2-D regions replaced by the median of their grey neighbours with ``colour="replace"``.
         region: ``(x0, y0, x1, y1)`` of the largest 2-D region, end exclusive; ``None`` without regions.
         spacing: ``(row, column)`` pixel spacing in millimetres of that region; ``None`` when not given in cm.
         coloured: H x W bool, the pixels whose colour channels differ by more than
@@ -245,6 +245,24 @@ def _region(ds: Any, shape: tuple[int, int], path: Path) -> tuple[Box | None, tu
     return box, spacing
 
 
+def _scan_area(ds: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """H x W bool: the union of the file's 2-D ultrasound regions (tissue, colour flow), or everything without any.
+
+    ``colour="replace"`` works inside it: a tinted background, colour bars and logos outside the scan stay as they
+    are (the crop removes them), and only the scan's coloured pixels cost time.
+    """
+    inside = np.zeros(shape[:2], bool)
+    for r in getattr(ds, "SequenceOfUltrasoundRegions", None) or []:
+        try:
+            if int(getattr(r, "RegionSpatialFormat", 0)) != _SPATIAL_2D:
+                continue
+            x0, y0 = max(0, int(r.RegionLocationMinX0)), max(0, int(r.RegionLocationMinY0))
+            inside[y0 : int(r.RegionLocationMaxY1) + 1, x0 : int(r.RegionLocationMaxX1) + 1] = True
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return inside if inside.any() else np.ones(shape[:2], bool)
+
+
 def _read_header(pydicom: Any, path: Path) -> tuple[Any, bool]:
     """The data set with its pixel data left on disk, and whether the file has a file meta header.
 
@@ -297,6 +315,12 @@ def _install_hint(missing: list[str]) -> str:
     return "; or ".join(options) if options else "a pydicom pixel-data plugin for it"
 
 
+def _syntax_label(syntax: Any) -> str:
+    """``"JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)"``, or the bare UID of an unknown syntax."""
+    name = str(getattr(syntax, "name", syntax))
+    return f"{name} ({syntax})" if name != str(syntax) else str(syntax)
+
+
 def _check_decoder(pydicom: Any, ds: Any, path: Path) -> None:
     """Refuse, before decoding, a transfer syntax that no installed pydicom plugin decodes, naming the package."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -306,12 +330,12 @@ def _check_decoder(pydicom: Any, ds: Any, path: Path) -> None:
         decoder = pydicom.pixels.get_decoder(syntax)
     except NotImplementedError as err:
         raise ImageReadError(
-            f"{path}: pixel data in transfer syntax {syntax.name} ({syntax}), which pydicom "
+            f"{path}: pixel data in transfer syntax {_syntax_label(syntax)}, which pydicom "
             f"{pydicom.__version__} cannot decode; convert the file (e.g. gdcmconv --raw, dcmdjpeg)"
         ) from err
     if not decoder.is_available:
         raise ImageReadError(
-            f"{path}: pixel data compressed as {syntax.name} ({syntax}) and no decoder for it is installed: "
+            f"{path}: pixel data compressed as {_syntax_label(syntax)} and no decoder for it is installed: "
             f"{_install_hint(list(decoder.missing_dependencies))}"
         )
 
@@ -327,9 +351,9 @@ def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | 
 
     Args:
         path: the ``.dcm`` file.
-        colour: ``keep`` the luminance of coloured pixels (colour Doppler, coloured calipers), or ``replace`` them
-            by the median of their grey neighbours (:func:`usclip.data.colour.replace_coloured`). Greyscale files
-            are not changed.
+        colour: ``keep`` the luminance of coloured pixels (colour Doppler, coloured calipers), or ``replace`` those
+            inside the file's 2-D ultrasound regions (everywhere without regions) by the median of their grey
+            neighbours (:func:`usclip.data.colour.replace_coloured`). Greyscale files are not changed.
         max_pixels: largest ``Rows x Columns`` read, as for PNG (:func:`usclip.data.imageio.read_image`); checked
             from the header before any pixel is read. ``None``: no limit.
 
@@ -379,7 +403,7 @@ def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | 
         raise ImageReadError(f"{path}: unexpected pixel array shape {pixels.shape}")
     gray, coloured = _to_gray_uint8(ds, pixels, path)
     if colour == "replace" and coloured is not None:
-        gray = replace_coloured(gray, coloured, path)
+        gray = replace_coloured(gray, coloured & _scan_area(ds, coloured.shape), path)
     image = np.ascontiguousarray(gray)
     region, spacing = _region(ds, image.shape, path)
     return DicomImage(image=image, region=region, spacing=spacing, coloured=coloured)
