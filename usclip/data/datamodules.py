@@ -33,12 +33,14 @@ from usclip.data.bad_samples import (
 from usclip.data.cache import SampleCache
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
+from usclip.data.dicom import RegionsMode, check_regions_mode
 from usclip.data.imageio import MAX_IMAGE_PIXELS, check_max_pixels
 from usclip.data.layouts import (
     LAYOUTS,
     DatasetIndex,
     Layout,
     busi_groups_warning,
+    expand_regions,
     index_dataset,
     index_folder,
     read_csv_column,
@@ -134,6 +136,11 @@ class BaseDataModule(L.LightningDataModule):
         max_image_pixels: largest image read, in pixels (64 million, e.g. 8000 x 8000), checked from the file header
             before decoding, so a decompression bomb or a huge scan cannot exhaust memory (one read holds at most
             about 12 bytes per pixel, 3 for 8-bit grey: 770 MB at the default). ``null`` lifts the limit.
+        regions: DICOM files with several tissue regions (a dual view): ``largest`` (default) crops each file to
+            its largest region and warns once per file naming the regions left out; ``all`` makes each region a
+            sample of its own (ids ``<stem>@r0``, ``<stem>@r1`` ..., its own crop box and spacing; the file's mask,
+            label and group; regions of one file always in one split; needs ``crop: auto``); ``error`` refuses
+            such files before anything runs, naming them and their regions. See docs/data.md.
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
@@ -163,8 +170,15 @@ class BaseDataModule(L.LightningDataModule):
         on_bad_sample: OnBadSample = "raise",
         max_bad_fraction: float = 0.01,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        regions: RegionsMode = "largest",
     ) -> None:
         super().__init__()
+        check_regions_mode(regions, "data.regions")
+        if regions == "all" and crop != "auto":
+            raise ValueError(
+                f"data.regions='all' crops each tissue region of a DICOM file to its own box, so it needs "
+                f"data.crop='auto'; got crop={crop!r}"
+            )
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -202,6 +216,7 @@ class BaseDataModule(L.LightningDataModule):
         self.cache = SampleCache(cache_mb, cache_dir) if cache_mb > 0 or cache_dir else None
         self.on_bad_sample: OnBadSample = on_bad_sample
         self.max_image_pixels = max_image_pixels
+        self.regions: RegionsMode = regions
         #: bad files skipped so far (``on_bad_sample: skip``), per split
         self.bad_samples = BadSampleCounter(max_bad_fraction)
         self._run_dir: Path | None = None
@@ -238,8 +253,9 @@ class BaseDataModule(L.LightningDataModule):
         index = self._index
         ids = index.ids
         files = {s: self.root / f"{s}.txt" for s in SPLITS if (self.root / f"{s}.txt").is_file()}
-        predefined = {s: read_split_file(p) for s, p in files.items()}
+        predefined = {s: self._region_samples(read_split_file(p)) for s, p in files.items()}
         validate_split_files(predefined, files, ids)
+        self._check_regions_in_one_split(predefined, files)
         if len(predefined) == 3:
             unused = len(ids) - sum(len(v) for v in predefined.values())
             if unused:
@@ -274,6 +290,30 @@ class BaseDataModule(L.LightningDataModule):
             )
         return splits
 
+    def _region_samples(self, ids: list[str], index: DatasetIndex | None = None) -> list[str]:
+        """``ids`` with the id of each file split into regions (``regions: all``) replaced by its region ids."""
+        index = index if index is not None else self._index
+        by_file = index.region_ids() if index is not None else {}
+        if not by_file:
+            return ids
+        return [r for i in ids for r in by_file.get(i, [i])]
+
+    def _check_regions_in_one_split(self, splits: dict[str, list[str]], files: dict[str, Path]) -> None:
+        """Split files must keep the regions of one DICOM file together (they show the same acquisition)."""
+        assert self._index is not None
+        where: dict[str, set[str]] = {}
+        for name, ids in splits.items():
+            for i in ids:
+                if i in self._index.regions:
+                    where.setdefault(self._index.regions[i][0], set()).add(name)
+        apart = {f: sorted(s) for f, s in where.items() if len(s) > 1}
+        if apart:
+            raise ValueError(
+                f"{sorted(p.name for p in files.values())}: the regions of {len(apart)} DICOM files lie in several "
+                f"splits (e.g. {dict(list(apart.items())[:3])}); list each file's regions in one split, or the "
+                "file id alone (it stands for all its regions)"
+            )
+
     def setup(self, stage: str) -> None:
         """Read labels and fix the split (unless a checkpoint already carried one)."""
         trainer = getattr(self, "trainer", None)
@@ -283,6 +323,8 @@ class BaseDataModule(L.LightningDataModule):
             self._index = index_dataset(self.root, self.layout, masks=self.requires_masks)
             if self.groups_csv is not None:
                 self._index.groups = self._read_groups(self.groups_csv, set(self._index.images))
+            # after the groups: a file's regions share its group (and its label)
+            self._index = expand_regions(self._index, self.regions)
             self._labels = self._encode_labels(self._index)
             if not self.splits:
                 self.splits = self._make_splits()
@@ -365,22 +407,23 @@ class BaseDataModule(L.LightningDataModule):
             cache=self.cache,
             on_bad_sample=self.on_bad_sample,
             max_image_pixels=self.max_image_pixels,
+            regions=self.regions,
         )
 
     def _dataset(self, split: str) -> Dataset:
         if split == "predict" and self.predict_root is not None:
             image_dir = "images" if (self.predict_root / "images").is_dir() else "."  # or a bare folder of images
-            index = index_folder(self.predict_root, image_dir, masks=False)
+            index = expand_regions(index_folder(self.predict_root, image_dir, masks=False), self.regions)
             return self._folder_dataset(index, index.ids, None, masks=False)
         if split in ("test", "predict") and self.test_root is not None:
             test = split == "test"
             masks = self.requires_masks and test
-            index = index_dataset(self.test_root, self.layout, masks=masks)
+            index = expand_regions(index_dataset(self.test_root, self.layout, masks=masks), self.regions)
             return self._folder_dataset(index, index.ids, self._encode_labels(index) if test else None, masks=masks)
         if self.root is None or self._index is None:
             raise ValueError(f"data.root is required for the {split!r} split (or data.test_root for test/predict)")
         name = "test" if split == "predict" else split
-        ids = self.splits.get(name) or []
+        ids = self._region_samples(self.splits.get(name) or [])  # a checkpoint's file ids -> their regions
         if not ids:
             raise ValueError(f"the {name!r} split of {self.root} is empty; check split_fractions or the split files")
         predict = split == "predict"

@@ -167,7 +167,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
     if path.suffix.lower() == ".dcm":
         from usclip.data.dicom import read_dicom
 
-        return read_dicom(path).image
+        return read_dicom(path, regions="all").image  # the whole frame: no region is chosen or left out
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     if path.stat().st_size == 0:
