@@ -201,6 +201,11 @@ def test_all_keeps_the_regions_of_a_file_in_one_split(tmp_path):
         (root / f"{name}.txt").write_text("dual1@r0\n" if name == "train" else "dual1@r1\n")
     with pytest.raises(ValueError, match=r"regions of 1 DICOM files lie in several splits \(e\.g\. \{'dual1': \["):
         SegmentationDataModule(str(root), image_size=16, regions="all").setup("fit")
+    # a checkpoint of a regions='largest' run names the file: regions='all' predicts each of its regions
+    dm = SegmentationDataModule(str(root), image_size=16, regions="all")
+    dm.load_state_dict({"splits": {"train": ["png1"], "val": ["png2"], "test": ["dual3", "png0"]}})
+    dm.setup("predict")
+    assert dm.predict_dataloader().dataset.ids == ["dual3@r0", "dual3@r1", "png0"]
     # a checkpoint's region ids read with regions='largest' say what to set
     (root / "train.txt").unlink()
     (root / "val.txt").unlink()
