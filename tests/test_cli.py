@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,28 @@ def test_weights_that_cannot_be_fetched_are_one_clear_message(tmp_path, capsys, 
     first = next(ln for ln in err.splitlines() if ln.startswith("usclip: error:"))
     assert "'ViT-B-16' 'openai'" in first
     assert "Namespace(" not in err and "Does not validate" not in err
+
+
+# ------------------------------------------------------------------ lists through a pipe the reader closed (#26)
+@pytest.mark.parametrize("command", ["configs", "data check"])
+def test_list_commands_end_quietly_when_the_reader_leaves(tmp_path, command):
+    """`usclip configs | head -1`: the reader exits early; no BrokenPipeError traceback, exit code 0.
+
+    The pipe's reading end is closed before the command starts, so the first write fails every time (a reader
+    that stops after one line fails only when the output outgrows the pipe's buffer: a race). Every argparse
+    subcommand goes through the same router (``usclip.cli._run_printing``); ``data check`` imports torch (2 s).
+    """
+    from tests.dicom_files import write_dicom_folder
+
+    args = command.split() + ([str(write_dicom_folder(tmp_path / "export"))] if command == "data check" else [])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "usclip", *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(s in proc.stderr for s in ("Traceback", "BrokenPipeError", "Exception ignored")), proc.stderr
+
