@@ -60,6 +60,52 @@ from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
 
+#: ``num_workers: auto`` starts this many DataLoader workers at most, fewer when fewer cores are available (the
+#: shipped configs' value before ``auto``; every worker keeps its own image cache of ``cache_mb``)
+AUTO_MAX_WORKERS = 4
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: what a cluster job or ``taskset`` grants it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(requested: int | str, name: str = "data.num_workers") -> int:
+    """The number of DataLoader worker processes to start for ``requested``, fitted to the machine.
+
+    ``"auto"`` gives ``min(AUTO_MAX_WORKERS, cores)``; a number is kept, but capped at the available cores with a
+    logged note (more workers than cores only compete for them, and PyTorch warns). ``0`` loads in the main
+    process.
+
+    Args:
+        requested: ``"auto"`` or a number of workers (>= 0).
+        name: the setting's name, for the messages.
+
+    Raises:
+        ValueError: naming ``name`` and the value when it is neither ``"auto"`` nor a number >= 0.
+    """
+    cores = available_cores()
+    if requested == "auto":
+        return min(AUTO_MAX_WORKERS, cores)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"{name} must be 'auto' or a number of worker processes >= 0, got {requested!r}")
+    if requested > cores:
+        log.info(
+            "%s=%d is more than the %d CPU cores this process may use: starting %d DataLoader workers "
+            "(%s: auto fits the number to the machine)",
+            name,
+            requested,
+            cores,
+            cores,
+            name,
+        )
+        return cores
+    return requested
+
+
 #: the loop that is running -> the split its batches come from
 _SPLIT_OF_STAGE = {
     RunningStage.TRAINING: "train",
@@ -98,7 +144,9 @@ class BaseDataModule(L.LightningDataModule):
         root: dataset folder. May be ``None`` for a test-only run on ``test_root``.
         image_size: side length images are resized to (224 in the paper).
         batch_size: samples per batch (32 in the paper).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes. ``auto`` (the shipped configs' value) starts ``min(4, available
+            cores)``; a number is kept but capped at the available cores (logged); ``0`` (the default) loads in the
+            main process.
         split_fractions: train, val and test fractions when no split files exist (8:1:1 in the paper). With a
             predefined ``test.txt`` alone, the other images are split train : (val + test), i.e. 8:2.
         split_seed: seed of the split (independent of the training seed).
@@ -152,7 +200,7 @@ class BaseDataModule(L.LightningDataModule):
         root: str | None = None,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = 0,
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         split_seed: int = 0,
         train_fraction: float = 1.0,
@@ -205,7 +253,8 @@ class BaseDataModule(L.LightningDataModule):
         self.predict_root = Path(predict_root) if predict_root is not None else None
         self.image_size = image_size
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        #: the worker processes started, fitted to the machine (hparams keep the value asked for)
+        self.num_workers = resolve_num_workers(num_workers)
         self.augmentations: AugmentationSpec = DEFAULT_AUGMENTATIONS if augmentations is None else augmentations
         build_transform(image_size, self.augmentations)  # a bad spec fails here, naming the transform, not in a worker
         self.synthetic = synthetic
