@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +230,65 @@ def test_weights_that_cannot_be_fetched_are_one_clear_message(tmp_path, capsys, 
     first = next(ln for ln in err.splitlines() if ln.startswith("usclip: error:"))
     assert "'ViT-B-16' 'openai'" in first
     assert "Namespace(" not in err and "Does not validate" not in err
+
+
+# ------------------------------------------------------------------ lists through a pipe the reader closed (#26)
+@pytest.mark.parametrize("command", ["configs", "data check"])
+def test_list_commands_end_quietly_when_the_reader_leaves(tmp_path, command):
+    """`usclip configs | head -1`: the reader exits early; no BrokenPipeError traceback, exit code 0.
+
+    The pipe's reading end is closed before the command starts, so the first write fails every time (a reader
+    that stops after one line fails only when the output outgrows the pipe's buffer: a race). Every argparse
+    subcommand goes through the same router (``usclip.cli._run_printing``); ``data check`` imports torch (2 s).
+    """
+    from tests.dicom_files import write_dicom_folder
+
+    args = command.split() + ([str(write_dicom_folder(tmp_path / "export"))] if command == "data check" else [])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "usclip", *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(s in proc.stderr for s in ("Traceback", "BrokenPipeError", "Exception ignored")), proc.stderr
+
+
+# ------------------------------------------------------------------ DataLoader workers fitted to the machine (#26)
+def test_num_workers_fit_the_available_cores(monkeypatch, caplog):
+    from usclip.data import datamodules
+
+    monkeypatch.setattr(datamodules, "available_cores", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="usclip"):
+        assert datamodules.resolve_num_workers("auto") == 2 and datamodules.resolve_num_workers(1) == 1
+        assert datamodules.resolve_num_workers(0) == 0 and caplog.text == ""
+        assert datamodules.resolve_num_workers(3) == 2  # an explicit value above the cores: capped, with a note
+    assert "data.num_workers=3 is more than the 2 CPU cores this process may use: starting 2" in caplog.text
+    monkeypatch.setattr(datamodules, "available_cores", lambda: 16)
+    assert datamodules.resolve_num_workers("auto") == datamodules.AUTO_MAX_WORKERS == 4
+    assert datamodules.resolve_num_workers(8) == 8  # kept: within the cores
+    for bad in (-1, "many", True, 2.5):
+        with pytest.raises(ValueError, match=rf"data.num_workers must be 'auto' or a number .* got {bad!r}"):
+            datamodules.resolve_num_workers(bad)
+
+
+def test_shipped_config_workers_reach_the_dataloaders(tmp_path, monkeypatch):
+    """busi_seg.yaml says `num_workers: auto`: one core gives one worker (not 4) to the train and predict loaders."""
+    from usclip.data import datamodules
+
+    monkeypatch.setattr(datamodules, "available_cores", lambda: 1)
+    args = ["--config", str(Path(__file__).parents[1] / "configs" / "busi_seg.yaml")]
+    args += ["--model.init_args.pretrained=null", "--model.init_args.model_name=usclip-test-vit"]
+    args += ["--model.init_args.layers=[1,2,3]", "--data.init_args.image_size=32"]
+    args += [f"--data.init_args.root={tmp_path / 'd'}", f"--trainer.default_root_dir={tmp_path}"]
+    args += ["--data.init_args.synthetic.num_samples=10", "--data.init_args.synthetic.size=32"]
+    args += [f"--data.init_args.predict_root={tmp_path / 'd' / 'images'}"]
+    dm = main(args, run=False).datamodule
+    assert dm.hparams["num_workers"] == "auto" and dm.num_workers == 1
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_dataloader().num_workers == 1
+    dm.setup("predict")
+    assert dm.predict_dataloader().num_workers == 1

@@ -9,6 +9,8 @@ from PIL import Image
 from usclip.cli import main
 from usclip.data.synthetic import generate_sample
 
+from .dicom_files import J2K_LOSSLESS, write_dicom_folder
+
 
 def run(args: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:
@@ -133,3 +135,36 @@ def test_data_duplicates_measures_the_largest_group_against_all_images(tmp_path,
     out = capsys.readouterr().out
     assert "241 images: 55 duplicate pairs, 1 groups with more than one image (11 images, largest 11)" in out
     assert "warning: the largest group" not in out
+
+
+def test_data_check_lists_a_flat_dicom_folder_and_a_single_file(tmp_path, capsys):
+    """A folder of DICOM files without images/ (as a scanner export), --dicom-csv, and one file alone."""
+    import csv
+
+    root = write_dicom_folder(tmp_path / "export")
+    csv_path = tmp_path / "dicom.csv"
+    assert run(["data", "check", str(root), "--crop", "none", "--dicom-csv", str(csv_path)]) == 1  # j2k: an error
+    out = capsys.readouterr().out
+    assert "images: 6" in out and "no images/ folder: checked the image files in the folder itself" in out
+    assert "DICOM files: 5; 4 decode, 1 do not" in out
+    syntaxes = "Explicit VR Little Endian 4 (4 decode), JPEG 2000 Image Compression (Lossless Only) 1 (0 decode)"
+    assert f"    transfer syntax: {syntaxes}\n" in out
+    rgb = "rgb.dcm: RGB, bits 8/8, Explicit VR Little Endian, 1 frame, 3 samples/pixel, 20x10; no regions; decodes"
+    # random RGB noise is mostly coloured; grey files get no colour column
+    assert f"\n    {rgb}; colour 98.00 % of the scan area\n" in out
+    assert "1 region: [1] (2, 3, 20, 25) 2-D/tissue, spacing 0.2 x 0.1 mm; decodes\n" in out  # mono.dcm
+    assert f"wrote {csv_path} (5 DICOM files)" in out
+    rows = {r["file"]: r for r in csv.DictReader(csv_path.open())}
+    assert sorted(rows) == ["j2k.dcm", "mono.dcm", "pal.dcm", "rgb.dcm", "two.dcm"]
+    assert (rows["j2k.dcm"]["transfer_syntax_uid"], rows["j2k.dcm"]["decodes"]) == (J2K_LOSSLESS, "0")
+    assert rows["j2k.dcm"]["error"] and rows["two.dcm"]["error"] == ""
+    assert (rows["rgb.dcm"]["colour_share"], rows["two.dcm"]["colour_share"]) == ("0.980000", "")
+    assert (rows["two.dcm"]["regions"], rows["mono.dcm"]["frames"], rows["pal.dcm"]["decodes"]) == ("3", "2", "1")
+    assert rows["two.dcm"]["region_list"].startswith("(2, 3, 20, 25) 2-D/tissue, spacing 0.2 x 0.1 mm; (20, 3, 40")
+    # one file: its checks and its listing, no split files
+    assert run(["data", "check", str(root / "two.dcm"), "--max-dicom-files", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "(layout: file)" in out and "images: 1" in out and "split files" not in out
+    assert "ultrasound regions: 3 1 (1 decode)" in out and "two.dcm:" not in out  # summary only
+    assert run(["data", "check", str(root), "--max-dicom-files", "-1"]) == 2
+    assert "--max-dicom-files must be 0 or more, got -1" in capsys.readouterr().err

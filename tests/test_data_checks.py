@@ -17,6 +17,8 @@ from usclip.data.checks import check_dataset
 from usclip.data.datasets import FolderDataset
 from usclip.data.imageio import ImageReadError, read_image, read_mask
 
+from .dicom_files import J2K_LOSSLESS, write_dicom, write_dicom_folder
+
 
 def make_folder(root: Path, n: int = 6, size: tuple[int, int] = (40, 50)) -> Path:
     rng = np.random.default_rng(0)
@@ -222,3 +224,73 @@ def test_conflicting_group_labels_and_orphans_are_warned(tmp_path):
     warnings = problems(root, "warning")
     assert any("groups.csv: 1 groups hold images with different labels (['g'])" in w for w in warnings)
     assert any("groups.csv: 1 ids have no image: ['zz']" in w for w in warnings)
+
+
+# ------------------------------------------------------------------ DICOM listing
+def test_dicom_files_are_listed_with_header_regions_and_decoding(tmp_path):
+    from usclip.data.dicom_checks import summarise
+
+    root = tmp_path / "d"
+    write_dicom_folder(root / "images")
+    report = check_dataset(root, crop="none")
+    files = {f.name: f for f in report.dicom}
+    assert sorted(files) == ["images/j2k.dcm", "images/mono.dcm", "images/pal.dcm", "images/rgb.dcm", "images/two.dcm"]
+    mono, rgb, pal, two, j2k = (files[f"images/{n}.dcm"] for n in ("mono", "rgb", "pal", "two", "j2k"))
+    assert (mono.photometric, mono.bits_allocated, mono.bits_stored) == ("MONOCHROME2", 8, 8)
+    assert (mono.frames, mono.samples_per_pixel, mono.size) == (2, 1, (40, 30))
+    assert (rgb.photometric, rgb.samples_per_pixel, rgb.size, rgb.regions) == ("RGB", 3, (20, 10), [])
+    assert pal.photometric == "PALETTE COLOR" and mono.transfer_syntax == "Explicit VR Little Endian"
+    assert j2k.transfer_syntax == "JPEG 2000 Image Compression (Lossless Only)"
+    assert j2k.transfer_syntax_uid == J2K_LOSSLESS
+    # regions as written: end-exclusive boxes, spacing (row, column) in mm from cm, names of format and type
+    assert [(r.box, r.spatial_format, r.data_type) for r in two.regions] == [
+        ((2, 3, 20, 25), 1, 1),
+        ((20, 3, 40, 25), 1, 1),
+        ((0, 25, 6, 30), 0, 13),
+    ]
+    assert two.regions[0].spacing == pytest.approx((0.2, 0.1)) and two.regions[1].spacing == pytest.approx((0.5, 0.3))
+    assert two.regions[2].spacing is None
+    # decoding through usclip's reader: the garbage JPEG 2000 fails (with or without a decoder), the rest decode
+    assert [f.decodes for f in (mono, rgb, pal, two)] == [True] * 4 and j2k.decodes is False
+    assert j2k.error and "\n" not in j2k.error and any(p.path.endswith("j2k.dcm") for p in report.errors)
+    kinds = summarise(report.dicom)
+    assert kinds["photometric interpretation"] == {"MONOCHROME2": (3, 2), "PALETTE COLOR": (1, 1), "RGB": (1, 1)}
+    assert kinds["transfer syntax"] == {
+        "Explicit VR Little Endian": (4, 4),
+        "JPEG 2000 Image Compression (Lossless Only)": (1, 0),
+    }
+    assert kinds["frames"] == {"1": (4, 3), "2": (1, 1)} and kinds["samples per pixel"] == {"1": (4, 3), "3": (1, 1)}
+    assert kinds["ultrasound regions"] == {"0": (3, 2), "1": (1, 1), "3": (1, 1)}
+    text = report.format()
+    assert "DICOM files: 5; 4 decode, 1 do not" in text
+    assert "photometric interpretation: MONOCHROME2 3 (2 decode), PALETTE COLOR 1 (1 decode), RGB 1 (1 decode)" in text
+    assert "images/mono.dcm: MONOCHROME2, bits 8/8, Explicit VR Little Endian, 2 frames, 1 sample/pixel, 40x30" in text
+    assert (
+        "images/two.dcm: MONOCHROME2, bits 8/8, Explicit VR Little Endian, 1 frame, 1 sample/pixel, 40x30; 3 regions: "
+        "[1] (2, 3, 20, 25) 2-D/tissue, spacing 0.2 x 0.1 mm; [2] (20, 3, 40, 25) 2-D/tissue, spacing 0.5 x 0.3 mm; "
+        "[3] (0, 25, 6, 30) none/grey bar; decodes"
+    ) in text
+    assert "images/j2k.dcm: MONOCHROME2, bits 8/8, JPEG 2000 Image Compression (Lossless Only)" in text
+    assert f"no regions; does not decode: {j2k.error}" in text
+    assert "plain.png" not in text.split("problems:")[0]  # PNG files are checked, not listed as DICOM
+    summary_only = report.format(max_dicom_files=0)
+    assert "DICOM files: 5" in summary_only and "images/mono.dcm:" not in summary_only
+
+
+def test_dicom_header_without_file_meta_and_not_dicom(tmp_path):
+    """An old file without preamble and file meta is read with force (like OT-PAL-8-face.dcm); junk is named."""
+    from usclip.data.dicom_checks import read_dicom_header
+
+    bare = write_dicom(tmp_path / "bare.dcm", np.zeros((6, 9), np.uint8), "PALETTE COLOR", file_meta=False)
+    info = read_dicom_header(bare)
+    assert (info.photometric, info.size, info.header_error) == ("PALETTE COLOR", (9, 6), None)
+    assert info.transfer_syntax == "Implicit VR Little Endian (no file meta)" and info.transfer_syntax_uid is None
+    (tmp_path / "junk.dcm").write_bytes(b"not a dicom file at all")
+    junk = read_dicom_header(tmp_path / "junk.dcm")
+    assert junk.header_error == "not a DICOM file (no DICOM header and no image attributes)"
+    junk.decoded("cannot read\nsecond line")
+    assert junk.decodes is False and junk.error == "cannot read"
+    assert junk.describe() == (
+        "junk.dcm: header not readable: not a DICOM file (no DICOM header and no image attributes); no regions; "
+        "does not decode: cannot read"
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pydicom = pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
@@ -235,6 +236,53 @@ def test_colour_share_keep_and_replace_on_a_doppler_dicom(tmp_path):
     assert report.colour_share == {str(path): pytest.approx(0.04)}
     assert "colour in the scan area: 1 of 1 colour files hold coloured pixels" in report.format()
     assert "dop.dcm 4.00 %" in report.format()
+
+
+def test_colour_replace_inside_each_region_of_a_dual_view(tmp_path, caplog):
+    """``regions: all`` with ``colour: replace``: each region's sample gets its own region's filled pixels, the
+    cache keeps colour and region apart, and the data check's share covers both regions without a region warning."""
+    from usclip.data.cache import SampleCache
+    from usclip.data.colour import scan_area_colour_share
+    from usclip.data.datasets import FolderDataset
+    from usclip.data.dicom import read_dicom
+    from usclip.data.layouts import expand_regions, index_folder
+
+    rng = np.random.default_rng(3)
+    rgb = np.repeat(rng.integers(20, 61, size=(60, 80)).astype(np.uint8)[..., None], 3, axis=2)
+    boxes = [(5, 5, 35, 45), (40, 5, 75, 45)]  # end exclusive: 30 x 40 and 35 x 40 pixels
+    blobs = np.zeros((60, 80), bool)
+    blobs[15:20, 12:18] = True  # 30 pixels in r0
+    blobs[20:30, 50:58] = True  # 80 pixels in r1
+    rgb[blobs] = (255, 0, 0)
+    rgb[50:53, 0:4] = (255, 255, 0)  # outside both regions: kept
+    items = []
+    for x0, y0, x1, y1 in boxes:
+        r = Dataset()
+        r.RegionSpatialFormat, r.RegionDataType, r.RegionFlags = 1, 1, 0
+        r.RegionLocationMinX0, r.RegionLocationMinY0 = x0, y0
+        r.RegionLocationMaxX1, r.RegionLocationMaxY1 = x1 - 1, y1 - 1  # inclusive corners
+        items.append(r)
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    path = write_dicom(tmp_path / "d" / "images" / "dual.dcm", rgb, "RGB", SequenceOfUltrasoundRegions=items)
+    keep = read_dicom(path, regions="all")
+    replaced = read_dicom(path, regions="all", colour="replace")
+    assert [r.box for r in replaced.regions] == boxes
+    assert (keep.image[blobs] == 76).all() and replaced.image[blobs].max() <= 60  # filled in both regions
+    np.testing.assert_array_equal(replaced.image[~blobs], keep.image[~blobs])  # the yellow mark outside stays
+    index = expand_regions(index_folder(tmp_path / "d", masks=False), "all")
+    assert index.ids == ["dual@r0", "dual@r1"]
+    cache = SampleCache(max_mb=8)
+    kwargs = {"with_masks": False, "crop": "auto", "index": index, "cache": cache, "regions": "all"}
+    for colour, image in (("keep", keep.image), ("replace", replaced.image)):
+        ds = FolderDataset(tmp_path / "d", index.ids, colour=colour, **kwargs)
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            got = (ds[k]["image"][0] * 255).round().to(dtype=torch.uint8).numpy()
+            np.testing.assert_array_equal(got, image[y0:y1, x0:x1])
+    assert (cache.misses, len(cache)) == (4, 4)  # two regions x two colour modes: four keys
+    with caplog.at_level(logging.WARNING):
+        share = scan_area_colour_share(path)
+    assert share == pytest.approx((30 + 80) / (1200 + 1400))  # both regions together
+    assert not [r for r in caplog.records if "tissue regions" in r.getMessage()]
 
 
 def test_colour_png_replace_and_dataset_cache_key(tmp_path):

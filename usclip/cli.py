@@ -110,7 +110,7 @@ def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI:
     argv = sys.argv[1:] if args is None else list(args)
     first = argv[0] if argv else None
     if first in COMMANDS:
-        raise SystemExit(_command_main(first)(argv[1:]))
+        raise SystemExit(_run_printing(lambda: _command_main(first)(argv[1:])))  # `usclip configs | head`
     if first in ("--version", "-V"):
         print(f"usclip {__version__}")
         raise SystemExit(0)
@@ -137,6 +137,29 @@ def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI:
         print(f"usclip: error: {configuration_error_message(err)}", file=sys.stderr)
         print("(the full message: rerun with USCLIP_DEBUG=1)", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _run_printing(command: Callable[[], int | str | None]) -> int | str | None:
+    """Run a command that prints to stdout; a reader that stops early (``usclip configs | head``) ends it quietly.
+
+    When the reader of a pipe exits, the next write (or the final flush) raises ``BrokenPipeError``: the command
+    stops there, stdout is pointed at ``os.devnull`` so that the interpreter's own flush at exit stays silent (no
+    traceback, no "Exception ignored" message), and the exit code is 0: the reader has what it wanted, as with
+    ``usclip sweep --dry-run | head``. Returns the command's exit code (``SystemExit`` codes, e.g. of
+    ``--help``, included).
+    """
+    try:
+        try:
+            code = command()
+        except SystemExit as exit_:  # argparse's --help and errors: flush what they printed first
+            code = exit_.code
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    return code
 
 
 def _with_packaged_configs(argv: list[str], resolve: Callable[[str], str]) -> list[str]:

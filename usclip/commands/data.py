@@ -1,7 +1,8 @@
 """``usclip data``: dataset tools.
 
-- ``usclip data check ROOT``: read every file, print counts, sizes, mask coverage, label balance and every problem
-  (exit code 1 when there are errors);
+- ``usclip data check ROOT``: read every file, print counts, sizes, mask coverage, label balance, the DICOM files
+  (header, regions, whether they decode, a summary per kind) and every problem (exit code 1 when there are
+  errors); ROOT may also be a folder of images without ``images/``, or one file;
 - ``usclip data duplicates ROOT``: find near-duplicate images and write ``groups.csv`` (never over an existing
   file unless ``--overwrite``).
 
@@ -39,12 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{check,duplicates}")
 
     check = sub.add_parser("check", help="validate a dataset and print a summary and every problem")
-    check.add_argument("root", type=Path, help="dataset folder (generic layout or the BUSI release)")
+    check.add_argument(
+        "root", type=Path, help="dataset folder (generic layout, BUSI release, or a folder of images), or one file"
+    )
     check.add_argument("--layout", choices=LAYOUTS, default="auto", help="folder layout (default: auto)")
     check.add_argument("--crop", choices=CROP_MODES, default="auto", help="crop whose effect is reported")
     check.add_argument("--labels", help="expected class names, comma separated (e.g. benign,malignant)")
     check.add_argument("--groups", type=Path, help="groups file to use instead of ROOT/groups.csv")
     check.add_argument("--max-problems", type=int, default=200, help="problems printed at most (default: 200)")
+    check.add_argument(
+        "--max-dicom-files",
+        type=int,
+        default=200,
+        help="DICOM files listed one by one at most (default: 200; 0: the summary per kind only)",
+    )
+    check.add_argument("--dicom-csv", type=Path, help="also write the DICOM listing, every file, to this CSV file")
     check.add_argument(
         "--max-image-pixels",
         type=int,
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_check(args: argparse.Namespace) -> int:
     """``usclip data check``; returns 1 when the dataset has errors."""
+    if args.max_dicom_files < 0:
+        raise ValueError(f"--max-dicom-files must be 0 or more, got {args.max_dicom_files}")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     from usclip.data.checks import check_dataset
 
@@ -80,7 +92,13 @@ def run_check(args: argparse.Namespace) -> int:
         progress=True,
         max_image_pixels=args.max_image_pixels or None,
     )
-    print(report.format(args.max_problems))
+    print(report.format(args.max_problems, args.max_dicom_files))
+    if args.dicom_csv is not None:
+        from usclip._io import write_csv_atomic
+        from usclip.data.dicom_checks import CSV_HEADER
+
+        write_csv_atomic(args.dicom_csv, CSV_HEADER, [f.row() for f in report.dicom])
+        print(f"wrote {args.dicom_csv} ({len(report.dicom)} DICOM files)")
     return 1 if report.errors else 0
 
 
@@ -146,6 +164,8 @@ def main(argv: Sequence[str]) -> int:
     """Run ``usclip data`` with ``argv`` (without the leading ``data``); returns the exit code."""
     args = build_parser().parse_args(list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(message)s")
+    if not args.verbose:  # pydicom logs each failed pixel decoder with a traceback; the report names file and error
+        logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)  # ("pydicom" itself is reset on import)
     try:
         return run_check(args) if args.command == "check" else run_duplicates(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:

@@ -1,8 +1,10 @@
 """``usclip data check``: validate a dataset folder and summarise it (counts, sizes, masks, labels, problems).
 
 Every file is read the way training reads it (``usclip.data.imageio``), so a dataset that passes the check does
-not fail halfway through an epoch. Problems carry a severity: ``error`` (training would fail or be wrong),
-``warning`` (probably a mistake: fixed on the fly or worth a look) and ``note`` (a logged, harmless conversion).
+not fail halfway through an epoch. DICOM files are also listed one by one (header, ultrasound regions, whether
+they decode; see :mod:`usclip.data.dicom_checks`), with a summary per kind. Problems carry a severity: ``error``
+(training would fail or be wrong), ``warning`` (probably a mistake: fixed on the fly or worth a look) and ``note``
+(a logged, harmless conversion).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from usclip.data.colour import scan_area_colour_share
 from usclip.data.crop import Box, CropMode, check_box, crop_box_for
+from usclip.data.dicom_checks import DicomFileInfo, format_listing, read_dicom_header
 from usclip.data.imageio import (
     _GREY_MODES,
     MAX_IMAGE_PIXELS,
@@ -28,6 +31,7 @@ from usclip.data.imageio import (
     read_image,
 )
 from usclip.data.layouts import (
+    IMAGE_SUFFIXES,
     DatasetIndex,
     busi_groups_warning,
     detect_layout,
@@ -71,6 +75,7 @@ class DatasetReport:
     splits: dict[str, int] = field(default_factory=dict)
     crop_removed: list[float] = field(default_factory=list)  # share of pixels the crop removes
     colour_share: dict[str, float] = field(default_factory=dict)  # colour file -> coloured share of its scan area
+    dicom: list[DicomFileInfo] = field(default_factory=list)  # the DICOM files: header, regions, decodes
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -82,8 +87,13 @@ class DatasetReport:
         """Record a problem."""
         self.problems.append(Problem(severity, str(path), message))
 
-    def format(self, max_problems: int = 200) -> str:
-        """The report as text: one summary block, then every problem (errors first)."""
+    def format(self, max_problems: int = 200, max_dicom_files: int | None = 200) -> str:
+        """The report as text: one summary block, the DICOM listing, then every problem (errors first).
+
+        Args:
+            max_problems: problems printed at most.
+            max_dicom_files: DICOM files listed one by one at most (``None``: all; 0: their summary only).
+        """
         lines = [f"dataset {self.root} (layout: {self.layout})", f"  images: {self.num_images}"]
         if self.sizes:
             ws = [w for (w, _), n in self.sizes.items() for _ in range(n)]
@@ -110,7 +120,8 @@ class DatasetReport:
             multi = f"{self.multi_groups} with more than one image, largest {self.largest_group}"
             lines.append(f"  groups: {self.num_groups} ({multi})")
         splits = ", ".join(f"{k} {n}" for k, n in self.splits.items()) or "none (a seeded split is made at fit time)"
-        lines.append(f"  split files: {splits}")
+        if self.layout != "file":
+            lines.append(f"  split files: {splits}")
         if self.crop_removed:
             r = np.array(self.crop_removed) * 100
             lines.append(
@@ -119,6 +130,7 @@ class DatasetReport:
             )
         if self.colour_share:
             lines.append(_colour_line(self.colour_share))
+        lines += format_listing(self.dicom, max_dicom_files)
         order = {"error": 0, "warning": 1, "note": 2}
         problems = sorted(self.problems, key=lambda p: (order[p.severity], p.path))
         counts = Counter(p.severity for p in problems)
@@ -145,12 +157,28 @@ def _colour_line(shares: dict[str, float], top: int = 3) -> str:
     )
 
 
+def _is_flat_folder(root: Path) -> bool:
+    """A folder of images without ``images/`` (what ``data.predict_root`` also accepts)."""
+    if (root / "images").is_dir():
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for p in root.iterdir())
+
+
 def _index(root: Path, layout: str, report: DatasetReport) -> DatasetIndex | None:
     layout = detect_layout(root) if layout == "auto" else layout
     report.layout = layout
     duplicates: list[tuple[Path, Path]] = []
+    image_dir = "images"
+    if layout == "folder" and _is_flat_folder(root):
+        image_dir = "."
+        report.add(
+            "note",
+            root,
+            "no images/ folder: checked the image files in the folder itself (as data.predict_root reads them; "
+            "training needs ROOT/images)",
+        )
     try:
-        index = index_busi_release(root) if layout == "busi" else index_folder(root, duplicates=duplicates)
+        index = index_busi_release(root) if layout == "busi" else index_folder(root, image_dir, duplicates=duplicates)
     except (FileNotFoundError, ValueError) as err:
         report.add("error", root, str(err))
         return None
@@ -236,7 +264,8 @@ def check_dataset(
     """Read every file of a dataset folder and collect counts, statistics and problems.
 
     Args:
-        root: the dataset folder (generic layout or BUSI release).
+        root: the dataset folder (generic layout, BUSI release, or a folder of images without ``images/``), or one
+            image file.
         layout: ``auto``, ``folder`` or ``busi``.
         crop: crop mode whose effect is reported (``auto``: the share of pixels the scan-area crop removes, and
             masks that reach outside it).
@@ -251,10 +280,14 @@ def check_dataset(
     """
     root = Path(root)
     report = DatasetReport(root=root)
-    if not root.is_dir():
+    if root.is_file():  # one image: its own checks and, for DICOM, its listing
+        report.layout = "file"
+        index: DatasetIndex | None = DatasetIndex(root=root.parent, layout="file", images={root.stem: root})
+    elif not root.is_dir():
         report.add("error", root, "folder does not exist")
         return report
-    index = _index(root, layout, report)
+    else:
+        index = _index(root, layout, report)
     if index is None:
         return report
     if groups_csv is not None:
@@ -270,11 +303,17 @@ def check_dataset(
     report.num_images = len(index.images)
     for sid in tqdm(index.ids, desc="checking images", unit="image", disable=None if progress else True):
         path = index.images[sid]
+        dicom = _dicom_header(path, root, report)
         try:
-            image = read_image(path, max_image_pixels)
-        except (OSError, ValueError) as err:
-            report.add("error", path, str(err).removeprefix(f"{path}: "))
+            image = read_image(path, max_image_pixels)  # DICOM: usclip.data.dicom.read_dicom
+        except (OSError, ValueError, ImportError) as err:
+            message = str(err).removeprefix(f"{path}: ")
+            report.add("error", path, message)
+            if dicom is not None:
+                dicom.decoded(message)
             continue
+        if dicom is not None:
+            dicom.decoded()
         mode = _peek_mode(path)
         if mode in ("RGBA", "LA", "PA"):
             report.add("note", path, f"{mode} image: composited onto black and converted to grayscale")
@@ -285,6 +324,8 @@ def check_dataset(
             share = scan_area_colour_share(path, image, max_image_pixels)  # None for a grey file
             if share is not None:
                 report.colour_share[str(path)] = share
+                if dicom is not None:
+                    dicom.colour_share = share
         mask = None
         if sid in index.masks:
             mask = _check_mask(index.masks[sid], image.shape, report, max_image_pixels)
@@ -316,9 +357,23 @@ def check_dataset(
             if mask is not None and mask.sum() > mask[y0:y1, x0:x1].sum():
                 lost = int(mask.sum() - mask[y0:y1, x0:x1].sum())
                 report.add("warning", path, f"{lost} lesion pixels lie outside the {crop} crop box {box}")
-    _check_labels(index, report, label_names)
-    _check_groups_and_splits(index, report, groups_csv)
+    if report.layout != "file":
+        _check_labels(index, report, label_names)
+        _check_groups_and_splits(index, report, groups_csv)
     return report
+
+
+def _dicom_header(path: Path, root: Path, report: DatasetReport) -> DicomFileInfo | None:
+    """The header listing of a ``.dcm`` file (appended to ``report.dicom``); ``None`` for other files."""
+    if path.suffix.lower() != ".dcm":
+        return None
+    try:
+        name = str(path.relative_to(root)) if root.is_dir() else path.name
+    except ValueError:
+        name = str(path)
+    info = read_dicom_header(path, name)
+    report.dicom.append(info)
+    return info
 
 
 def _check_labels(index: DatasetIndex, report: DatasetReport, label_names: list[str] | None) -> None:

@@ -151,8 +151,9 @@ def scan_area_colour_share(
 ) -> float | None:
     """The share of coloured pixels in a file's scan area, or ``None`` for a file without colour samples.
 
-    The scan area of a DICOM file is its ultrasound region (:func:`usclip.data.dicom.read_dicom`); without a
-    region, and for other files, it is the area ``crop="auto"`` finds (:func:`usclip.data.crop.crop_box_for`).
+    The scan area of a DICOM file is its ultrasound region (:func:`usclip.data.dicom.read_dicom`), all its tissue
+    regions together when it holds several (a dual view); without a region, and for other files, it is the area
+    ``crop="auto"`` finds (:func:`usclip.data.crop.crop_box_for`).
 
     Args:
         path: an image or DICOM file.
@@ -171,9 +172,13 @@ def scan_area_colour_share(
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         if str(getattr(header, "PhotometricInterpretation", "MONOCHROME2")).upper().startswith("MONOCHROME"):
             return None  # a grey file: not decoded again
-        d = read_dicom(path, max_pixels=max_pixels)
+        d = read_dicom(path, regions="all", max_pixels=max_pixels)  # every region: none is left out, no warning
         if d.coloured is None:
             return None
+        if len(d.regions) > 1:
+            areas = [r.area for r in d.regions]
+            shares = [colour_share(d.coloured, r.box) for r in d.regions]
+            return sum(a * s for a, s in zip(areas, shares, strict=True)) / sum(areas)
         return colour_share(d.coloured, d.region or crop_box_for(d.image, "auto", where=str(path)))
     gray = image if image is not None else read_image(path, max_pixels)  # checks the size before decoding
     coloured = image_colour_mask(path)

@@ -34,12 +34,14 @@ from usclip.data.cache import SampleCache
 from usclip.data.colour import ColourMode, check_colour_mode
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
+from usclip.data.dicom import RegionsMode, check_regions_mode
 from usclip.data.imageio import MAX_IMAGE_PIXELS, check_max_pixels
 from usclip.data.layouts import (
     LAYOUTS,
     DatasetIndex,
     Layout,
     busi_groups_warning,
+    expand_regions,
     index_dataset,
     index_folder,
     read_csv_column,
@@ -58,6 +60,52 @@ from usclip.data.transforms import DEFAULT_AUGMENTATIONS, AugmentationSpec, buil
 from usclip.run_dirs import run_dir_of
 
 log = logging.getLogger(__name__)
+
+#: ``num_workers: auto`` starts this many DataLoader workers at most, fewer when fewer cores are available (the
+#: shipped configs' value before ``auto``; every worker keeps its own image cache of ``cache_mb``)
+AUTO_MAX_WORKERS = 4
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: what a cluster job or ``taskset`` grants it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(requested: int | str, name: str = "data.num_workers") -> int:
+    """The number of DataLoader worker processes to start for ``requested``, fitted to the machine.
+
+    ``"auto"`` gives ``min(AUTO_MAX_WORKERS, cores)``; a number is kept, but capped at the available cores with a
+    logged note (more workers than cores only compete for them, and PyTorch warns). ``0`` loads in the main
+    process.
+
+    Args:
+        requested: ``"auto"`` or a number of workers (>= 0).
+        name: the setting's name, for the messages.
+
+    Raises:
+        ValueError: naming ``name`` and the value when it is neither ``"auto"`` nor a number >= 0.
+    """
+    cores = available_cores()
+    if requested == "auto":
+        return min(AUTO_MAX_WORKERS, cores)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"{name} must be 'auto' or a number of worker processes >= 0, got {requested!r}")
+    if requested > cores:
+        log.info(
+            "%s=%d is more than the %d CPU cores this process may use: starting %d DataLoader workers "
+            "(%s: auto fits the number to the machine)",
+            name,
+            requested,
+            cores,
+            cores,
+            name,
+        )
+        return cores
+    return requested
+
 
 #: the loop that is running -> the split its batches come from
 _SPLIT_OF_STAGE = {
@@ -97,7 +145,9 @@ class BaseDataModule(L.LightningDataModule):
         root: dataset folder. May be ``None`` for a test-only run on ``test_root``.
         image_size: side length images are resized to (224 in the paper).
         batch_size: samples per batch (32 in the paper).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes. ``auto`` (the shipped configs' value) starts ``min(4, available
+            cores)``; a number is kept but capped at the available cores (logged); ``0`` (the default) loads in the
+            main process.
         split_fractions: train, val and test fractions when no split files exist (8:1:1 in the paper). With a
             predefined ``test.txt`` alone, the other images are split train : (val + test), i.e. 8:2.
         split_seed: seed of the split (independent of the training seed).
@@ -138,8 +188,13 @@ class BaseDataModule(L.LightningDataModule):
             files are checked from ``Rows x Columns`` in their header.
         colour: what happens to coloured pixels of colour files (colour or power Doppler, coloured calipers):
             ``keep`` their luminance (the default: the image as stored, as before the option existed), or
-            ``replace`` them by the median of their grey neighbours. ``usclip data check`` reports the share of
-            coloured pixels in each scan area. See docs/data.md.
+            ``replace`` them by the median of their grey neighbours (in a DICOM file, inside its 2-D regions).
+            ``usclip data check`` reports the share of coloured pixels in each scan area. See docs/data.md.
+        regions: DICOM files with several tissue regions (a dual view): ``largest`` (default) crops each file to
+            its largest region and warns once per file naming the regions left out; ``all`` makes each region a
+            sample of its own (ids ``<stem>@r0``, ``<stem>@r1`` ..., its own crop box and spacing; the file's mask,
+            label and group; regions of one file always in one split; needs ``crop: auto``); ``error`` refuses
+            such files before anything runs, naming them and their regions. See docs/data.md.
     """
 
     #: whether samples must carry masks / labels; set by the task-specific subclasses.
@@ -151,7 +206,7 @@ class BaseDataModule(L.LightningDataModule):
         root: str | None = None,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = 0,
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         split_seed: int = 0,
         train_fraction: float = 1.0,
@@ -170,8 +225,15 @@ class BaseDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.01,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         colour: ColourMode = "keep",
+        regions: RegionsMode = "largest",
     ) -> None:
         super().__init__()
+        check_regions_mode(regions, "data.regions")
+        if regions == "all" and crop != "auto":
+            raise ValueError(
+                f"data.regions='all' crops each tissue region of a DICOM file to its own box, so it needs "
+                f"data.crop='auto'; got crop={crop!r}"
+            )
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -199,7 +261,8 @@ class BaseDataModule(L.LightningDataModule):
         self.predict_root = Path(predict_root) if predict_root is not None else None
         self.image_size = image_size
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        #: the worker processes started, fitted to the machine (hparams keep the value asked for)
+        self.num_workers = resolve_num_workers(num_workers)
         self.augmentations: AugmentationSpec = DEFAULT_AUGMENTATIONS if augmentations is None else augmentations
         build_transform(image_size, self.augmentations)  # a bad spec fails here, naming the transform, not in a worker
         self.synthetic = synthetic
@@ -211,6 +274,7 @@ class BaseDataModule(L.LightningDataModule):
         self.on_bad_sample: OnBadSample = on_bad_sample
         self.max_image_pixels = max_image_pixels
         self.colour: ColourMode = colour
+        self.regions: RegionsMode = regions
         #: bad files skipped so far (``on_bad_sample: skip``), per split
         self.bad_samples = BadSampleCounter(max_bad_fraction)
         self._run_dir: Path | None = None
@@ -247,8 +311,9 @@ class BaseDataModule(L.LightningDataModule):
         index = self._index
         ids = index.ids
         files = {s: self.root / f"{s}.txt" for s in SPLITS if (self.root / f"{s}.txt").is_file()}
-        predefined = {s: read_split_file(p) for s, p in files.items()}
+        predefined = {s: self._region_samples(read_split_file(p)) for s, p in files.items()}
         validate_split_files(predefined, files, ids)
+        self._check_regions_in_one_split(predefined, files)
         if len(predefined) == 3:
             unused = len(ids) - sum(len(v) for v in predefined.values())
             if unused:
@@ -283,6 +348,30 @@ class BaseDataModule(L.LightningDataModule):
             )
         return splits
 
+    def _region_samples(self, ids: list[str], index: DatasetIndex | None = None) -> list[str]:
+        """``ids`` with the id of each file split into regions (``regions: all``) replaced by its region ids."""
+        index = index if index is not None else self._index
+        by_file = index.region_ids() if index is not None else {}
+        if not by_file:
+            return ids
+        return [r for i in ids for r in by_file.get(i, [i])]
+
+    def _check_regions_in_one_split(self, splits: dict[str, list[str]], files: dict[str, Path]) -> None:
+        """Split files must keep the regions of one DICOM file together (they show the same acquisition)."""
+        assert self._index is not None
+        where: dict[str, set[str]] = {}
+        for name, ids in splits.items():
+            for i in ids:
+                if i in self._index.regions:
+                    where.setdefault(self._index.regions[i][0], set()).add(name)
+        apart = {f: sorted(s) for f, s in where.items() if len(s) > 1}
+        if apart:
+            raise ValueError(
+                f"{sorted(p.name for p in files.values())}: the regions of {len(apart)} DICOM files lie in several "
+                f"splits (e.g. {dict(list(apart.items())[:3])}); list each file's regions in one split, or the "
+                "file id alone (it stands for all its regions)"
+            )
+
     def setup(self, stage: str) -> None:
         """Read labels and fix the split (unless a checkpoint already carried one)."""
         trainer = getattr(self, "trainer", None)
@@ -292,6 +381,8 @@ class BaseDataModule(L.LightningDataModule):
             self._index = index_dataset(self.root, self.layout, masks=self.requires_masks)
             if self.groups_csv is not None:
                 self._index.groups = self._read_groups(self.groups_csv, set(self._index.images))
+            # after the groups: a file's regions share its group (and its label)
+            self._index = expand_regions(self._index, self.regions)
             self._labels = self._encode_labels(self._index)
             if not self.splits:
                 self.splits = self._make_splits()
@@ -375,22 +466,23 @@ class BaseDataModule(L.LightningDataModule):
             on_bad_sample=self.on_bad_sample,
             max_image_pixels=self.max_image_pixels,
             colour=self.colour,
+            regions=self.regions,
         )
 
     def _dataset(self, split: str) -> Dataset:
         if split == "predict" and self.predict_root is not None:
             image_dir = "images" if (self.predict_root / "images").is_dir() else "."  # or a bare folder of images
-            index = index_folder(self.predict_root, image_dir, masks=False)
+            index = expand_regions(index_folder(self.predict_root, image_dir, masks=False), self.regions)
             return self._folder_dataset(index, index.ids, None, masks=False)
         if split in ("test", "predict") and self.test_root is not None:
             test = split == "test"
             masks = self.requires_masks and test
-            index = index_dataset(self.test_root, self.layout, masks=masks)
+            index = expand_regions(index_dataset(self.test_root, self.layout, masks=masks), self.regions)
             return self._folder_dataset(index, index.ids, self._encode_labels(index) if test else None, masks=masks)
         if self.root is None or self._index is None:
             raise ValueError(f"data.root is required for the {split!r} split (or data.test_root for test/predict)")
         name = "test" if split == "predict" else split
-        ids = self.splits.get(name) or []
+        ids = self._region_samples(self.splits.get(name) or [])  # a checkpoint's file ids -> their regions
         if not ids:
             raise ValueError(f"the {name!r} split of {self.root} is empty; check split_fractions or the split files")
         predict = split == "predict"

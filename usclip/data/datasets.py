@@ -12,6 +12,10 @@ Samples are dicts:
 - ``spacing``: float32 ``[row, column]`` pixel spacing of the original image in millimetres (DICOM), NaN when
   unknown.
 
+A DICOM file with several tissue regions is one sample per region under ``regions="all"`` (ids ``<stem>@r0``,
+``<stem>@r1`` ...; see :func:`usclip.data.layouts.expand_regions`): each crops its own region box, carries its own
+spacing, and its ``crop_box`` and ``orig_size`` place it in the full frame.
+
 Normalisation with the encoder's mean and std happens in the task, on the device: the data does not know the
 model.
 """
@@ -19,6 +23,7 @@ model.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,11 +41,23 @@ from usclip.data.bad_samples import (
 )
 from usclip.data.cache import DecodedSample, SampleCache, file_key
 from usclip.data.colour import ColourMode, check_colour_mode
-from usclip.data.crop import CROP_MODES, CropMode, check_box, crop_box_for
-from usclip.data.imageio import MAX_IMAGE_PIXELS, _note_once, check_max_pixels, load_grayscale, read_image, read_mask
-from usclip.data.layouts import IMAGE_SUFFIXES, DatasetIndex, index_folder, list_images, read_csv_column
+from usclip.data.crop import CROP_MODES, Box, CropMode, check_box, crop_box_for
+from usclip.data.dicom import REGION_ID_SEPARATOR, RegionsMode, check_regions_mode
+from usclip.data.imageio import (
+    MAX_IMAGE_PIXELS,
+    ImageReadError,
+    _note_once,
+    check_max_pixels,
+    load_grayscale,
+    read_image,
+    read_mask,
+)
+from usclip.data.layouts import IMAGE_SUFFIXES, DatasetIndex, expand_regions, index_folder, list_images, read_csv_column
 
 log = logging.getLogger(__name__)
+
+#: the end of a region sample's id (``<stem>@r0``)
+REGION_ID_PATTERN = re.compile(re.escape(REGION_ID_SEPARATOR) + r"\d+$")
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -96,6 +113,8 @@ def decode_sample(
     box: tuple[int, int, int, int] | None = None,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
     colour: ColourMode = "keep",
+    regions: RegionsMode = "largest",
+    region: int | None = None,
 ) -> DecodedSample:
     """Read an image (and its merged mask) and crop both to the scan area.
 
@@ -108,19 +127,49 @@ def decode_sample(
         max_pixels: largest image or mask read, in pixels (see :func:`usclip.data.imageio.read_image`); DICOM
             files are checked from ``Rows x Columns`` before decoding.
         colour: ``keep`` coloured pixels (colour Doppler, coloured calipers) as their luminance, or ``replace``
-            them by the median of their grey neighbours (see :mod:`usclip.data.colour`).
+            them by the median of their grey neighbours (see :mod:`usclip.data.colour`); in a DICOM file, inside
+            its 2-D regions (so each region sample gets its own region's replaced pixels).
+        regions: a DICOM file with several tissue regions, read whole (``region=None``): ``largest`` (and ``all``)
+            uses the largest and warns once naming the others, ``error`` refuses it
+            (see :func:`usclip.data.dicom.read_dicom`).
+        region: the tissue region of a DICOM file to serve (``r0`` is 0; see
+            :attr:`usclip.data.dicom.DicomImage.regions`): the image and mask are cropped to its box and the sample
+            carries its spacing. Needs ``crop="auto"``. ``None`` reads the file whole.
 
     Raises:
-        ImageReadError: for unreadable images and bad masks (see ``usclip.data.imageio``).
-        ValueError: for a box outside the image.
+        ImageReadError: for unreadable images and bad masks (see ``usclip.data.imageio``), and for a ``region`` the
+            file does not hold.
+        ValueError: for a box outside the image, or a ``region`` with another crop than ``auto`` or of a file
+            that is not DICOM.
     """
     spacing = None
-    region = None
+    dicom_box: Box | None = None
+    region_boxes: list[Box] = []  # every tissue region of the file, when serving one of them
+    if region is not None and (crop != "auto" or image_path.suffix.lower() != ".dcm"):
+        raise ValueError(
+            f"{image_path}: region r{region} asked for, but regions are served only from DICOM files with "
+            f"crop='auto' (got crop={crop!r})"
+        )
     if image_path.suffix.lower() == ".dcm":
         from usclip.data.dicom import read_dicom
 
-        dcm = read_dicom(image_path, colour=colour, max_pixels=max_pixels)
-        image, spacing, region = dcm.image, dcm.spacing, dcm.region
+        if region is None:
+            dcm = read_dicom(
+                image_path,
+                regions="error" if regions == "error" else "largest",
+                colour=colour,
+                max_pixels=max_pixels,
+            )
+            image, spacing, dicom_box = dcm.image, dcm.spacing, dcm.region
+        else:
+            dcm = read_dicom(image_path, regions="all", colour=colour, max_pixels=max_pixels)
+            if not 0 <= region < len(dcm.regions):
+                raise ImageReadError(
+                    f"{image_path}: region r{region} asked for, but the file holds {len(dcm.regions)} tissue regions "
+                    "(was it replaced after the dataset was indexed?)"
+                )
+            image, spacing, dicom_box = dcm.image, dcm.regions[region].spacing, dcm.regions[region].box
+            region_boxes = [r.box for r in dcm.regions]
     else:
         image = read_image(image_path, max_pixels, colour)
     mask = read_mask(mask_paths, image.shape, max_pixels) if mask_paths else None
@@ -128,23 +177,30 @@ def decode_sample(
         if box is None:
             raise KeyError(f"{image_path}: crop='boxes' but there is no box for this image in boxes.csv")
         crop_box = check_box(box, image.shape, str(image_path))
-    elif crop == "auto" and region is not None:
-        crop_box = region
+    elif crop == "auto" and dicom_box is not None:
+        crop_box = dicom_box
     else:
         crop_box = crop_box_for(image, crop, where=str(image_path))
     x0, y0, x1, y1 = crop_box
     if mask is not None:
         cropped = mask[y0:y1, x0:x1]
-        lost = int(mask.sum()) - int(cropped.sum())
+        if region_boxes:  # lesion pixels in the file's other regions belong to their samples: not lost
+            covered = np.zeros(mask.shape, bool)
+            for bx0, by0, bx1, by1 in region_boxes:
+                covered[by0:by1, bx0:bx1] = True
+            lost = int(mask[~covered].sum())
+            boxes_text = f"every tissue region's box {region_boxes}"
+        else:
+            lost = int(mask.sum()) - int(cropped.sum())
+            boxes_text = f"the crop box {crop_box}"
         if lost:
             _note_once(
                 "lost",
                 image_path,
-                "%s: %d lesion pixels of the mask lie outside the crop box %s and are dropped (check the crop, "
-                "or use crop='none')",
+                "%s: %d lesion pixels of the mask lie outside %s and are dropped (check the crop, or use crop='none')",
                 image_path,
                 lost,
-                crop_box,
+                boxes_text,
                 level=logging.WARNING,
             )
         mask = np.ascontiguousarray(cropped)
@@ -176,11 +232,16 @@ class FolderDataset(Dataset):
             :mod:`usclip.data.bad_samples`; batch with :func:`~usclip.data.bad_samples.collate_skipping_bad`).
         max_image_pixels: largest image or mask read, in pixels; larger files are bad files (``None``: no limit).
         colour: ``keep`` or ``replace`` coloured pixels of colour files (see :func:`decode_sample`).
+        regions: DICOM files with several tissue regions: ``largest`` serves each file whole, cropped to its
+            largest region (warning once per file about the others), ``all`` serves each region as a sample (ids
+            ``<stem>@r0`` ...; needs ``crop="auto"``), ``error`` refuses such files. A given ``index`` is used as
+            it is: expand it with :func:`usclip.data.layouts.expand_regions` first.
 
     Raises:
         FileNotFoundError: if an id has no image or (``with_masks``) no mask, naming the ids and folder.
         KeyError: if ``crop="boxes"`` and an id has no row in ``boxes.csv``.
-        ValueError: if an id has no label, or ``crop``, ``on_bad_sample`` or ``colour`` is unknown.
+        ValueError: if an id has no label, ``crop``, ``on_bad_sample``, ``colour`` or ``regions`` is unknown, or the
+            index holds region samples and ``crop`` is not ``auto``.
     """
 
     def __init__(
@@ -197,9 +258,11 @@ class FolderDataset(Dataset):
         on_bad_sample: OnBadSample = "raise",
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         colour: ColourMode = "keep",
+        regions: RegionsMode = "largest",
     ) -> None:
         if crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+        self.regions: RegionsMode = check_regions_mode(regions)
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         self.on_bad_sample: OnBadSample = on_bad_sample
@@ -207,11 +270,23 @@ class FolderDataset(Dataset):
         self.colour: ColourMode = check_colour_mode(colour)
         self.root = Path(root)
         self.ids = list(ids)
-        self.index = index if index is not None else index_folder(self.root, image_dir, masks=with_masks)
-        image_folder = self.root / image_dir if index is None else self.root
+        if index is None:
+            index = expand_regions(index_folder(self.root, image_dir, masks=with_masks), regions)
+            image_folder = self.root / image_dir
+        else:
+            image_folder = self.root
+        self.index = index
+        if self.index.regions and crop != "auto":
+            raise ValueError(
+                f"regions='all' serves each tissue region of a DICOM file cropped to its box, so it needs "
+                f"crop='auto'; got crop={crop!r}"
+            )
         missing = [i for i in self.ids if i not in self.index.images]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} ids have no image in {image_folder}: {missing[:5]}")
+            hint = ""
+            if any(REGION_ID_PATTERN.search(i) for i in missing) and not self.index.regions:
+                hint = " (ids <stem>@r<k> name the regions of a DICOM file: read them with regions='all')"
+            raise FileNotFoundError(f"{len(missing)} ids have no image in {image_folder}: {missing[:5]}{hint}")
         self.image_paths = [self.index.images[i] for i in self.ids]
         self.mask_paths: list[tuple[Path, ...]] | None = None
         if with_masks:
@@ -244,16 +319,20 @@ class FolderDataset(Dataset):
         image_path = self.image_paths[index]
         masks = self.mask_paths[index] if self.mask_paths is not None else None
         box = self.index.boxes.get(self.ids[index]) if self.crop == "boxes" else None
+        region_of = getattr(self.index, "regions", {})  # indices pickled before regions
+        region = region_of[self.ids[index]][1] if self.ids[index] in region_of else None
 
         max_pixels = getattr(self, "max_image_pixels", MAX_IMAGE_PIXELS)  # datasets pickled before the option
         colour: ColourMode = getattr(self, "colour", "keep")
+        regions: RegionsMode = getattr(self, "regions", "largest")
 
         def load() -> DecodedSample:
-            return decode_sample(image_path, masks, self.crop, box, max_pixels, colour)
+            return decode_sample(image_path, masks, self.crop, box, max_pixels, colour, regions, region)
 
         if self.cache is None:
             return load()
-        return self.cache.get(file_key([image_path, *(masks or ())], self.crop, box, colour), load)
+        extra = (self.crop, box, colour) if region is None else (self.crop, box, colour, f"region {region}")
+        return self.cache.get(file_key([image_path, *(masks or ())], *extra), load)
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
         """Sample ``index`` as a dict (see the module docstring), or a :class:`BadSample` marker.

@@ -7,6 +7,13 @@ spatial format, its data type and its physical size per pixel (``PhysicalDeltaX`
 tissue region instead of detecting the scan area, and samples carry the spacing, so that HD95 and ASD can be
 reported in millimetres (see :func:`usclip.data.crop.resized_spacing`).
 
+A file may hold several tissue regions (a dual view: two B-mode panes side by side). ``regions`` says what
+happens then (:data:`REGIONS_MODES`): ``largest`` uses the largest (the first of equal ones) and warns once per
+file naming the regions left out, ``all`` keeps every one (the dataset makes each its own sample, ids
+``<stem>@r0``, ``<stem>@r1`` ... in the order of the sequence; see :func:`region_id`), ``error`` refuses the file.
+Tissue regions are numbered ``r0``, ``r1`` ... in the order of ``SequenceOfUltrasoundRegions``, counting only
+2-D tissue regions (a spectral Doppler strip or a graphics region is not numbered).
+
 Needs ``pydicom`` (``pip install 'usclip[dicom]'``); compressed transfer syntaxes also need pydicom's pixel-data
 plugins (e.g. ``pylibjpeg``).
 """
@@ -17,7 +24,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,6 +42,61 @@ _DEFER_BYTES = 1 << 16  # elements larger than this (the pixel data) are read fr
 _GUARD_PIXELS = 1 << 20  # the grey-level guard counts levels on a strided view of at most about this many pixels
 _PIP_NAMES = {"gdcm": "python-gdcm"}  # pydicom names modules; pip names some packages otherwise
 
+RegionsMode = Literal["largest", "all", "error"]
+#: what a file with several tissue regions gives: the largest (warned), all of them, or an error
+REGIONS_MODES = ("largest", "all", "error")
+#: separator of a region sample's id: ``<file id>@r<k>`` (safe in file names, URLs, CSV and split files)
+REGION_ID_SEPARATOR = "@r"
+
+
+def region_id(file_id: str, k: int) -> str:
+    """The sample id of tissue region ``k`` of the file with id ``file_id``: ``<file id>@r<k>``.
+
+    ``@`` is allowed in file names on Linux, macOS and Windows, needs no quoting in shells, URLs (paths), CSV or
+    YAML (inside a word), and is not the comment character of split files (``#``).
+    """
+    return f"{file_id}{REGION_ID_SEPARATOR}{k}"
+
+
+def check_regions_mode(regions: str, name: str = "regions") -> RegionsMode:
+    """``regions`` if it is one of :data:`REGIONS_MODES`.
+
+    Raises:
+        ValueError: naming ``name``, the value and the choices.
+    """
+    if regions not in REGIONS_MODES:
+        raise ValueError(f"{name} must be one of {REGIONS_MODES}, got {regions!r}")
+    return regions  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class UltrasoundRegion:
+    """A 2-D region of ``SequenceOfUltrasoundRegions``.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` in pixels of the frame, end exclusive, clipped to the frame.
+        spacing: ``(row, column)`` pixel spacing in millimetres (``PhysicalDeltaY``, ``PhysicalDeltaX``); ``None``
+            when not given in cm.
+        tissue: whether ``RegionDataType`` is 1 (tissue).
+        item: position of the region in ``SequenceOfUltrasoundRegions`` (0-based, all items counted).
+    """
+
+    box: Box
+    spacing: tuple[float, float] | None
+    tissue: bool
+    item: int
+
+    @property
+    def area(self) -> int:
+        """Pixels in the box."""
+        x0, y0, x1, y1 = self.box
+        return (x1 - x0) * (y1 - y0)
+
+    def describe(self, k: int) -> str:
+        """``r<k> box (x0, y0, x1, y1), spacing 0.383 x 0.383 mm`` (row x column)."""
+        spacing = "unknown spacing" if self.spacing is None else "spacing {:.4g} x {:.4g} mm".format(*self.spacing)
+        return f"r{k} box {self.box}, {spacing}"
+
 
 @dataclass
 class DicomImage:
@@ -42,19 +104,24 @@ class DicomImage:
 
     Attributes:
         image: H x W uint8 grayscale (the first frame of a cine loop): the luminance of colour files, with coloured
-            pixels inside its 2-D regions replaced by the median of their grey neighbours with ``colour="replace"``.
-        region: ``(x0, y0, x1, y1)`` of the largest 2-D region, end exclusive; ``None`` without regions.
+            pixels inside its 2-D regions (every one of them, whatever ``regions`` says) replaced by the median of
+            their grey neighbours with ``colour="replace"``.
+        region: ``(x0, y0, x1, y1)`` of the largest 2-D tissue region (the first of equal ones; without tissue
+            regions the largest 2-D region), end exclusive; ``None`` without regions.
         spacing: ``(row, column)`` pixel spacing in millimetres of that region; ``None`` when not given in cm.
         coloured: H x W bool, the pixels whose colour channels differ by more than
             :data:`usclip.data.colour.COLOUR_TOLERANCE` (colour Doppler, coloured calipers, tinted background), as
             stored in the file; ``None`` for a greyscale (MONOCHROME) file. See
             :func:`usclip.data.colour.colour_share`.
+        regions: every 2-D tissue region, numbered ``r0``, ``r1`` ... in this order (the order of the file's
+            sequence; identical boxes listed twice count once); empty without tissue regions.
     """
 
     image: np.ndarray
     region: Box | None
     spacing: tuple[float, float] | None
     coloured: np.ndarray | None = None
+    regions: tuple[UltrasoundRegion, ...] = ()
 
 
 def _import_pydicom() -> Any:
@@ -215,51 +282,91 @@ def _to_gray_uint8(ds: Any, frame: np.ndarray, path: Path) -> tuple[np.ndarray, 
     return (255 - gray if photometric == "MONOCHROME1" else gray), None  # MONOCHROME1: 0 is white
 
 
-def _region(ds: Any, shape: tuple[int, int], path: Path) -> tuple[Box | None, tuple[float, float] | None]:
-    regions = list(getattr(ds, "SequenceOfUltrasoundRegions", []) or [])
-    best: Any = None
-    best_area = 0
-    box: Box = (0, 0, shape[1], shape[0])
-    for r in regions:
-        if int(getattr(r, "RegionSpatialFormat", 0)) != _SPATIAL_2D:
+def _usable_regions(ds: Any, shape: tuple[int, int]) -> list[UltrasoundRegion]:
+    """The 2-D regions of ``SequenceOfUltrasoundRegions`` with a location inside the frame, in file order."""
+    found = []
+    for item, r in enumerate(getattr(ds, "SequenceOfUltrasoundRegions", []) or []):
+        if int(getattr(r, "RegionSpatialFormat", 0) or 0) != _SPATIAL_2D:
             continue
         try:
             x0, y0 = int(r.RegionLocationMinX0), int(r.RegionLocationMinY0)
             x1, y1 = int(r.RegionLocationMaxX1) + 1, int(r.RegionLocationMaxY1) + 1  # inclusive -> exclusive
-        except AttributeError:
+        except (AttributeError, TypeError, ValueError):
             continue
         x0, y0, x1, y1 = max(0, x0), max(0, y0), min(shape[1], x1), min(shape[0], y1)
-        # tissue regions first, then the largest
-        area = (x1 - x0) * (y1 - y0) + (1 << 40 if int(getattr(r, "RegionDataType", 0)) == _TISSUE else 0)
-        if x1 > x0 and y1 > y0 and area > best_area:
-            best, best_area, box = r, area, (x0, y0, x1, y1)
-    if best is None:
-        if regions:
+        if x1 <= x0 or y1 <= y0:
+            continue
+        spacing = None
+        ux = int(getattr(r, "PhysicalUnitsXDirection", 0) or 0)
+        uy = int(getattr(r, "PhysicalUnitsYDirection", 0) or 0)
+        dx, dy = getattr(r, "PhysicalDeltaX", None), getattr(r, "PhysicalDeltaY", None)
+        if ux in _UNITS_TO_MM and uy in _UNITS_TO_MM and dx is not None and dy is not None:
+            spacing = (abs(float(dy)) * _UNITS_TO_MM[uy], abs(float(dx)) * _UNITS_TO_MM[ux])
+        tissue = int(getattr(r, "RegionDataType", 0) or 0) == _TISSUE
+        found.append(UltrasoundRegion(box=(x0, y0, x1, y1), spacing=spacing, tissue=tissue, item=item))
+    return found
+
+
+def _tissue_regions(usable: list[UltrasoundRegion]) -> tuple[UltrasoundRegion, ...]:
+    """The tissue regions, in file order; a box listed twice counts once (its first item)."""
+    seen: set[Box] = set()
+    out = []
+    for r in usable:
+        if r.tissue and r.box not in seen:
+            seen.add(r.box)
+            out.append(r)
+    return tuple(out)
+
+
+def _region(
+    ds: Any, shape: tuple[int, int], path: Path, regions: RegionsMode = "largest"
+) -> tuple[Box | None, tuple[float, float] | None, tuple[UltrasoundRegion, ...]]:
+    """The chosen region's box and spacing, and every tissue region (see :class:`DicomImage`).
+
+    Raises:
+        ImageReadError: with ``regions="error"``, for a file with several tissue regions (naming them).
+    """
+    usable = _usable_regions(ds, shape)
+    tissue = _tissue_regions(usable)
+    candidates = tissue or tuple(usable)  # tissue regions first; without any, the largest 2-D region
+    if not candidates:
+        if getattr(ds, "SequenceOfUltrasoundRegions", None):
             log.warning("%s: no usable 2-D region in SequenceOfUltrasoundRegions", path)
-        return None, None
-    spacing = None
-    ux, uy = int(getattr(best, "PhysicalUnitsXDirection", 0)), int(getattr(best, "PhysicalUnitsYDirection", 0))
-    dx, dy = getattr(best, "PhysicalDeltaX", None), getattr(best, "PhysicalDeltaY", None)
-    if ux in _UNITS_TO_MM and uy in _UNITS_TO_MM and dx is not None and dy is not None:
-        spacing = (abs(float(dy)) * _UNITS_TO_MM[uy], abs(float(dx)) * _UNITS_TO_MM[ux])
-    return box, spacing
+        return None, None, ()
+    k, best = max(enumerate(candidates), key=lambda kr: (kr[1].area, -kr[0]))  # the first of equal areas
+    if len(tissue) > 1 and regions != "all":
+        if regions == "error":
+            raise ImageReadError(
+                f"{path}: {len(tissue)} tissue regions ({'; '.join(r.describe(i) for i, r in enumerate(tissue))}) "
+                "and regions='error' refuses such files; use regions='largest' (the largest region only) or "
+                "regions='all' (each region one sample)"
+            )
+        left_out = "; ".join(r.describe(i) for i, r in enumerate(tissue) if i != k)
+        _note_once(
+            "dicom-regions",
+            path,
+            "%s: %d tissue regions; using the largest, %s, and leaving out %s (regions='all' makes each region a "
+            "sample, regions='error' refuses such files)",
+            path,
+            len(tissue),
+            best.describe(k),
+            left_out,
+            level=logging.WARNING,
+        )
+    return best.box, best.spacing, tissue
 
 
 def _scan_area(ds: Any, shape: tuple[int, ...]) -> np.ndarray:
     """H x W bool: the union of the file's 2-D ultrasound regions (tissue, colour flow), or everything without any.
 
     ``colour="replace"`` works inside it: a tinted background, colour bars and logos outside the scan stay as they
-    are (the crop removes them), and only the scan's coloured pixels cost time.
+    are (the crop removes them), and only the scan's coloured pixels cost time. Every 2-D region counts, whatever
+    ``regions`` chooses, so each region sample of ``regions="all"`` gets its own region's replaced pixels.
     """
     inside = np.zeros(shape[:2], bool)
-    for r in getattr(ds, "SequenceOfUltrasoundRegions", None) or []:
-        try:
-            if int(getattr(r, "RegionSpatialFormat", 0)) != _SPATIAL_2D:
-                continue
-            x0, y0 = max(0, int(r.RegionLocationMinX0)), max(0, int(r.RegionLocationMinY0))
-            inside[y0 : int(r.RegionLocationMaxY1) + 1, x0 : int(r.RegionLocationMaxX1) + 1] = True
-        except (AttributeError, TypeError, ValueError):
-            continue
+    for r in _usable_regions(ds, (shape[0], shape[1])):
+        x0, y0, x1, y1 = r.box
+        inside[y0:y1, x0:x1] = True
     return inside if inside.any() else np.ones(shape[:2], bool)
 
 
@@ -340,7 +447,35 @@ def _check_decoder(pydicom: Any, ds: Any, path: Path) -> None:
         )
 
 
-def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | None = MAX_IMAGE_PIXELS) -> DicomImage:
+def dicom_regions(path: str | Path) -> tuple[UltrasoundRegion, ...]:
+    """The 2-D tissue regions of a DICOM file, from its header alone (no pixel is decoded), in file order.
+
+    The same regions, in the same order, as :attr:`DicomImage.regions` of :func:`read_dicom`.
+
+    Raises:
+        ImportError: if pydicom is not installed.
+        FileNotFoundError: if the file does not exist.
+        ImageReadError: if the file is not DICOM or has no image size (``Rows``, ``Columns``).
+    """
+    path = Path(path)
+    pydicom = _import_pydicom()
+    if not path.is_file():
+        raise FileNotFoundError(f"DICOM file {path} does not exist")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        shape = (int(ds.Rows), int(ds.Columns))
+    except Exception as err:  # pydicom raises InvalidDicomError, OSError, EOFError, ValueError; AttributeError
+        raise ImageReadError(f"{path}: not a readable DICOM image header ({err})") from err
+    return _tissue_regions(_usable_regions(ds, shape))
+
+
+def read_dicom(
+    path: str | Path,
+    *,
+    regions: RegionsMode = "largest",
+    colour: ColourMode = "keep",
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> DicomImage:
     """Read an ultrasound DICOM file: first frame as uint8 grayscale, the largest 2-D region and its spacing.
 
     A cine loop (``NumberOfFrames`` > 1) gives its first frame: only that frame is read from disk and decoded; one
@@ -351,6 +486,9 @@ def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | 
 
     Args:
         path: the ``.dcm`` file.
+        regions: a file with several tissue regions: ``largest`` warns once naming the regions left out,
+            ``all`` leaves the choice to the caller (every region is in :attr:`DicomImage.regions`), ``error``
+            raises. ``region`` and ``spacing`` are the largest region's in every mode.
         colour: ``keep`` the luminance of coloured pixels (colour Doppler, coloured calipers), or ``replace`` those
             inside the file's 2-D ultrasound regions (everywhere without regions) by the median of their grey
             neighbours (:func:`usclip.data.colour.replace_coloured`). Greyscale files are not changed.
@@ -358,13 +496,16 @@ def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | 
             from the header before any pixel is read. ``None``: no limit.
 
     Raises:
+        ValueError: for an unknown ``regions`` (one of :data:`REGIONS_MODES`) or ``colour``, or a bad
+            ``max_pixels``.
         ImportError: if pydicom is not installed.
         FileNotFoundError: if the file does not exist.
         ImageReadError: if the file is not DICOM, has no pixel data, is larger than ``max_pixels``, is compressed
             with a codec that no installed plugin decodes (naming the transfer syntax and the package to install),
-            or its pixels cannot be decoded.
-        ValueError: for an unknown ``colour`` or a bad ``max_pixels``.
+            or its pixels cannot be decoded; with ``regions="error"``, if it holds several tissue regions (naming
+            them).
     """
+    check_regions_mode(regions)
     path = Path(path)
     check_colour_mode(colour)
     max_pixels = check_max_pixels(max_pixels, "max_pixels")
@@ -405,5 +546,5 @@ def read_dicom(path: str | Path, colour: ColourMode = "keep", max_pixels: int | 
     if colour == "replace" and coloured is not None:
         gray = replace_coloured(gray, coloured & _scan_area(ds, coloured.shape), path)
     image = np.ascontiguousarray(gray)
-    region, spacing = _region(ds, image.shape, path)
-    return DicomImage(image=image, region=region, spacing=spacing, coloured=coloured)
+    region, spacing, tissue = _region(ds, image.shape, path, regions)
+    return DicomImage(image=image, region=region, spacing=spacing, coloured=coloured, regions=tissue)

@@ -188,7 +188,8 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, colo
     if path.suffix.lower() == ".dcm":
         from usclip.data.dicom import read_dicom
 
-        return read_dicom(path, colour=colour, max_pixels=max_pixels).image
+        # the whole frame: no region is chosen or left out
+        return read_dicom(path, regions="all", colour=colour, max_pixels=max_pixels).image
     from usclip.data.colour import check_colour_mode, coloured_pixels, replace_coloured
 
     check_colour_mode(colour)

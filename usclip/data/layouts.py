@@ -21,6 +21,7 @@ Two layouts are read (see ``docs/data.md``):
   main mask (logical OR) when read; the label is the folder name.
 
 Both give a :class:`DatasetIndex`; datasets only see the index, so both layouts give the same samples.
+:func:`expand_regions` then makes each tissue region of a multi-region DICOM its own sample (``regions: all``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class DatasetIndex:
         labels: id -> label name as written (folder name for BUSI); empty when there are no labels.
         groups: id -> group (``groups.csv``); empty when there is none.
         boxes: id -> crop box (``boxes.csv``); empty when there is none.
+        regions: id -> ``(file id, tissue region number)`` for the samples of a DICOM file with several tissue
+            regions (:func:`expand_regions` with ``all``); ids not in it are whole files.
     """
 
     root: Path
@@ -64,11 +67,23 @@ class DatasetIndex:
     labels: dict[str, str] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     boxes: dict[str, Box] = field(default_factory=dict)
+    regions: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
         """All ids, sorted."""
         return sorted(self.images)
+
+    def file_id(self, sid: str) -> str:
+        """The id of the file sample ``sid`` comes from (``sid`` itself unless it is a region of a file)."""
+        return self.regions[sid][0] if sid in self.regions else sid
+
+    def region_ids(self) -> dict[str, list[str]]:
+        """File id -> the ids of its region samples, in region order, for the files split into regions."""
+        out: dict[str, list[str]] = {}
+        for sid, (fid, _) in sorted(self.regions.items(), key=lambda kv: kv[1]):
+            out.setdefault(fid, []).append(sid)
+        return out
 
 
 def list_images(folder: str | Path, duplicates: list[tuple[Path, Path]] | None = None) -> dict[str, Path]:
@@ -244,6 +259,101 @@ def index_busi_release(root: str | Path, include_normal: bool = False) -> Datase
         labels=dict(sorted(labels.items())),
         groups=groups,
         boxes=boxes,
+    )
+
+
+def expand_regions(index: DatasetIndex, regions: str) -> DatasetIndex:
+    """Make each tissue region of a multi-region DICOM file its own sample (``all``), or refuse such files (``error``).
+
+    Reads the header of every ``.dcm`` file of the index (no pixel is decoded; see
+    :func:`usclip.data.dicom.dicom_regions`). With ``all``, a file with several tissue regions becomes the ids
+    ``<id>@r0``, ``<id>@r1`` ... (:func:`usclip.data.dicom.region_id`; regions in the order of the file's
+    ``SequenceOfUltrasoundRegions``), which share the file's image, its full-frame mask (each region's sample crops
+    its own box), its label and its group; a file without a row in ``groups.csv`` is a group of its own (named by
+    its id), so the regions of one file always land in the same split. Other files keep their ids. ``largest``
+    returns ``index`` as it is (the dataset then warns once per file about the regions it leaves out).
+
+    Args:
+        index: a file-level index (from :func:`index_dataset`, with groups applied).
+        regions: ``largest``, ``all`` or ``error`` (:data:`usclip.data.dicom.REGIONS_MODES`).
+
+    Returns:
+        The index with region samples (a new object; ``index`` is not changed).
+
+    Raises:
+        ValueError: on an unknown ``regions``; with ``error``, when files hold several tissue regions (naming up to
+            five files and their regions); with ``all``, when a region's id is the id of another file.
+    """
+    from usclip.data.dicom import check_regions_mode, dicom_regions, region_id
+    from usclip.data.imageio import ImageReadError
+
+    check_regions_mode(regions, "data.regions")
+    if regions == "largest":
+        return index
+    several: dict[str, int] = {}
+    described: dict[str, str] = {}
+    for sid, path in index.images.items():
+        if path.suffix.lower() != ".dcm" or sid in index.regions:
+            continue
+        try:
+            found = dicom_regions(path)
+        except (ImageReadError, FileNotFoundError) as err:  # reported when its sample is read
+            log.debug("%s: regions not read (%s)", path, err)
+            continue
+        if len(found) > 1:
+            several[sid] = len(found)
+            described[sid] = "; ".join(r.describe(k) for k, r in enumerate(found))
+    if not several:
+        return index
+    if regions == "error":
+        listed = "\n".join(f"  {index.images[sid]}: {described[sid]}" for sid in list(several)[:5])
+        raise ValueError(
+            f"data.regions='error': {len(several)} DICOM files of {index.root} hold several tissue regions "
+            f"(first {min(5, len(several))}):\n{listed}\nuse regions='largest' (the largest region of each file, "
+            "with a warning) or regions='all' (each region one sample, ids <id>@r0, <id>@r1 ...)"
+        )
+    images: dict[str, Path] = {}
+    masks: dict[str, tuple[Path, ...]] = {}
+    labels: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    boxes: dict[str, Box] = {}
+    region_of = dict(index.regions)
+    for sid, path in index.images.items():
+        numbered = [(region_id(sid, k), k) for k in range(several[sid])] if sid in several else [(sid, None)]
+        for nid, k in numbered:
+            if k is not None and nid in index.images:
+                raise ValueError(
+                    f"{index.root}: {nid!r}, the id of region r{k} of {path.name}, is also the id of "
+                    f"{index.images[nid].name}; rename one of the two files"
+                )
+            images[nid] = path
+            if sid in index.masks:
+                masks[nid] = index.masks[sid]
+            if sid in index.labels:
+                labels[nid] = index.labels[sid]
+            if k is not None:
+                groups[nid] = index.groups.get(sid, sid)
+                region_of[nid] = (sid, k)
+            else:
+                if sid in index.groups:
+                    groups[nid] = index.groups[sid]
+                if sid in index.boxes:
+                    boxes[nid] = index.boxes[sid]
+    log.info(
+        "data.regions='all': %d DICOM files of %s hold several tissue regions; %d region samples",
+        len(several),
+        index.root,
+        sum(several.values()),
+    )
+    return DatasetIndex(
+        root=index.root,
+        layout=index.layout,
+        images=dict(sorted(images.items())),
+        masks=dict(sorted(masks.items())),
+        labels=dict(sorted(labels.items())),
+        groups=groups,
+        boxes=boxes,
+        regions=region_of,
     )
 
 
