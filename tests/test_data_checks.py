@@ -273,6 +273,10 @@ def test_dicom_files_are_listed_with_header_regions_and_decoding(tmp_path):
     assert "images/j2k.dcm: MONOCHROME2, bits 8/8, JPEG 2000 Image Compression (Lossless Only)" in text
     assert f"no regions; does not decode: {j2k.error}" in text
     assert "plain.png" not in text.split("problems:")[0]  # PNG files are checked, not listed as DICOM
+    # a file with two tissue regions says what data.regions does with them (only that file: the grey bar is no tissue)
+    notes = [p for p in report.problems if "tissue regions" in p.message]
+    assert [(p.severity, Path(p.path).name) for p in notes] == [("note", "two.dcm")]
+    assert notes[0].message.startswith("2 tissue regions (2, 3, 20, 25), (20, 3, 40, 25): data.regions: largest")
     summary_only = report.format(max_dicom_files=0)
     assert "DICOM files: 5" in summary_only and "images/mono.dcm:" not in summary_only
 

@@ -373,6 +373,15 @@ def _dicom_header(path: Path, root: Path, report: DatasetReport) -> DicomFileInf
         name = str(path)
     info = read_dicom_header(path, name)
     report.dicom.append(info)
+    tissue = [r for r in info.regions if r.spatial_format == 1 and r.data_type == 1 and r.box is not None]
+    if len(tissue) > 1:  # data.regions decides: largest (one, the others left out), all (one sample each), error
+        boxes = ", ".join(str(r.box) for r in tissue)
+        report.add(
+            "note",
+            path,
+            f"{len(tissue)} tissue regions {boxes}: data.regions: largest (default) trains on the largest and leaves "
+            "the others out; all makes each one a sample; error refuses the file",
+        )
     return info
 
 
