@@ -604,7 +604,7 @@ def test_the_sweep_protocol_of_a_run(tmp_path):
                                                            "method": "M", "dataset": "BUSI"} | extra)  # fmt: skip
         assert load_run(run).sweep_protocol == expected
     # an old sweep_run.json of another manifest than the paper's, and a run without sweep_run.json: no protocol
-    sweep = {"table": "table2", "group": "segmentation", "method": "M", "dataset": "BUSI", "manifest": "/my/m.yaml"}
+    sweep = {"table": "table2", "group": "segmentation", "method": "M", "dataset": "BUSI", "manifest": "my/m.yaml"}
     other = make_run(tmp_path / "other", seg(0.8), sweep=sweep)
     assert load_run(other).sweep_protocol is None
     assert load_run(make_run(tmp_path / "hand", seg(0.8))).sweep_protocol is None
