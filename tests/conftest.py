@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # Tests never download: set before anything imports huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +38,27 @@ def pytest_configure(config: pytest.Config) -> None:
     """One torch thread per xdist worker, even where a plugin imported torch before this file set the variables."""
     if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def fit_parser() -> Any:
+    """usclip's CLI parser, built once per module: composing a config pair then costs a parse, not a new CLI."""
+    import contextlib
+
+    from usclip.cli import UsclipCLI
+    from usclip.data.datamodules import BaseDataModule
+    from usclip.tasks import BaseTask
+
+    class _Stop(Exception):
+        pass
+
+    class _ParserOnly(UsclipCLI):  # stops after building its parser (parsing is all these tests need)
+        parser_: Any = None
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            type(self).parser_ = parser
+            raise _Stop
+
+    with contextlib.suppress(_Stop):
+        _ParserOnly(BaseTask, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=[])
+    return _ParserOnly.parser_

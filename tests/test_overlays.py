@@ -18,10 +18,8 @@ import yaml
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from usclip.cli import UsclipCLI, main
-from usclip.data.datamodules import BaseDataModule
+from usclip.cli import main
 from usclip.models import CLIPEncoder, PretrainedWeightsError
-from usclip.tasks import BaseTask
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 OVERLAYS = sorted((CONFIG_DIR / "baselines").glob("*.yaml"))
@@ -68,28 +66,6 @@ FIRST = {task: bases[0] for task, bases in PAPER.items()}
 CASE_PARAMS = [
     pytest.param(o, b, id=f"{b.stem}+{o.stem}", marks=() if b in FIRST.values() else pytest.mark.slow) for o, b in CASES
 ]
-
-
-class _ParserOnly(UsclipCLI):
-    """UsclipCLI that stops after building its parser (parsing is all this test needs)."""
-
-    parser_: Any = None
-
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        type(self).parser_ = parser
-        raise _Stop
-
-
-class _Stop(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def fit_parser() -> Any:
-    """The ``usclip fit`` parser, built once: composing a config pair then costs a parse, not a new CLI."""
-    with contextlib.suppress(_Stop):
-        _ParserOnly(BaseTask, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=[])
-    return _ParserOnly.parser_
 
 
 def _resolve_all(parser: Any, base: Path, overlay: Path) -> dict[str, Any]:

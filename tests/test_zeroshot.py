@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from usclip.cli import UsclipCLI, main
+from usclip.cli import main
 from usclip.data import ZeroShotDataModule
-from usclip.data.datamodules import BaseDataModule
-from usclip.tasks import BaseTask, ZeroShotClassifier
+from usclip.tasks import ZeroShotClassifier
 from usclip.tasks.zeroshot import count_tokens, list_prompt_files, read_prompts
 
 CONF_DIR = Path(__file__).parent / "conf" / "vision_language"
@@ -384,32 +382,12 @@ def test_authors_input_is_the_file_as_their_loader_reads_it(tmp_path: Path):
     assert not torch.equal(next(iter(default.test_dataloader()))["image"], batch["image"])
 
 
-class _ParserOnly(UsclipCLI):
-    parser_: Any = None
-
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        type(self).parser_ = parser
-        raise _Stop
-
-
-class _Stop(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def cli_parser() -> Any:
-    """The CLI's parser, built once (composing a config pair then costs a parse, not a new CLI)."""
-    with contextlib.suppress(_Stop):
-        _ParserOnly(BaseTask, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=[])
-    return _ParserOnly.parser_
-
-
 @pytest.mark.parametrize("overlay", VL_OVERLAYS, ids=[o.stem for o in VL_OVERLAYS])
-def test_authors_overlays_compose_after_every_zero_shot_config(overlay: Path, cli_parser: Any):
+def test_authors_overlays_compose_after_every_zero_shot_config(overlay: Path, fit_parser: Any):
     prompt_set = "later" if overlay.stem.endswith("later") else "release"
     for name, organ in (("ln1", "lymph_node"), ("ln2", "lymph_node"), ("busi", "breast")):
         base = VL_DIR / f"zeroshot_{name}.yaml"
-        cfg = cli_parser.parse_args(["test", "--config", str(base), "--config", str(overlay)])
+        cfg = fit_parser.parse_args(["test", "--config", str(base), "--config", str(overlay)])
         model, data = cfg.test.model.init_args, cfg.test.data.init_args
         assert (model.prompts, model.prompt_set, model.normalization) == (organ, prompt_set, "none"), name
         assert (model.prompt_averaging, model.logit_scale, data.crop) == ("similarity", 100.0, "none"), name
