@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +11,24 @@ from PIL import Image
 
 #: regions: (x0, y0, x1, y1) inclusive as written, spatial format, data type, (dx, dy) in cm or None
 Region = tuple[tuple[int, int, int, int], int, int, "tuple[float, float] | None"]
+
+
+def us_dataset(rows: int, columns: int, syntax: str | None = None) -> Any:
+    """An Ultrasound Image Storage dataset with its file meta (``syntax``: explicit VR little endian by default),
+    ``Rows`` and ``Columns`` set: the header every DICOM the tests write starts from."""
+    pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns = rows, columns
+    return ds
 
 
 def write_dicom(

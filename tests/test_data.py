@@ -21,6 +21,8 @@ from usclip.data.layouts import index_busi_release, index_dataset
 from usclip.data.splits import groups_across_splits, read_split_file, split_ids, subsample_ids, write_splits
 from usclip.data.transforms import SeededCompose, build_augmentations, build_transform
 
+from .dicom_files import us_dataset
+
 
 def make_folder(root: Path, n: int = 20, size: tuple[int, int] = (40, 50), labels: bool = True) -> Path:
     rng = np.random.default_rng(0)
@@ -467,17 +469,9 @@ def write_us_dicom(
 ) -> Path:
     """Write an uncompressed US DICOM; regions are ((x0, y0, x1, y1) inclusive, data type, cm per pixel)."""
     pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
-    ds.Rows, ds.Columns = pixels.shape
+    ds = us_dataset(*pixels.shape[:2])
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = (8, 8, 7) if bits == 8 else (16, bits, bits - 1)
     ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()

@@ -15,7 +15,7 @@ from PIL import Image
 
 pydicom = pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import (  # noqa: E402
     ExplicitVRBigEndian,
@@ -23,11 +23,12 @@ from pydicom.uid import (  # noqa: E402
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
-    generate_uid,
 )
 
 from usclip.data.colour import COLOUR_TOLERANCE, colour_share, coloured_pixels, replace_coloured  # noqa: E402
 from usclip.data.imageio import ImageReadError, read_image  # noqa: E402
+
+from .dicom_files import us_dataset  # noqa: E402
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -46,14 +47,7 @@ def write_dicom(
 
     The pixel data is written in the byte order of ``syntax`` (pydicom writes OB/OW bytes as given).
     """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
-    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds = us_dataset(*pixels.shape[:2], syntax)
     ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
     ds.PhotometricInterpretation, ds.PixelRepresentation = photometric, 0
     if pixels.ndim == 3:

@@ -21,6 +21,8 @@ from usclip.data.datasets import FolderDataset
 from usclip.data.imageio import ImageReadError
 from usclip.data.layouts import expand_regions, index_folder
 
+from .dicom_files import us_dataset
+
 pytest.importorskip("pydicom", reason="DICOM input needs pydicom: pip install 'usclip[dicom]'")
 
 H, W = 40, 64
@@ -32,20 +34,12 @@ R0_GREY, R1_GREY = 100, 200
 
 def write_dual_view(path: Path, r1_box: tuple[int, int, int, int] = R1_BOX) -> Path:
     """A 40 x 64 US DICOM holding the two tissue regions above, a colour-flow region and a graphics region."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
 
     pixels = np.zeros((H, W), np.uint8)
     for (x0, y0, x1, y1), grey in ((R0_BOX, R0_GREY), (r1_box, R1_GREY)):
         pixels[y0:y1, x0:x1] = grey
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
-    ds.Rows, ds.Columns = pixels.shape
+    ds = us_dataset(*pixels.shape[:2])
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     ds.PixelData = pixels.tobytes()
