@@ -397,7 +397,7 @@ def test_zero_shot_and_external_test_runs_without_sweep_run(tmp_path):
         "OpenAI CLIP ViT-B-16",
     )
     # LN-2: a test-only run of an LN-1 model: the dataset is the external test folder
-    run = make_run(tmp_path / "ln2", seg(0.7), root=None, test_root="/data/LN2")
+    run = make_run(tmp_path / "ln2", seg(0.7), root=None, test_root="data/LN2")
     assert load_run(run).dataset == "LN-2"
 
 
