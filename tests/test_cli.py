@@ -233,7 +233,7 @@ def test_weights_that_cannot_be_fetched_are_one_clear_message(tmp_path, capsys, 
 
 
 # ------------------------------------------------------------------ lists through a pipe the reader closed (#26)
-@pytest.mark.parametrize("command", ["configs", "data check"])
+@pytest.mark.parametrize("command", ["configs", "data check", "sweep paper --dry-run"])
 def test_list_commands_end_quietly_when_the_reader_leaves(tmp_path, command):
     """`usclip configs | head -1`: the reader exits early; no BrokenPipeError traceback, exit code 0.
 

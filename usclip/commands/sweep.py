@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,10 +127,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"# {len(deps)} runs kept as dependencies of the selection: {[d.key for d in deps][:5]}...")
         ordered = order_runs(deps + selected)
         if args.dry_run:
-            try:
-                print("\n".join(dry_run_lines(ordered, plan, deps)), flush=True)
-            except BrokenPipeError:  # `usclip sweep paper --dry-run | head`: the reader has what it wanted
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            # `| head`: the router (usclip.cli._run_printing) ends a closed pipe quietly, as for every list command
+            print("\n".join(dry_run_lines(ordered, plan, deps)), flush=True)
             return 0
         if plan.datasets is None and any(r.needs for r in ordered):
             raise ManifestError(
