@@ -182,12 +182,12 @@ def test_marks_best_and_second_best_lower_is_better_and_printed_ties():
     text = format_markdown(aggregate(runs)["table2"])
     header, rows = md_rows(text)
     dice, hd95 = header.index("BUSI Dice ↑"), header.index("BUSI HD95 ↓")
-    assert rows["a"][dice] == "**80.00 ± 0.00**" and rows["b"][dice] == "<u>70.00 ± 0.00</u>"
+    assert rows["a"][dice] == "**80.00**" and rows["b"][dice] == "<u>70.00</u>"  # one seed each: no "± 0.00"
     # c and d print the same value: they share the third rank (no mark), whatever the hidden digits
-    assert rows["c"][dice] == rows["d"][dice] == "60.00 ± 0.00"
+    assert rows["c"][dice] == rows["d"][dice] == "60.00"
     # HD95: lower is better
-    assert rows["b"][hd95] == "**3.00 ± 0.00**" and rows["a"][hd95] == "<u>5.00 ± 0.00</u>"
-    assert rows["c"][hd95] == rows["d"][hd95] == "9.00 ± 0.00"
+    assert rows["b"][hd95] == "**3.00**" and rows["a"][hd95] == "<u>5.00</u>"
+    assert rows["c"][hd95] == rows["d"][hd95] == "9.00"
 
 
 def test_methods_that_print_the_same_best_value_are_both_bold():
@@ -199,8 +199,8 @@ def test_methods_that_print_the_same_best_value_are_both_bold():
     header, rows = md_rows(format_markdown(aggregate(runs)["table2"]))
     for metric, best, second in (("BUSI Dice ↑", "80.00", "70.00"), ("BUSI HD95 ↓", "4.00", "5.00")):
         column = header.index(metric)
-        assert rows["a"][column] == rows["b"][column] == f"**{best} ± 0.00**"
-        assert rows["c"][column] == f"<u>{second} ± 0.00</u>"
+        assert rows["a"][column] == rows["b"][column] == f"**{best}**"
+        assert rows["c"][column] == f"<u>{second}</u>"
 
 
 def test_a_cell_over_fewer_seeds_says_so_and_non_finite_values_are_left_out():
@@ -215,6 +215,58 @@ def test_a_cell_over_fewer_seeds_says_so_and_non_finite_values_are_left_out():
     assert rows["b"][dice] == f"<u>65.00 ± {statistics.stdev([60, 70]):.2f} (n=2)</u>"
     assert rows["c"][hd95] == f"**5.00 ± {statistics.stdev([4.0, 6.0]):.2f} (n=2)**"  # inf left out of the mean
     assert table.cells["segmentation", "c", "BUSI"]["dice"].n == 3
+
+
+def test_one_seed_shows_no_zero_std_and_a_lone_method_is_not_bold():
+    """Catches: ``± 0.00`` printed for a single run (a spread that was never measured), a lone method bolded."""
+    runs = [_run("a", seg(0.8, hd95=4.0)), _run("b", seg(0.7, hd95=5.0), dataset="LN-1")]
+    runs += [_run("b", seg(0.6, hd95=6.0), dataset="BUSI", seed=s) for s in (1, 2)]  # two seeds, same numbers
+    header, rows = md_rows(format_markdown(aggregate(runs)["table2"]))
+    busi, ln1 = header.index("BUSI Dice ↑"), header.index("LN-1 Dice ↑")
+    assert rows["a"][busi] == "**80.00 (n=1)**"  # one of two seeds: the value and n=1, never ± 0.00
+    assert rows["b"][busi] == "<u>60.00 ± 0.00</u>"  # two seeds that agree: a measured zero spread
+    assert rows["b"][ln1] == "70.00 (n=1)"  # alone in its column: no mark
+    only = format_markdown(aggregate([_run("a", seg(0.8)), _run("b", seg(0.7))])["table2"])
+    assert "±" not in md_rows(only)[1]["a"][0] and "(n=1)" not in only.split("\n- ")[0]
+    assert "One seed per cell (n=1): the value alone, no std" in only
+
+
+def test_latex_table_booktabs_marks_and_escapes(tmp_path, capsys):
+    """``<table>.tex``: booktabs rules, \\textbf best, \\underline second, $\\pm$, $\\downarrow$, escaped names.
+
+    Catches: a raw ``_`` / ``&`` / ``%`` (LaTeX stops), ``±`` left as Unicode, marks swapped, a lone method bold.
+    """
+    from usclip.reporting import format_latex, latex_escape
+
+    assert (
+        latex_escape("a_b & 5% #1 {x} ~^\\")
+        == r"a\_b \& 5\% \#1 \{x\} \textasciitilde{}\textasciicircum{}\textbackslash{}"
+    )
+    root = tmp_path / "sweep"
+    for seed, (d1, d2) in enumerate(((0.80, 0.70), (0.84, 0.72)), start=1):
+        sweep_run(root, "table2", "segmentation", "CLIP (Mona)", "BUSI", seed, seg(d1, hd95=4.0))
+        sweep_run(root, "table2", "segmentation", "my_method", "BUSI", seed, seg(d2, hd95=6.0))
+        sweep_run(root, "table2", "segmentation", "UNet", "BUSI", seed, seg(0.95, hd95=1.0))
+        sweep_run(root, "table2", "segmentation", "my_method", "DDTI", seed, seg(0.5))
+    out = tmp_path / "report"
+    assert report([root, "--output", out, "--grid-images", "0"]) == 0
+    tex = (out / "table2.tex").read_text()
+    assert tex == format_latex(aggregate([load_run(d) for d in find_run_dirs([root])])["table2"])
+    for command in ("\\toprule", "\\midrule", "\\bottomrule", "\\cmidrule(lr){2-5}", "\\cmidrule(lr){6-9}"):
+        assert command in tex
+    assert "\\begin{tabular}{lcccccccc}" in tex and "\\multicolumn{4}{c}{BUSI}" in tex
+    assert "Dice $\\uparrow$" in tex and "HD95 $\\downarrow$" in tex and "±" not in tex and "↓" not in tex
+    rows = {line.split(" & ")[0]: line.split(" & ")[1:] for line in tex.splitlines() if line.endswith(" \\\\")}
+    assert rows["CLIP (Mona)"][0] == "\\textbf{82.00 $\\pm$ 2.83}"  # best Dice, 80/84
+    assert rows["my\\_method"][0] == "\\underline{71.00 $\\pm$ 1.41}"
+    assert rows["my\\_method"][2] == "\\underline{6.00 $\\pm$ 0.00}" and rows["CLIP (Mona)"][2].startswith(
+        "\\textbf{4.00"
+    )
+    assert rows["UNet $^\\dagger$"][0] == "95.00 $\\pm$ 0.00"  # a reference row: best value, no mark
+    assert rows["my\\_method"][4] == "50.00 $\\pm$ 0.00" and rows["CLIP (Mona)"][4] == "--"  # DDTI: lone, no mark
+    assert "Dice, IoU in \\%" in tex and tex.count("\\begin{tabular}") == tex.count("\\end{tabular}") == 1
+    assert tex.count("{") == tex.count("}")
+    assert f"table2.csv and {out / 'table2.tex'}" in capsys.readouterr().out
 
 
 def test_datasets_are_split_into_blocks_of_three_like_the_paper():
@@ -379,7 +431,7 @@ def test_all_metrics_adds_sensitivity_specificity_and_f1_to_table3_only():
     assert md_rows(format_markdown(tables["table3"]))[0] == ["BUSI Acc ↑", "BUSI AUC ↑"]
     header, rows = md_rows(format_markdown(tables["table3"], all_metrics=True))
     assert header == ["BUSI Acc ↑", "BUSI AUC ↑", "BUSI Sens ↑", "BUSI Spec ↑", "BUSI F1 ↑"]
-    assert rows["CLIP (Mona)"][2:] == ["**70.00 ± 0.00**", "**85.00 ± 0.00**", "**75.00 ± 0.00**"]
+    assert rows["CLIP (Mona)"][2:] == ["70.00", "85.00", "75.00"]  # one seed, a lone method: no std, no mark
     assert md_rows(format_markdown(tables["table2"], all_metrics=True))[0] == [f"BUSI {t}" for t in SEG_TITLES]
 
 
@@ -536,9 +588,10 @@ def test_compare_paper_shows_the_protocol_of_each_row_and_both_protocols_beside_
     paper = {m: published_lookup()["table2", "segmentation", "CLIP (Mona)", "BUSI", m] for m in SEG}
     mean_a, mean_u = 100 * statistics.fmean(authors_dice), 100 * statistics.fmean(usclip_dice)
     std_u = 100 * statistics.stdev(usclip_dice)
-    # ranked within each protocol: usclip's CLIP (Mona) is bold (UNet is a reference row) though 72 < 78 < 82
+    # ranked within each protocol: usclip's CLIP (Mona) is its protocol's lone compared method (UNet is a
+    # reference row), so it is not bold, though it would be were it ranked against the authors' rows
     assert rows[2][2] == f"**{mean_a:.2f} ± 2.00** ({paper['dice']:.2f}, {mean_a - paper['dice']:+.2f})"
-    assert rows[3][2] == f"**{mean_u:.2f} ± {std_u:.2f}** ({paper['dice']:.2f}, {mean_u - paper['dice']:+.2f})"
+    assert rows[3][2] == f"{mean_u:.2f} ± {std_u:.2f} ({paper['dice']:.2f}, {mean_u - paper['dice']:+.2f})"
     assert rows[1][2].startswith("<u>78.00 ± 0.00</u>")
     # side by side: only cells that both protocols ran (CLIP (Mona) on BUSI), with the paper's number
     side = text[text.index("Protocols side by side") :]
@@ -639,7 +692,10 @@ def test_report_errors_name_the_run_dir(tmp_path, capsys):
         load_run(tmp_path / "empty")
     (tmp_path / "empty" / "results").mkdir()
     (tmp_path / "empty" / "results" / "test_metrics.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"has no config\.yaml \(and no sweep_run\.json\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"has no config\.yaml, hparams\.yaml or checkpoints/\*\.ckpt \(and no sweep_run\.json\)",
+    ):
         load_run(tmp_path / "empty")
 
 
@@ -708,3 +764,49 @@ def test_real_fit_and_test_in_the_sweep_layout_then_report(tmp_path):
     (run_dir / "sweep_run.json").unlink()
     result = load_run(run_dir)  # the test's resolved config.yaml
     assert (result.method, result.dataset, result.seed) == ("usclip-test-vit (random init) + Mona", "BUSI", 1)
+
+
+# --- runs trained from Python ----------------------------------------------------------------------------------------
+
+
+def test_report_reads_a_run_trained_with_a_plain_lightning_trainer(tmp_path, capsys):
+    """No config.yaml: the method, dataset and seed come from hparams.yaml and the checkpoint.
+
+    Catches: a Python run refused (no config.yaml), the seed not read from the checkpoint, the dataset taken from
+    another key than the DataModule's root, the task told from the wrong hyperparameter.
+    """
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from usclip.data import SegmentationDataModule
+    from usclip.tasks import SegmentationTask
+
+    from .test_data import make_folder
+
+    L.seed_everything(7)
+    root = make_folder(tmp_path / "ln_1", n=12, size=(40, 56))
+    task = SegmentationTask(
+        model_name="usclip-test-vit", pretrained=None, adapter="lora", layers=[1, 3], image_size=32, embed_dim=8
+    )
+    dm = SegmentationDataModule(str(root), image_size=32, batch_size=4, augmentations={}, num_workers=0)
+    logger = CSVLogger(tmp_path / "runs", name="my_python_run")
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=logger,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=dm)
+    trainer.test(task, datamodule=dm, ckpt_path="best", verbose=False)
+    run_dir = tmp_path / "runs" / "my_python_run" / "version_0"
+    assert not (run_dir / "config.yaml").exists() and (run_dir / "results" / "test_metrics.json").is_file()
+    result = load_run(run_dir)
+    assert (result.table, result.group, result.dataset, result.seed) == ("table2", "segmentation", "LN-1", 7)
+    assert result.method == "usclip-test-vit (random init) + LoRA"
+    assert load_run(run_dir, "name").method == "my_python_run"
+    out = tmp_path / "report"
+    assert report([tmp_path / "runs", "--output", out, "--grid-images", "0"]) == 0
+    (row,) = read_csv(out / "table2.csv")
+    metrics = json.loads((run_dir / "results" / "test_metrics.json").read_text())
+    assert row["method"] == "usclip-test-vit (random init) + LoRA" and float(row["LN-1_dice_mean"]) == metrics["dice"]
+    # without hparams.yaml the checkpoint alone still tells the task, method and dataset
+    (run_dir / "hparams.yaml").unlink()
+    assert load_run(run_dir) == result

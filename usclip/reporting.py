@@ -21,10 +21,12 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -49,14 +51,17 @@ __all__ = [
     "SWEEP_RUN_FILE",
     "Cell",
     "MethodFrom",
+    "ReportFiles",
     "ResultTable",
     "RunResult",
     "aggregate",
     "aggregate_by_protocol",
     "dataset_name",
     "find_run_dirs",
+    "format_latex",
     "format_markdown",
     "format_protocol_comparison",
+    "latex_escape",
     "load_run",
     "method_name",
     "missing_paper_cells",
@@ -247,13 +252,16 @@ def ranks(table: ResultTable, group: str, dataset: str, metric: str) -> dict[str
     """Rank (0 best, 1 second, ...) of each compared method of ``group`` in one column.
 
     Reference rows are left out. Means are compared as printed (two decimals, in percent or pixels), so methods
-    that print the same value share a rank.
+    that print the same value share a rank. A lone compared method (nothing to compare it with in that column)
+    gets no rank: empty.
     """
     shown = {
         m: round(c[metric].mean * _scale(metric), 2)
         for (g, m, d), c in table.cells.items()
         if g == group and d == dataset and metric in c and (g, m) not in table.references
     }
+    if len(shown) < 2:
+        return {}
     order = sorted(set(shown.values()), reverse=metric not in LOWER_IS_BETTER)
     return {m: order.index(v) for m, v in shown.items()}
 
@@ -276,8 +284,10 @@ def missing_paper_cells(table: ResultTable) -> list[tuple[str, str, str, str]]:
 
 
 def _fmt(cell: Cell, metric: str) -> str:
+    """``mean ± std``; the mean alone for a cell over one seed (no spread to show: never ``± 0.00``)."""
     scale = _scale(metric)
-    return f"{cell.mean * scale:.2f}" if cell.once else f"{cell.mean * scale:.2f} ± {cell.std * scale:.2f}"
+    mean = f"{cell.mean * scale:.2f}"
+    return mean if cell.once or cell.n == 1 else f"{mean} ± {cell.std * scale:.2f}"
 
 
 def _units(metrics: Sequence[str]) -> str:
@@ -392,9 +402,12 @@ def _notes(parts: list[ResultTable], metrics: list[str], compare_paper: bool, co
     counts = sorted({n for p in parts for n in p.seed_counts()})
     most_seeds = max(counts, default=0)
     seeds = f"{'/'.join(map(str, counts))} seed{'s' if counts != [1] else ''}" if counts else "seeds"
-    notes = [f"Mean ± std (sample std) over {seeds}; {_units(metrics)}."]
+    if counts == [1]:
+        notes = [f"One seed per cell (n=1): the value alone, no std; {_units(metrics)}."]
+    else:
+        notes = [f"Mean ± std (sample std) over {seeds}; {_units(metrics)}."]
     if len(counts) > 1:
-        notes[0] += f" (n=…): a cell over fewer than {most_seeds} seeds."
+        notes[0] += f" (n=…): a cell over fewer than {most_seeds} seeds" + ("; (n=1): no std." if 1 in counts else ".")
     if any(c.once for p in parts for cs in p.cells.values() for c in cs.values()):
         notes.append("A value without ± ran once: nothing trains (zero-shot), so every seed gives the same numbers.")
     several = len(parts) > 1
@@ -455,6 +468,88 @@ def _comparison_rows(
                     if sum(c is not None for c in cells) >= 2:
                         rows.append((group, method, d, m, _paper_value(parts[0], group, method, d, m), cells))
     return rows
+
+
+# LaTeX: characters with a meaning in LaTeX, then the Unicode marks the Markdown uses
+_LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {
+    "\\": r"\textbackslash{}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "↓": r"$\downarrow$",
+    "↑": r"$\uparrow$",
+    "†": r"$^\dagger$",
+    "–": "--",
+    "−": "$-$",
+    "…": r"\ldots{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    r"""``text`` safe inside a LaTeX table: ``& % $ # _ { } ~ ^ \`` escaped, ``± ↓ ↑ † – − …`` as LaTeX."""
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def format_latex(
+    table: ResultTable | Sequence[ResultTable], all_metrics: bool = False, datasets_per_block: int = 3
+) -> str:
+    r"""One of the paper's tables as LaTeX (``booktabs``): the cells, marks and notes of :func:`format_markdown`.
+
+    One ``tabular`` per block of ``datasets_per_block`` datasets (0: one), a ``\cmidrule`` under each dataset,
+    ``\midrule`` between row groups. Best **bold** (``\textbf``), second best underlined (``\underline``),
+    ``±`` as ``$\pm$``, ``↑``/``↓`` as ``$\uparrow$``/``$\downarrow$``, reference rows ``$^\dagger$``; every
+    name is escaped (:func:`latex_escape`: method names and datasets hold ``_``, ``&``, ``%``). The notes go into
+    the caption. Needs ``\usepackage{booktabs}`` in the document (a comment on the first line says so). The
+    paper comparison (``--compare-paper``) stays in the Markdown.
+    """
+    parts = _as_parts(table)
+    several = len(parts) > 1
+    groups, datasets, metrics = _layout(parts, all_metrics)
+    show_group = len(parts[0].spec.groups) > 1
+    most = {id(p): max(p.seed_counts(), default=0) for p in parts}
+    step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
+    lead = (["Group"] if show_group else []) + ["Method"] + (["Protocol"] if several else [])
+    notes = " ".join(_notes(parts, metrics, False, 0))
+    notes = re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", latex_escape(notes))
+    notes = re.sub(r"<u>(.+?)</u>", r"\\underline{\1}", notes.replace("`", ""))
+    spec = parts[0].spec
+    out = [
+        "% usclip report; needs \\usepackage{booktabs}",
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{latex_escape(spec.title)}. {notes}}}",
+        f"\\label{{tab:usclip-{spec.name}}}",
+    ]
+    for first in range(0, max(len(datasets), 1), step):
+        block = datasets[first : first + step]
+        n_lead, width = len(lead), len(metrics)
+        out += ["\\par\\medskip"] if first else []
+        out.append("\\begin{tabular}{" + "l" * n_lead + ("c" * width) * len(block) + "}")
+        out.append("\\toprule")
+        heads = [f"\\multicolumn{{{width}}}{{c}}{{{latex_escape(d)}}}" for d in block]
+        out.append(" & ".join([""] * n_lead + heads) + " \\\\")
+        rules = [f"\\cmidrule(lr){{{n_lead + 1 + k * width}-{n_lead + (k + 1) * width}}}" for k in range(len(block))]
+        out.append(" ".join(rules))
+        titles = [f"{METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for _ in block for m in metrics]
+        out.append(" & ".join(latex_escape(t) for t in lead + titles) + " \\\\")
+        for group in groups:
+            out.append("\\midrule")
+            for i, (method, part) in enumerate(_rows(parts, group)):
+                row = [group.capitalize() if i == 0 else ""] if show_group else []
+                row.append(method + (" †" if (group, method) in part.references else ""))
+                row += [part.label] if several else []
+                cells = [latex_escape(x) for x in row]
+                for d in block:
+                    for m in metrics:
+                        rank = ranks(part, group, d, m).get(method)
+                        text = latex_escape(_cell_text(part, (group, method, d), m, None, most[id(part)]))
+                        cells.append(
+                            f"\\textbf{{{text}}}" if rank == 0 else f"\\underline{{{text}}}" if rank == 1 else text
+                        )
+                out.append(" & ".join(cells) + " \\\\")
+        out += ["\\bottomrule", "\\end{tabular}"]
+    out.append("\\end{table}")
+    return "\n".join(out) + "\n"
 
 
 def format_protocol_comparison(parts: Sequence[ResultTable], all_metrics: bool = False) -> str:
@@ -547,21 +642,30 @@ def write_protocol_comparison_csv(parts: Sequence[ResultTable], path: str | Path
     return path
 
 
+class ReportFiles(NamedTuple):
+    """What :func:`write_report` wrote for one table: its files and the Markdown text."""
+
+    markdown: Path
+    csv: Path
+    latex: Path
+    text: str
+
+
 def write_report(
     runs: Sequence[RunResult],
     out_dir: str | Path,
     compare_paper: bool = False,
     all_metrics: bool = False,
     datasets_per_block: int = 3,
-) -> dict[str, tuple[Path, Path, str]]:
-    """Write ``<table>.md`` and ``<table>.csv`` (``table2``, ``table3``) into ``out_dir``.
+) -> dict[str, ReportFiles]:
+    """Write ``<table>.md``, ``<table>.csv`` and ``<table>.tex`` (``table2``, ``table3``) into ``out_dir``.
 
-    ``compare_paper``, ``all_metrics`` and ``datasets_per_block`` as in :func:`format_markdown` and :func:`write_csv`.
-    Runs of several sweep protocols share each table (a Protocol column); with ``compare_paper`` the protocols side
-    by side with the paper's number also go to ``<table>_protocols.csv``.
+    ``compare_paper``, ``all_metrics`` and ``datasets_per_block`` as in :func:`format_markdown`, :func:`write_csv`
+    and :func:`format_latex`. Runs of several sweep protocols share each table (a Protocol column); with
+    ``compare_paper`` the protocols side by side with the paper's number also go to ``<table>_protocols.csv``.
 
     Returns:
-        ``{table name: (markdown path, csv path, markdown text)}``.
+        ``{table name: ReportFiles}``.
 
     Raises:
         ValueError: if one table's runs of one sweep protocol mix metric protocols.
@@ -573,7 +677,10 @@ def write_report(
         text = format_markdown(parts, compare_paper, all_metrics, datasets_per_block)
         md = out_dir / f"{name}.md"
         write_text_atomic(md, f"# {parts[0].spec.title}\n\n{text}")
-        written[name] = (md, write_csv(parts, out_dir / f"{name}.csv", compare_paper, all_metrics), text)
+        tex = out_dir / f"{name}.tex"
+        write_text_atomic(tex, format_latex(parts, all_metrics, datasets_per_block))
+        csv_path = write_csv(parts, out_dir / f"{name}.csv", compare_paper, all_metrics)
+        written[name] = ReportFiles(md, csv_path, tex, text)
         if compare_paper and len(parts) > 1:
             write_protocol_comparison_csv(parts, out_dir / f"{name}_protocols.csv", all_metrics)
     return written

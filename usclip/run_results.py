@@ -2,8 +2,9 @@
 
 A run directory holds ``results/test_metrics.json`` (written by ``usclip test``) and either ``sweep_run.json``
 (written by ``usclip sweep``: the paper's table, row group, method, dataset and seed) or the resolved
-``config.yaml``, from which :func:`load_run` derives the same (see docs/reports.md). Used by
-:mod:`usclip.reporting`.
+``config.yaml``, from which :func:`load_run` derives the same (see docs/reports.md). Runs trained from Python (a
+plain ``lightning.Trainer``, no ``config.yaml``) stand in a config made from the logger's ``hparams.yaml`` and the
+checkpoint (:func:`config_from_hparams`). Used by :mod:`usclip.reporting`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 MethodFrom = Literal["auto", "config", "name"]
 PROTOCOLS = ("strict", "authors")
 SWEEP_RUN_FILE = "sweep_run.json"
+# files that say which cell a run fills: usclip sweep's, LightningCLI's resolved config, a Python run's hparams
+_RUN_FILES = (SWEEP_RUN_FILE, "config.yaml", "hparams.yaml")
 
 # row group of a run without sweep_run.json -> the paper's table
 TABLE_OF_GROUP = {"segmentation": "table2", "zero-shot": "table3", "supervised": "table3"}
@@ -215,12 +218,99 @@ def sweep_protocol_of(info: dict[str, Any]) -> str | None:
     return "usclip" if info.get("manifest") == "paper" else None
 
 
+# a task's hyperparameter that only it has -> its class (runs from Python record no class path)
+_TASK_OF_HPARAM = (
+    ("prompts", "usclip.tasks.ZeroShotClassifier"),
+    ("lambda_dice", "usclip.tasks.SegmentationTask"),
+    ("gamma", "usclip.tasks.ClassificationTask"),
+)
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """A safe YAML loader that reads an object another tool tagged (``!!python/object:...``) as plain data."""
+
+
+def _plain(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+_LenientLoader.add_multi_constructor("", _plain)
+
+
+def _run_checkpoint(run_dir: Path) -> Path | None:
+    """``checkpoints/best.ckpt``, else ``last.ckpt``, else the newest ``checkpoints/*.ckpt``; ``None`` without one."""
+    folder = run_dir / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def config_from_hparams(run_dir: str | Path) -> dict[str, Any]:
+    """A stand-in for ``config.yaml`` of a run trained from Python (plain ``lightning.Trainer``, no LightningCLI).
+
+    The task's and the DataModule's hyperparameters come from the logger's ``hparams.yaml`` (TensorBoard and CSV
+    loggers write it at fit and test), else from the checkpoint (``hyper_parameters``, ``datamodule_hyper_parameters``);
+    the seed from the checkpoint (:class:`usclip.callbacks.SeedEachEpoch` stores the ``seed_everything`` seed); the
+    task class from a hyperparameter only it has (``prompts``: zero-shot, ``lambda_dice``: segmentation, ``gamma``:
+    classification); the logger name from the run directory's parent folder (``<save_dir>/<name>/version_<n>``).
+    The checkpoint is read with ``torch.load(weights_only=True)``, as everywhere in usclip.
+
+    Returns:
+        ``{"model": {"class_path", "init_args"}, "data": {"init_args"}, "seed_everything", "trainer"}`` as far as
+        known; an empty dict when the run has neither file.
+
+    Raises:
+        ValueError: if ``hparams.yaml`` is not a YAML mapping.
+    """
+    run_dir = Path(run_dir)
+    hparams: dict[str, Any] = {}
+    path = run_dir / "hparams.yaml"
+    if path.is_file():
+        loaded = yaml.load(path.read_text(), Loader=_LenientLoader) or {}  # a safe loader's subclass
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a YAML mapping of hyperparameters, got {type(loaded).__name__}")
+        hparams = loaded
+    seed, ckpt = None, _run_checkpoint(run_dir)
+    if ckpt is not None:
+        from usclip._resume import UnsafeCheckpointError, check_checkpoint  # torch: only for runs from Python
+
+        try:
+            check_checkpoint(ckpt)  # refuses a file that would run code when unpickled
+            import torch
+
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except UnsafeCheckpointError as err:
+            log.warning("%s; no hyperparameters or seed from it", err)
+            state = {}
+        if not hparams:
+            hparams = dict(state.get("hyper_parameters") or {}) | dict(state.get("datamodule_hyper_parameters") or {})
+        seed = (state.get("callbacks", {}).get("SeedEachEpoch") or {}).get("seed")
+    if not hparams and seed is None:
+        return {}
+    class_path = next((cls for key, cls in _TASK_OF_HPARAM if key in hparams), "")
+    return {
+        "seed_everything": seed,
+        "trainer": {"logger": {"init_args": {"name": run_dir.resolve().parent.name}}},
+        "model": {"class_path": class_path, "init_args": hparams},
+        "data": {"init_args": hparams},
+    }
+
+
 def _seed(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult:
     """Read one run directory: ``results/test_metrics.json`` and ``sweep_run.json`` or ``config.yaml``.
+
+    A run trained from Python has no ``config.yaml``: its ``hparams.yaml`` and checkpoint stand in
+    (:func:`config_from_hparams`).
 
     With ``sweep_run.json`` (written by ``usclip sweep``), the table, row group, method, dataset, seed and sweep
     protocol (:func:`sweep_protocol_of`) are the paper's, from that file. Without it they come from
@@ -234,8 +324,8 @@ def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult
             ``"name"`` (the logger's name).
 
     Raises:
-        FileNotFoundError: if the metrics file is missing, or both ``sweep_run.json`` and ``config.yaml``, or the
-            config when ``method_from`` needs it.
+        FileNotFoundError: if the metrics file is missing, or ``sweep_run.json`` and every source of a config
+            (``config.yaml``, ``hparams.yaml``, a checkpoint), or the config when ``method_from`` needs it.
         ValueError: if a file cannot be parsed, ``metric_protocol`` is unknown or the task cannot be told.
     """
     run_dir = Path(run_dir)
@@ -244,14 +334,19 @@ def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult
     if not metrics_path.is_file():
         raise FileNotFoundError(f"run directory {run_dir} has no results/test_metrics.json (run `usclip test`)")
     needs_config = not sweep_path.is_file() or method_from in ("config", "name")
-    if needs_config and not config_path.is_file():
-        raise FileNotFoundError(f"run directory {run_dir} has no config.yaml (and no {SWEEP_RUN_FILE})")
     config: dict[str, Any] = {}
     if config_path.is_file():
         loaded = yaml.safe_load(config_path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path}: expected a YAML mapping, got {type(loaded).__name__}")
         config = loaded
+    elif needs_config:
+        config = config_from_hparams(run_dir)  # a run trained from Python
+        if not config:
+            raise FileNotFoundError(
+                f"run directory {run_dir} has no config.yaml, hparams.yaml or checkpoints/*.ckpt (and no "
+                f"{SWEEP_RUN_FILE}): nothing says which task, method and dataset it is"
+            )
     metrics, protocol = _read_metrics(metrics_path)
     sweep_protocol, deterministic = None, False
     if sweep_path.is_file():
@@ -277,7 +372,8 @@ def load_run(run_dir: str | Path, method_from: MethodFrom = "auto") -> RunResult
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Tested runs at or below ``paths``.
 
-    A tested run is a folder with ``results/test_metrics.json`` and ``sweep_run.json`` or ``config.yaml``.
+    A tested run is a folder with ``results/test_metrics.json`` and ``sweep_run.json``, ``config.yaml``, or (a run
+    trained from Python) ``hparams.yaml`` or ``checkpoints/*.ckpt``.
 
     Raises:
         FileNotFoundError: if a path does not exist or holds no tested run.
@@ -289,10 +385,10 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         runs = []
         for metrics in sorted(p.rglob("results/test_metrics.json")):
             run = metrics.parent.parent
-            if (run / "config.yaml").is_file() or (run / SWEEP_RUN_FILE).is_file():
+            if any((run / name).is_file() for name in _RUN_FILES) or _run_checkpoint(run) is not None:
                 runs.append(run)
             else:
-                log.warning("%s: test results without config.yaml or %s; skipped", run, SWEEP_RUN_FILE)
+                log.warning("%s: test results without %s or a checkpoint; skipped", run, " or ".join(_RUN_FILES))
         unfinished = [s.parent for s in sorted(p.rglob(SWEEP_RUN_FILE)) if s.parent not in runs]
         if unfinished:
             log.warning(
@@ -303,7 +399,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             )
         if not runs:
             raise FileNotFoundError(
-                f"RUN_DIR {p} holds no tested run (no config.yaml or {SWEEP_RUN_FILE} next to "
+                f"RUN_DIR {p} holds no tested run (no {', '.join(_RUN_FILES)} or checkpoints/ next to "
                 "results/test_metrics.json)"
             )
         found += [r for r in runs if r not in found]

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="usclip report", description="The paper's result tables over seeds (docs/reports.md)."
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or folders above")
-    parser.add_argument("--output", type=Path, default=Path("report"), help="folder for <table>.md/.csv (report/)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("report"), help="folder for <table>.md/.csv/.tex and the figures (report/)"
+    )
     parser.add_argument(
         "--method-from",
         choices=("auto", "config", "name"),
@@ -70,9 +72,9 @@ def main(argv: Sequence[str]) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"usclip report: {err}", file=sys.stderr)
         return 2
-    for name, (md, csv_path, text) in written.items():
-        print(f"## {name} ({sum(r.table == name for r in runs)} runs)\n\n{text}")
-        print(f"wrote {md} and {csv_path}\n")
+    for name, files in written.items():
+        print(f"## {name} ({sum(r.table == name for r in runs)} runs)\n\n{files.text}")
+        print(f"wrote {files.markdown}, {files.csv} and {files.latex}\n")
     for grid in grids:
         print(f"wrote {grid}")
     return 0
