@@ -702,31 +702,40 @@ def test_report_errors_name_the_run_dir(tmp_path, capsys):
 # --- overlay grids ---------------------------------------------------------------------------------------------------
 
 
-def test_overlay_grid_compares_methods_on_the_same_images(tmp_path):
-    colours = {"lora": (255, 0, 0), "mona": (0, 0, 255)}
+def test_overlay_grid_compares_methods_on_the_same_images(tmp_path, caplog):
+    """One figure per dataset, rows the images all methods share, columns the methods; legend and scale bars.
+
+    Catches: images only one method has, a method's other seed, the legend in another palette than the PNGs',
+    a scale bar without spacing, a grid drawn over overlays of two palettes.
+    """
+    from usclip.visualize import overlay_text, save_png
+
+    colours = {"lora": (255, 0, 255), "mona": (0, 0, 255)}
     root = tmp_path / "runs"
     for adapter in colours:
         for seed in (0, 1, 2):
             run = make_run(root / adapter / f"version_{seed}", seg(0.7), model=model_args(adapter=adapter), seed=seed)
-            for k, image_id in enumerate(("a", "b", "c")):
+            for image_id in ("a", "b", "c"):
                 if adapter == "mona" and image_id == "c":
                     continue  # only ids every method has make it into the grid
-                picture = np.zeros((16, 16, 3), dtype=np.uint8)
-                picture[:] = colours[adapter]
-                picture[0, 0] = (k, k, k)
-                (run / "overlays").mkdir(exist_ok=True)
-                Image.fromarray(picture).save(run / "overlays" / f"{image_id}.png")
-    (grid_path,) = write_overlay_grids([load_run(d) for d in find_run_dirs([root])], tmp_path / "out")
-    assert grid_path.name == "overlays_BUSI.png"
-    grid = np.asarray(Image.open(grid_path))
-    pad, title = 4, 18
-    assert grid.shape == (title + 2 * (16 + title) + 3 * pad, 2 * 16 + 3 * pad, 3)
-    for r, k in enumerate((0, 1)):  # rows: images a, b; columns: LoRA, Mona (alphabetical)
-        top = title + pad + r * (16 + title + pad) + title
-        for c, adapter in enumerate(("lora", "mona")):
-            left = pad + c * (16 + pad)
-            assert tuple(grid[top, left]) == (k, k, k)
-            assert tuple(grid[top + 8, left + 8]) == colours[adapter]
+                picture = np.zeros((16, 24, 3), dtype=np.uint8)
+                picture[:] = colours[adapter] if seed == 0 else (0, 255, 0)  # other seeds: never shown
+                spacing = (0.5, 0.25) if adapter == "lora" else None
+                save_png(picture, run / "overlays" / f"{image_id}.png", overlay_text("okabe-ito", spacing))
+    runs = [load_run(d) for d in find_run_dirs([root])]
+    files = write_overlay_grids(runs, tmp_path / "out", formats=("png", "svg"), dpi=50)
+    assert [p.name for p in files] == ["overlays_BUSI.png", "overlays_BUSI.svg"]
+    svg = (tmp_path / "out" / "overlays_BUSI.svg").read_text()
+    assert "OpenAI CLIP…-16 + LoRA" in svg and "missed lesion" in svg and ">a<" in svg and ">b<" in svg
+    assert ">c<" not in svg and svg.count("mm<") == 2  # a scale bar on each LoRA picture (spacing known), none else
+    with Image.open(files[0]) as im:
+        pixels = {tuple(c) for c in np.asarray(im.convert("RGB")).reshape(-1, 3)}
+    assert set(colours.values()) <= pixels and (0, 255, 0) not in pixels  # the lowest seed's pictures
+    assert (213, 94, 0) in pixels  # the legend in the PNGs' palette (Okabe-Ito vermillion)
+    # overlays in two palettes: no grid (one legend cannot tell both), a warning naming them
+    save_png(np.zeros((16, 24, 3), np.uint8), root / "mona" / "version_0" / "overlays" / "a.png", {})
+    assert write_overlay_grids(runs, tmp_path / "out2") == []
+    assert "different palettes" in caplog.text and "okabe-ito" in caplog.text
 
 
 def test_long_method_names_are_cut_in_the_middle_for_grid_titles():

@@ -10,17 +10,7 @@ import pytest
 from PIL import Image
 
 from usclip.cli import main
-from usclip.visualize import (
-    CURVE_COLOURS,
-    FN_COLOUR,
-    FP_COLOUR,
-    TP_COLOUR,
-    confusion_matrix,
-    draw_confusion_matrix,
-    draw_roc,
-    overlay,
-    overlay_grid,
-)
+from usclip.visualize import FN_COLOUR, FP_COLOUR, PALETTES, TP_COLOUR, confusion_matrix, overlay
 
 CONF = Path(__file__).parent / "conf" / "classification_lora.yaml"
 
@@ -50,39 +40,22 @@ def test_overlay_rejects_mismatched_shapes():
         overlay(np.zeros((4, 4)), np.zeros((4, 5)))
 
 
-def test_overlay_grid_places_pictures():
-    red = np.zeros((8, 8, 3), dtype=np.uint8)
-    red[..., 0] = 255
-    blue = np.zeros((8, 8), dtype=np.uint8)
-    grid = overlay_grid([[red, None], [blue, red]], pad=2)
-    assert grid.shape == (3 * 2 + 2 * 8, 3 * 2 + 2 * 8, 3)
-    np.testing.assert_array_equal(grid[2:10, 2:10], red)  # row 0, column 0
-    assert (grid[2:10, 12:20] == 255).all()  # the blank cell stays white
-    assert (grid[12:20, 2:10] == 0).all()  # the grayscale picture, as RGB
-    np.testing.assert_array_equal(grid[12:20, 12:20], red)
-    titled = overlay_grid([[red, red]], col_titles=["a", "b"], row_titles=["img"], pad=2, title_height=10)
-    assert titled.shape == (10 + 10 + 8 + 2 * 2, 3 * 2 + 2 * 8, 3)
-    with pytest.raises(ValueError, match="col_titles has 1 titles for 2 columns"):
-        overlay_grid([[red, red]], col_titles=["a"])
-
-
 def test_confusion_matrix_counts():
     matrix = confusion_matrix([0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2], 3)
     np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 2, 1], [0, 0, 1]])
     with pytest.raises(ValueError, match=r"pred labels must be in \[0, 2\)"):
         confusion_matrix([0, 1], [0, 2], 2)
-    picture = draw_confusion_matrix(matrix, ["a", "b", "c"])
-    assert picture.ndim == 3 and picture.dtype == np.uint8
 
 
-def test_roc_picture_draws_each_curve_in_its_colour():
-    curves = [(np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]), "perfect")]
-    curves.append((np.array([0.0, 1.0]), np.array([0.0, 1.0]), "chance"))
-    picture = draw_roc(curves, size=200)
-    left, top = 56, 34
-    # the perfect curve runs up the left edge: its colour is on the line x = 0 halfway up
-    assert tuple(picture[top + 100, left]) == CURVE_COLOURS[0]
-    assert (picture.reshape(-1, 3) == CURVE_COLOURS[1]).all(1).any()
+def test_okabe_ito_overlay_uses_its_colours_and_unknown_palettes_are_refused():
+    image = np.zeros((2, 3), dtype=np.uint8)
+    pred, target = np.array([[1, 1, 0], [0, 0, 0]]), np.array([[0, 1, 1], [0, 0, 0]])
+    out = overlay(image, pred, target, alpha=1.0, palette="okabe-ito")
+    okabe = PALETTES["okabe-ito"]
+    assert [tuple(out[0, k]) for k in range(3)] == [okabe.false_positive, okabe.true_positive, okabe.missed]
+    assert okabe.missed == (213, 94, 0) and okabe.false_positive == (86, 180, 233)  # vermillion, sky blue
+    with pytest.raises(ValueError, match=r"palette must be one of \['okabe-ito', 'paper'\], got 'viridis'"):
+        overlay(image, pred, palette="viridis")
 
 
 def test_classification_test_writes_roc_and_confusion_matrix(tmp_path):
@@ -106,10 +79,12 @@ def test_classification_test_writes_roc_and_confusion_matrix(tmp_path):
     counts = np.array([[int(v) for v in row[1:]] for row in table[1:]])
     np.testing.assert_array_equal(counts, confusion_matrix(labels, preds, 2))
     with Image.open(results / "test_confusion_matrix.png") as im:
-        assert im.mode == "RGB"
+        assert im.size == (3 * 300, 3 * 300)  # matplotlib, 3 x 3 inches at the default 300 dpi
+    assert (results / "test_confusion_matrix.pdf").read_bytes().startswith(b"%PDF")
+    assert "malignant" in (results / "test_confusion_matrix.svg").read_text()
     if len(set(labels)) == 2:
         with Image.open(results / "test_roc.png") as im:
-            assert im.size == (56 + 420 + 16, 34 + 420 + 48)
+            assert im.size == (1020, 1020)  # 3.4 inches at 300 dpi
 
 
 def test_tensorboard_gets_validation_overlays_and_learning_rate(tmp_path):

@@ -28,9 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-from PIL import Image
-
 from usclip._io import atomic_path, write_text_atomic
 from usclip.paper import TABLES, PaperTable, published_lookup
 from usclip.run_results import (
@@ -44,7 +41,7 @@ from usclip.run_results import (
     method_name,
     weights_name,
 )
-from usclip.visualize import overlay_grid, save_png
+from usclip.visualize import DEFAULT_DPI, FIGURE_FORMATS, overlay_grid_figure, read_overlay, save_figure
 
 __all__ = [
     "PROTOCOLS",
@@ -700,18 +697,23 @@ def short_title(name: str, max_chars: int) -> str:
 
 
 def write_overlay_grids(
-    runs: Sequence[RunResult], out_dir: str | Path, num_images: int = 4, min_size: int = 0
+    runs: Sequence[RunResult],
+    out_dir: str | Path,
+    num_images: int = 4,
+    formats: Sequence[str] = FIGURE_FORMATS,
+    dpi: float = DEFAULT_DPI,
 ) -> list[Path]:
-    """One grid per dataset comparing segmentation methods on the same test images (``overlays_<dataset>.png``).
+    """One figure per dataset comparing segmentation methods on the same test images (``overlays_<dataset>``).
 
     Rows are test images (the first ``num_images`` ids that every method has in ``<run>/overlays``), columns are
     methods (``method [protocol]`` when the runs come from several sweep protocols); each method shows its run with
-    the lowest seed. Pictures smaller than ``min_size`` pixels are
-    enlarged (nearest neighbour) to that size. Column titles longer than a picture is wide are cut in the middle
-    (:func:`short_title`; the full names go to the log).
+    the lowest seed. Drawn with matplotlib (:func:`usclip.visualize.overlay_grid_figure`) as ``formats`` at ``dpi``:
+    a legend of the overlay colours in the palette the runs drew them in (recorded in each PNG), and a scale bar on
+    pictures whose pixel spacing is known (DICOM input, recorded in each PNG). Column titles longer than a picture is
+    wide are cut in the middle (:func:`short_title`; the full names go to the log).
 
     Returns:
-        The grids written (none for a dataset whose methods share no overlay).
+        The files written (none for a dataset whose methods share no overlay).
     """
     by_dataset: dict[str, dict[str, RunResult]] = {}
     several = len({r.sweep_protocol for r in runs if r.task == "segmentation"}) > 1
@@ -719,7 +721,7 @@ def write_overlay_grids(
         if run.task == "segmentation":
             name = f"{run.method} [{run.sweep_protocol or '–'}]" if several else run.method
             by_dataset.setdefault(run.dataset, {}).setdefault(name, run)
-    written = []
+    written: list[Path] = []
     for dataset, chosen in sorted(by_dataset.items()):
         methods = sorted(chosen)
         stems = [{p.stem for p in (chosen[m].path / "overlays").glob("*.png")} for m in methods]
@@ -727,16 +729,26 @@ def write_overlay_grids(
         if not ids:
             log.warning("%s: the methods' runs share no overlay picture; no grid written", dataset)
             continue
-        cells = []
+        cells, spacings, palettes = [], [], {}
         for image_id in ids:
-            row = []
+            row, row_spacing = [], []
             for m in methods:
-                with Image.open(chosen[m].path / "overlays" / f"{image_id}.png") as im:
-                    row.append(np.asarray(im.convert("RGB")))
+                picture, palette, spacing = read_overlay(chosen[m].path / "overlays" / f"{image_id}.png")
+                row.append(picture)
+                row_spacing.append(spacing)
+                palettes.setdefault(palette or "paper", chosen[m].path)  # no name: drawn before the option
             cells.append(row)
-        size = max(max(c.shape[0] for row in cells for c in row), min_size)
-        titles = [short_title(m, max(size // 7, 8)) for m in methods]
-        log.info("overlays_%s.png columns: %s", dataset, "; ".join(methods))
-        grid = overlay_grid(cells, row_titles=ids, col_titles=titles, size=size)
-        written.append(save_png(grid, Path(out_dir) / f"overlays_{dataset}.png"))
+            spacings.append(row_spacing)
+        if len(palettes) > 1:  # one legend cannot tell both: no grid rather than a wrong one
+            (a, run_a), (b, run_b) = list(palettes.items())[:2]
+            log.warning(
+                "%s: no overlay grid: the runs drew their overlays in different palettes (%s: %s, %s: %s); test them "
+                "with one model.init_args.palette",
+                dataset, run_a, a, run_b, b,
+            )  # fmt: skip
+            continue
+        titles = [short_title(m, 22) for m in methods]
+        log.info("overlays_%s columns: %s", dataset, "; ".join(methods))
+        figure = overlay_grid_figure(cells, ids, titles, spacings, palette=next(iter(palettes)))
+        written += save_figure(figure, Path(out_dir) / f"overlays_{dataset}", formats, dpi)
     return written

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from usclip.reporting import find_run_dirs, load_run, write_overlay_grids, write_report
+from usclip.visualize.figures import check_figure_options
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 3; 0: one wide table)",
     )
     parser.add_argument(
-        "--grid-images", type=int, default=4, help="test images in each overlay grid (default: 4; 0: no grid)"
+        "--grid-images",
+        type=int,
+        default=4,
+        help="test images in each overlay grid figure, overlays_<dataset>.png/.pdf/.svg (default: 4; 0: no grid)",
     )
+    parser.add_argument(
+        "--formats",
+        default="png,pdf,svg",
+        help="formats of the figures, comma-separated, any of png, pdf, svg (default: png,pdf,svg)",
+    )
+    parser.add_argument("--dpi", type=float, default=300, help="resolution of the figures' PNG (default: 300)")
     parser.add_argument("-v", "--verbose", action="store_true", help="also print the library's log messages")
     return parser
 
@@ -65,10 +75,13 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        formats = check_figure_options([f.strip() for f in args.formats.split(",") if f.strip()], args.dpi)
         dirs = find_run_dirs(args.run_dirs)
         runs = [load_run(d, args.method_from) for d in tqdm(dirs, desc="reading runs", unit="run", disable=None)]
         written = write_report(runs, args.output, args.compare_paper, args.all_metrics, args.datasets_per_block)
-        grids = write_overlay_grids(runs, args.output, args.grid_images, min_size=160) if args.grid_images > 0 else []
+        grids = (
+            write_overlay_grids(runs, args.output, args.grid_images, formats, args.dpi) if args.grid_images > 0 else []
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"usclip report: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,16 @@ from usclip.metrics import MetricProtocol, build_classification_metrics, check_m
 from usclip.models.authors_heads import AUTHORS_HEADS, build_authors_head
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
-from usclip.visualize import confusion_matrix, draw_confusion_matrix, draw_roc, save_png
+from usclip.visualize import (
+    DEFAULT_DPI,
+    FIGURE_FORMATS,
+    check_figure_options,
+    confusion_matrix,
+    confusion_matrix_figure,
+    get_palette,
+    roc_figure,
+    save_figure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +38,9 @@ class ClassificationTask(BaseTask):
 
     Metrics (val and test): accuracy, AUC, sensitivity, specificity and F1; the best checkpoint has the highest
     ``val_auc``. ``usclip test`` writes ``results/test_metrics.json``, ``results/test_predictions.csv`` (one row
-    per image: id, label, class probabilities), the confusion matrix (``results/test_confusion_matrix.csv``/``.png``)
-    and the ROC curve (``results/test_roc.png``); ``usclip predict`` writes ``predictions/probabilities.csv``.
+    per image: id, label, class probabilities), the confusion matrix (``results/test_confusion_matrix.csv`` and a
+    figure) and the ROC curve (``results/test_roc``), the figures drawn with matplotlib as ``figure_formats`` (PNG,
+    PDF, SVG) at ``figure_dpi``; ``usclip predict`` writes ``predictions/probabilities.csv``.
     ``results/test_metrics.json`` records ``"metric_protocol"``.
 
     Args:
@@ -41,6 +52,9 @@ class ClassificationTask(BaseTask):
         metric_protocol: ``strict`` or ``authors``, recorded in ``results/test_metrics.json`` so that reports never
             mix protocols. The classification numbers are the same under both (the authors' binary torchmetrics
             over the whole test set, decisions at 0.5, are what this task computes; see ``docs/metrics.md``).
+        palette: colours of the test figures: ``paper`` or ``okabe-ito`` (colour-blind-safe; docs/reports.md).
+        figure_dpi: resolution of the test figures' PNG (and of images inside PDF/SVG).
+        figure_formats: the test figures' formats, any of ``png``, ``pdf``, ``svg``.
         **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
             ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
     """
@@ -56,8 +70,13 @@ class ClassificationTask(BaseTask):
         focal_activation: Literal["softmax", "sigmoid"] = "softmax",
         best_by: Literal["auc", "acc"] = "auc",
         metric_protocol: MetricProtocol = "strict",
+        palette: str = "paper",
+        figure_dpi: int = DEFAULT_DPI,
+        figure_formats: Sequence[str] = FIGURE_FORMATS,
         **kwargs: Any,
     ) -> None:
+        get_palette(palette)  # bad values: an error now, not after the test
+        check_figure_options(figure_formats, figure_dpi)
         if focal_activation not in ("softmax", "sigmoid"):
             raise ValueError(f"focal_activation must be 'softmax' or 'sigmoid', got {focal_activation!r}")
         if best_by not in ("auc", "acc"):
@@ -144,17 +163,22 @@ class ClassificationTask(BaseTask):
         log.info("test results written to %s", out / "results")
 
     def _write_test_figures(self, results: Path) -> None:
-        """Confusion matrix (``test_confusion_matrix.csv``/``.png``, argmax predictions) and ``test_roc.png``."""
+        """Confusion matrix (``test_confusion_matrix.csv`` and figure, argmax predictions) and ``test_roc``."""
         if not self._test_rows:
             return
         num_classes = self.hparams["num_classes"]
+        palette = self.hparams.get("palette", "paper")  # checkpoints from before the option: the paper's
+        figure_args = {
+            "formats": self.hparams.get("figure_formats", FIGURE_FORMATS),
+            "dpi": self.hparams.get("figure_dpi", DEFAULT_DPI),
+        }
         names = [c.removeprefix("prob_") for c in self._probability_columns()]
         labels = torch.tensor([row[1] for row in self._test_rows])
         probs = torch.tensor([row[2:] for row in self._test_rows], dtype=torch.float32)
         matrix = confusion_matrix(labels.numpy(), probs.argmax(1).numpy(), num_classes)
         rows = [[names[i], *(int(v) for v in matrix[i])] for i in range(num_classes)]
         write_csv_atomic(results / "test_confusion_matrix.csv", ["true\\predicted", *names], rows)
-        save_png(draw_confusion_matrix(matrix, names), results / "test_confusion_matrix.png")
+        save_figure(confusion_matrix_figure(matrix, names, palette), results / "test_confusion_matrix", **figure_args)
         if len(labels.unique()) < 2:  # a ROC curve needs both positives and negatives
             log.warning("test set has a single class: no ROC curve written")
             return
@@ -167,7 +191,8 @@ class ClassificationTask(BaseTask):
                 (f.numpy(), t.numpy(), f"{n} vs rest (AUC {float(torch.trapezoid(t, f)):.3f})")
                 for f, t, n in zip(fpr, tpr, names, strict=True)
             ]
-        save_png(draw_roc(curves, title=f"ROC, {len(labels)} test images"), results / "test_roc.png")
+        figure = roc_figure(curves, title=f"ROC, {len(labels)} test images", palette=palette)
+        save_figure(figure, results / "test_roc", **figure_args)
 
     def _probability_columns(self) -> list[str]:
         datamodule = getattr(self._trainer, "datamodule", None)

@@ -23,7 +23,7 @@ from usclip.metrics import MetricProtocol, SegmentationMetrics, check_metric_pro
 from usclip.models.authors_heads import AUTHORS_HEADS, build_authors_head
 from usclip.models.heads import SegmentationHead
 from usclip.tasks.base import BaseTask
-from usclip.visualize import overlay, save_png
+from usclip.visualize import get_palette, overlay, overlay_text, save_png
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class SegmentationTask(BaseTask):
             code: ``true``).
         dice_smooth: Dice smoothing added to numerator and denominator (MONAI's ``smooth_nr``/``smooth_dr``; 1e-5,
             MONAI's default; the authors' code: 1e-8).
-        num_overlays: test images written as overlay pictures.
+        num_overlays: test images written as overlay pictures (PIL: fast; each PNG records its palette and, for
+            DICOM input, its pixel spacing, which the overlay grids of ``usclip report`` use for scale bars).
         text_prompt: CLIPSeg's text prompt (``model_name: clipseg:...``): a dataset name (``busi``, ``ddti``,
             ``tn3k``, ``ln1``, ``ln2``, ``prostate``: the authors' prompt for it), an organ name or your own sentence.
         metric_protocol: ``strict`` (every image counts: an empty prediction is charged the image diagonal, an
@@ -56,6 +57,8 @@ class SegmentationTask(BaseTask):
             with NaN / inf dropped, so missed lesions leave HD95 / ASD and empty ground truths never count;
             directed ASD, prediction -> ground truth). Applies to validation (and so to the best checkpoint's
             choice) and test; recorded in every results file.
+        palette: colours of the test overlays: ``paper`` (red missed, green false positive, yellow true positive)
+            or ``okabe-ito`` (colour-blind-safe: vermillion, sky blue, yellow; docs/reports.md).
         **kwargs: encoder, head and optimiser arguments of :class:`~usclip.tasks.BaseTask` (``model_name``,
             ``pretrained``, ``adapter``, ``layers``, ``lr``, ...).
     """
@@ -73,8 +76,10 @@ class SegmentationTask(BaseTask):
         num_overlays: int = 8,
         text_prompt: str | None = None,
         metric_protocol: MetricProtocol = "strict",
+        palette: str = "paper",
         **kwargs: Any,
     ) -> None:
+        get_palette(palette)  # a bad name: an error now, not after the test
         if text_prompt is not None and not str(kwargs.get("model_name", "")).startswith("clipseg"):
             raise ValueError(
                 f"text_prompt is for CLIPSeg (model_name: clipseg:<checkpoint>, head: native); model_name="
@@ -137,7 +142,7 @@ class SegmentationTask(BaseTask):
         if not self.trainer.is_global_zero:
             return
         for j in range(min(self.num_val_overlays, pred.shape[0])):
-            picture = _overlay(batch, pred, j)
+            picture = _overlay(batch, pred, j, self.hparams.get("palette", "paper"))
             tag = f"val_overlays/{j}_{batch['id'][j]}"
             self.logger.experiment.add_image(tag, picture, self.current_epoch, dataformats="HWC")
 
@@ -183,11 +188,13 @@ class SegmentationTask(BaseTask):
         if out is None or not self.trainer.is_global_zero:
             return
         seen = int(batch["index"].min())
+        palette = self.hparams.get("palette", "paper")  # checkpoints from before the option: the paper's
         for j in range(pred.shape[0]):
             if seen + j >= self.hparams["num_overlays"]:
                 break
-            picture = _overlay(batch, pred, j)
-            save_png(picture, out / "overlays" / f"{batch['id'][j]}.png")
+            picture = _overlay(batch, pred, j, palette)
+            text = overlay_text(palette, _overlay_spacing(batch, j))
+            save_png(picture, out / "overlays" / f"{batch['id'][j]}.png", text=text)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Write lesion masks at each image's original size to ``<run dir>/predictions``.
@@ -255,7 +262,22 @@ def _merge_masks(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
     return merged.astype(np.uint8)
 
 
-def _overlay(batch: dict[str, Any], pred: torch.Tensor, j: int) -> np.ndarray:
+def _overlay(batch: dict[str, Any], pred: torch.Tensor, j: int, palette: str = "paper") -> np.ndarray:
     """Overlay picture of sample ``j`` of a batch: its (model-size) image, prediction and ground truth."""
     image = batch["image"][j, 0].float().cpu().numpy()  # [0, 1]; overlay() converts to uint8
-    return overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy())
+    return overlay(image, pred[j].cpu().numpy(), batch["mask"][j].cpu().numpy(), palette=palette)
+
+
+def _overlay_spacing(batch: dict[str, Any], j: int) -> tuple[float, float] | None:
+    """``(row, column)`` pixel spacing in mm of sample ``j`` at the model's size; ``None`` when unknown (not DICOM).
+
+    The crop of ``w x h`` pixels was resized to the model's ``W x H``: row spacing x ``h / H``, column x ``w / W``.
+    """
+    if "spacing" not in batch or "crop_box" not in batch:
+        return None
+    sy, sx = (float(v) for v in batch["spacing"][j])
+    if not (np.isfinite(sy) and np.isfinite(sx)):
+        return None
+    x0, y0, x1, y1 = (int(v) for v in batch["crop_box"][j])
+    height, width = batch["image"].shape[-2:]
+    return sy * (y1 - y0) / height, sx * (x1 - x0) / width
