@@ -729,7 +729,8 @@ def write_overlay_grids(
         if not ids:
             log.warning("%s: the methods' runs share no overlay picture; no grid written", dataset)
             continue
-        cells, spacings, palettes = [], [], {}
+        cells, spacings = [], []
+        palettes: dict[str, Path] = {}
         for image_id in ids:
             row, row_spacing = [], []
             for m in methods:

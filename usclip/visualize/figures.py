@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
 DEFAULT_DPI = 300
-_RC = {
+_RC: dict[str, Any] = {
     "pdf.fonttype": 42,
     "ps.fonttype": 42,
     "svg.fonttype": "none",
@@ -49,7 +49,7 @@ _METADATA: dict[str, dict[str, Any]] = {
 def _style() -> Iterator[None]:
     import matplotlib
 
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(_RC):  # type: ignore[arg-type]  # its stubs type the keys as a Literal of names
         yield
 
 
