@@ -203,7 +203,8 @@ class ImageInputs(Dataset):
         self.items: list[_Item] = []
         single = len(inputs) == 1
         for k, source in enumerate(inputs):
-            box = tuple(int(v) for v in crop_boxes[k]) if crop_boxes is not None and crop_boxes[k] is not None else None
+            given = crop_boxes[k] if crop_boxes is not None else None
+            box = tuple(int(v) for v in given) if given is not None else None
             if box is None and preprocessing.crop == "boxes":
                 raise ValueError(
                     f"input {k}: the task's preprocessing crops to given boxes (crop='boxes', as its training data "

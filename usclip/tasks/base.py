@@ -522,10 +522,10 @@ class BaseTask(L.LightningModule):
             ValueError: for an input of another kind, shape or dtype, or a bad ``batch_size``.
         """
         single = not isinstance(image, (list, tuple))
-        inputs: list[ImageInput] = [image] if single else list(image)  # type: ignore[list-item]
+        inputs: list[ImageInput] = [image] if single else list(image)  # type: ignore[list-item,arg-type]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"predict_image: batch_size must be a positive integer, got {batch_size!r}")
-        boxes = None if crop_box is None else ([crop_box] if single else list(crop_box))  # type: ignore[list-item]
+        boxes = None if crop_box is None else ([crop_box] if single else list(crop_box))
         dataset = ImageInputs(inputs, self.preprocessing, boxes)  # type: ignore[arg-type]
         training = self.training
         self.eval()

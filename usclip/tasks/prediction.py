@@ -148,7 +148,6 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._out: Path | None = None
         self._csv_part: Path | None = None
-        self._paths: dict[str, Path] = {}  # file id -> its file, for the regions this process wrote
 
     # ----------------------------------------------------------------- where
     def _folder(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
@@ -157,7 +156,8 @@ class PredictionWriter(BasePredictionWriter):
         from usclip.run_dirs import run_dir_of
 
         # the task's lookup is cached per stage (a broadcast under DDP: every process must ask equally often)
-        run = pl_module.run_dir if hasattr(type(pl_module), "run_dir") else run_dir_of(trainer)  # type: ignore[attr-defined]
+        lookup = getattr(type(pl_module), "run_dir", None)
+        run: Path | None = lookup.__get__(pl_module) if isinstance(lookup, property) else run_dir_of(trainer)
         return run / "predictions" if run is not None else None
 
     @staticmethod
@@ -165,7 +165,8 @@ class PredictionWriter(BasePredictionWriter):
         return getattr(pl_module, "task", None) == "classification"
 
     def _csv_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
-        names = pl_module.class_names() if hasattr(pl_module, "class_names") else None
+        class_names = getattr(pl_module, "class_names", None)
+        names = class_names() if callable(class_names) else None
         if not names:
             names = [str(i) for i in range(int(pl_module.hparams["num_classes"]))]
         return ["id", "prediction", *(f"prob_{n}" for n in names)]
@@ -174,7 +175,6 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._out = self._folder(trainer, pl_module)
         self._csv_part = None
-        self._paths = {}
         if self._out is None:
             return
         if self._classification(pl_module):
