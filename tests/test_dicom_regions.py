@@ -208,7 +208,7 @@ def test_all_keeps_the_regions_of_a_file_in_one_split(tmp_path):
 
 
 def test_predict_pastes_every_region_into_one_mask_of_the_file(tmp_path):
-    from usclip.tasks import SegmentationTask
+    from usclip.tasks import PredictionWriter, SegmentationTask
 
     root = make_root(tmp_path / "d", n_dual=1, n_single=1)
     dm = SegmentationDataModule(None, image_size=16, batch_size=2, predict_root=str(root / "images"), regions="all")
@@ -220,9 +220,15 @@ def test_predict_pastes_every_region_into_one_mask_of_the_file(tmp_path):
         return logits
 
     task.forward = left_half_lesion  # type: ignore[method-assign]
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path / "run", enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path / "run",
+        enable_progress_bar=False,
+        callbacks=[PredictionWriter()],  # what `usclip predict` adds: predict_step itself writes nothing
+    )
     records = [r for batch in trainer.predict(task, datamodule=dm) for r in batch]
-    assert sorted(r["id"] for r in records) == ["dual0@r0", "dual0@r1", "png0"]
+    assert sorted(r.id for r in records) == ["dual0@r0", "dual0@r1", "png0"]
     out = tmp_path / "run" / "predictions"
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["dual0.png", "png0.png"]  # one mask per file
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["dual0.png", "png0.png"]
@@ -232,3 +238,35 @@ def test_predict_pastes_every_region_into_one_mask_of_the_file(tmp_path):
     for x0, y0, x1, y1 in (R0_BOX, R1_BOX):
         expected[y0:y1, x0 : (x0 + x1) // 2] = True  # the left half of each region, at its place in the frame
     assert mask.shape == (H, W) and np.array_equal(mask, expected)
+
+
+def test_predict_image_merges_the_regions_of_a_file_as_the_writer_does(tmp_path):
+    from usclip.data import Preprocessing
+    from usclip.tasks import SegmentationTask
+
+    root = make_root(tmp_path / "d", n_dual=1)
+    task = SegmentationTask(model_name="unet", pretrained=None, head="native", image_size=16, normalization="none")
+
+    def left_half_lesion(images: torch.Tensor) -> torch.Tensor:  # as in the writer's test above
+        logits = torch.zeros(images.shape[0], 2, 16, 16)
+        logits[:, 1, :, :8], logits[:, 1, :, 8:] = 4.0, -4.0
+        return logits
+
+    task.forward = left_half_lesion  # type: ignore[method-assign]
+    task.preprocessing = Preprocessing(image_size=16, regions="all")
+    pred = task.predict_image(root / "images" / "dual0.dcm")
+    assert pred.id == "dual0" and pred.size == (H, W)  # one prediction for the file, named by it
+    expected = np.zeros((H, W), bool)
+    for x0, y0, x1, y1 in (R0_BOX, R1_BOX):
+        expected[y0:y1, x0 : (x0 + x1) // 2] = True
+    assert np.array_equal(pred.mask, expected)
+    assert np.array_equal(pred.probabilities.argmax(0) > 0, expected)
+    assert (pred.probabilities[0][expected] < 0.5).all() and (pred.probabilities[0][:2] == 1.0).all()  # outside
+    # regions: largest predicts the larger region alone (r1), as data.regions does
+    task.preprocessing = Preprocessing(image_size=16, regions="largest")
+    largest = task.predict_image(root / "images" / "dual0.dcm")
+    x0, y0, x1, y1 = R1_BOX
+    assert largest.crop_box == R1_BOX and largest.mask.sum() == (y1 - y0) * ((x1 - x0) // 2)
+    task.preprocessing = Preprocessing(image_size=16, regions="error")
+    with pytest.raises(ValueError, match=r"dual0\.dcm: r0 box"):
+        task.predict_image(root / "images" / "dual0.dcm")
