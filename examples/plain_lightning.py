@@ -8,7 +8,7 @@ its own callbacks (best and last checkpoints by the validation Dice, reseeding, 
 ``usclip.tasks.load_task`` read.
 
 By default it writes a small synthetic dataset (usclip's generator: B-mode scans with lesions and masks) and trains
-the tiny test model with random weights for a few steps, on the CPU, in seconds. Run it::
+the tiny test model with random weights for one epoch of a few steps, on the CPU, in seconds. Run it::
 
     python examples/plain_lightning.py                       # synthetic data, tiny model, a few steps
     python examples/plain_lightning.py --data path/to/BUSI --model ViT-B-16 --pretrained openai \
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embed-dim", type=int, default=16, help="width of the segmentation head")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=4, help="stop after this many steps (-1: no limit)")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: after --epochs)")
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
     p.add_argument("--out", default="runs", help="folder of the run folders")
     p.add_argument("--name", default="plain_lightning", help="run name: the run is <out>/<name>/version_<n>")
