@@ -35,45 +35,38 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 
 # ---------------------------------------------------------------------------------------------------- the tasks
-class _FakePrediction:
-    def __init__(self, image: np.ndarray, kind: str) -> None:
-        self.size = image.shape[:2]
-        self._image = image
-        if kind == "segmentation":
-            self.mask = image > 128
-            self.probabilities = np.stack([~self.mask, self.mask]).astype(np.float32)
-            self.label = self.label_name = None
-        else:
-            self.mask = None
-            self.probabilities = np.array([0.25, 0.75], dtype=np.float32)
-            self.label, self.label_name = 1, "malignant"
-
-    def overlay(self) -> np.ndarray:
-        rgb = np.repeat(self._image[..., None], 3, axis=2)
-        if self.mask is not None:
-            rgb[self.mask] = (255, 0, 0)
-        return rgb
+TINY = {"model_name": "usclip-test-vit", "pretrained": None, "layers": [1, 3], "image_size": 64, "embed_dim": 8}
 
 
-class _FakeTask:
-    def __init__(self, kind: str) -> None:
-        self.task = kind
-        self.label_names = ["benign", "malignant"]
+def _saved_and_loaded(cls: type, folder: Path) -> Any:
+    """An untrained tiny ``cls`` (random weights, class names set) saved as a checkpoint, then ``load_task``-ed."""
+    import lightning as L
+    import torch
 
-    def predict_image(self, image: Any) -> _FakePrediction:
-        from usclip.data.imageio import read_image
+    from usclip.tasks import load_task
 
-        return _FakePrediction(read_image(image), self.task)
+    torch.manual_seed(0)
+    task = cls(**TINY)
+    task.label_names = ["benign", "malignant"]
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    trainer.strategy.connect(task)
+    ckpt = folder / f"{cls.__name__}.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return load_task(ckpt)
 
 
 @pytest.fixture(scope="module")
-def seg_task() -> Any:
-    return _FakeTask("segmentation")
+def seg_task(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from usclip.tasks import SegmentationTask
+
+    return _saved_and_loaded(SegmentationTask, tmp_path_factory.mktemp("seg"))
 
 
 @pytest.fixture(scope="module")
-def cls_task() -> Any:
-    return _FakeTask("classification")
+def cls_task(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from usclip.tasks import ClassificationTask
+
+    return _saved_and_loaded(ClassificationTask, tmp_path_factory.mktemp("cls"))
 
 
 # ---------------------------------------------------------------------------------------------------- the scans
@@ -90,11 +83,10 @@ def scan_png(tmp_path: Path) -> Path:
 
 
 def _dicom(path: Path, spacing_cm: tuple[float, float] | None) -> Path:
-    """A DICOM scan (120 x 170) with one tissue region covering it; ``spacing_cm``: (dx, dy) in cm."""
+    """A DICOM scan, 120 x 170, whose one tissue region (x 10-159, y 5-114) gives ``spacing_cm`` = (dx, dy) in cm."""
     from tests.dicom_files import write_dicom
 
-    pixels = _scan(5, (120, 170))
-    return write_dicom(path, pixels, regions=(((0, 0, 169, 119), 1, 1, spacing_cm),))
+    return write_dicom(path, _scan(5, (120, 170)), regions=(((10, 5, 159, 114), 1, 1, spacing_cm),))
 
 
 # ---------------------------------------------------------------------------------------------------- no browser
@@ -102,36 +94,57 @@ def test_analyse_segmentation_counts_the_mask_and_has_no_mm2_without_spacing(seg
     a = analyse(seg_task, scan_png)
     pred = seg_task.predict_image(scan_png)
     assert a.size == (150, 230)
-    assert a.lesion_pixels == int(pred.mask.sum())
-    assert a.spacing is None and a.lesion_mm2 is None
+    assert 0 < a.lesion_pixels == int(pred.mask.sum()) < 150 * 230  # random weights: some pixels, not all
+    assert a.lesion_mm2 is None and a.spacings == ()
     np.testing.assert_array_equal(a.overlay, pred.overlay())
     assert a.probabilities is None
-    assert f"Lesion area: {a.lesion_pixels} pixels" in a.summary()
+    assert f"Lesion area: {a.lesion_pixels} pixels ({100 * a.lesion_pixels / (150 * 230):.2f}% of the image)" in (
+        a.summary()
+    )
     assert "230 x 150 pixels (width x height)" in a.summary()
-    assert "mm²: unknown" in a.summary()
+    assert "mm²: unknown (no pixel spacing" in a.summary()
 
 
 def test_analyse_dicom_area_in_mm2_uses_row_and_column_spacing(seg_task: Any, tmp_path: Path) -> None:
-    # anisotropic: dx 0.02 cm (columns), dy 0.05 cm (rows) -> 0.2 mm x 0.5 mm = 0.1 mm² per pixel
+    # anisotropic: dx 0.02 cm (columns), dy 0.05 cm (rows) -> 0.5 mm x 0.2 mm = 0.1 mm² per pixel
     path = _dicom(tmp_path / "scan.dcm", (0.02, 0.05))
     a = analyse(seg_task, path)
-    assert a.spacing == pytest.approx((0.5, 0.2))
-    pixels = int(seg_task.predict_image(path).mask.sum())
+    pred = seg_task.predict_image(path)
+    assert a.size == (120, 170) and a.spacings == (pytest.approx((0.5, 0.2)),)
+    pixels = int(pred.mask.sum())
     assert 0 < pixels == a.lesion_pixels
+    assert not pred.mask[:5].any() and not pred.mask[:, 160:].any()  # outside the region: background
     assert a.lesion_mm2 == pytest.approx(pixels * 0.1)
-    assert f"Lesion area: {pixels * 0.1:.2f} mm²" in a.summary()
-    assert "0.5 x 0.2 mm, row x column" in a.summary()
+    assert f"Lesion area: {pixels * 0.1:.2f} mm² (pixel spacing 0.5 x 0.2 mm, row x column" in a.summary()
+
+
+def test_lesion_area_mm2_counts_each_region_at_its_own_spacing(tmp_path: Path) -> None:
+    from tests.dicom_files import write_dicom
+    from usclip.app.analysis import lesion_area_mm2
+
+    # left region: dx 0.01 cm, dy 0.02 cm -> 0.02 mm² per pixel; right region: 0.03 cm square -> 0.09 mm²
+    regions = (((0, 0, 29, 39), 1, 1, (0.01, 0.02)), ((30, 0, 49, 39), 1, 1, (0.03, 0.03)))
+    path = write_dicom(tmp_path / "two.dcm", np.full((40, 60), 90, np.uint8), regions=regions)
+    mask = np.zeros((40, 60), bool)
+    mask[0:2, 0:5] = True  # 10 pixels on the left
+    mask[10, 30:35] = True  # 5 on the right
+    area, spacings = lesion_area_mm2(mask, path)
+    assert spacings == (pytest.approx((0.2, 0.1)), pytest.approx((0.3, 0.3)))
+    assert area == pytest.approx(10 * 0.02 + 5 * 0.09)
+    mask[0, 55] = True  # a lesion pixel outside both regions: no physical size
+    assert lesion_area_mm2(mask, path) == (None, spacings)
+    assert lesion_area_mm2(mask, tmp_path / "scan.png") == (None, ())
 
 
 def test_analyse_classification_names_the_classes_in_order(cls_task: Any, scan_png: Path) -> None:
     a = analyse(cls_task, scan_png)
     pred = cls_task.predict_image(scan_png)
-    names = app_analysis.class_names(cls_task, 2)
-    assert a.probabilities == pytest.approx(dict(zip(names, pred.probabilities.tolist(), strict=True)))
-    assert list(a.probabilities) == names
-    assert a.label_name == pred.label_name
+    assert list(a.probabilities) == ["benign", "malignant"]
+    assert list(a.probabilities.values()) == pytest.approx(pred.probabilities.tolist())
+    assert a.label_name == ["benign", "malignant"][int(np.argmax(pred.probabilities))]
+    np.testing.assert_array_equal(a.overlay, np.repeat(np.asarray(Image.open(scan_png))[..., None], 3, axis=2))
     assert a.lesion_pixels is None
-    assert f"Predicted class: {pred.label_name}" in a.summary()
+    assert f"Predicted class: {a.label_name}" in a.summary()
 
 
 def test_uploads_of_other_kinds_are_refused_naming_the_file(tmp_path: Path) -> None:
@@ -143,13 +156,11 @@ def test_uploads_of_other_kinds_are_refused_naming_the_file(tmp_path: Path) -> N
         check_upload(tmp_path / "gone.png")
 
 
-def test_summary_area_share_and_mm2() -> None:
-    a = Analysis(
-        name="x.dcm", size=(10, 40), overlay=np.zeros((10, 40, 3), np.uint8), lesion_pixels=20, spacing=(0.5, 0.25)
-    )
-    assert a.lesion_mm2 == pytest.approx(2.5)
+def test_summary_when_the_area_in_mm2_is_unknown() -> None:
+    a = Analysis(name="x.dcm", size=(10, 40), overlay=np.zeros((10, 40, 3), np.uint8), lesion_pixels=20)
     assert "Lesion area: 20 pixels (5.00% of the image)" in a.summary()
-    assert "Lesion area: 2.50 mm²" in a.summary()
+    a = Analysis(**{**a.__dict__, "spacings": ((0.5, 0.25),)})
+    assert "Lesion area in mm²: unknown (lesion pixels outside the regions of spacing 0.5 x 0.25 mm)" in a.summary()
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI

@@ -11,7 +11,7 @@ Gradio is imported only when a page is built (``pip install "usclip[app]"``); :m
 computes what the page shows without it.
 """
 
-from usclip.app.analysis import ACCEPTED_SUFFIXES, Analysis, analyse, dicom_spacing
+from usclip.app.analysis import ACCEPTED_SUFFIXES, Analysis, analyse, lesion_area_mm2
 from usclip.app.page import RESEARCH_USE, build_app, launch_options, serve
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "Analysis",
     "analyse",
     "build_app",
-    "dicom_spacing",
     "launch_options",
+    "lesion_area_mm2",
     "serve",
 ]

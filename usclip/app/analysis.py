@@ -21,7 +21,9 @@ DICOM_SUFFIX = ".dcm"
 class Predictor(Protocol):
     """What the page needs of a task: :meth:`usclip.tasks.BaseTask.predict_image` and the ``task`` kind."""
 
-    task: str
+    @property
+    def task(self) -> str:  # noqa: D102
+        ...
 
     def predict_image(self, image: Any) -> Any:  # noqa: D102
         ...
@@ -39,8 +41,11 @@ class Analysis:
         probabilities: classification: ``{class name: probability}`` in class order; segmentation: ``None``.
         label_name: classification: the predicted class's name; segmentation: ``None``.
         lesion_pixels: segmentation: pixels of the predicted mask; classification: ``None``.
-        spacing: ``(row, column)`` pixel spacing in millimetres from the DICOM file's largest tissue region;
-            ``None`` for other files and DICOM files without a physical spacing in cm.
+        lesion_mm2: segmentation: the mask's area in mm² when the DICOM file gives the pixel spacing of every
+            region the mask lies in (see :func:`lesion_area_mm2`); else ``None``.
+        spacings: the distinct ``(row, column)`` pixel spacings in mm of the DICOM file's tissue regions; empty for
+            other files.
+        note: a remark shown under the numbers (e.g. which region of a multi-region file is classified).
     """
 
     name: str
@@ -49,31 +54,28 @@ class Analysis:
     probabilities: dict[str, float] | None = None
     label_name: str | None = None
     lesion_pixels: int | None = None
-    spacing: tuple[float, float] | None = None
-
-    @property
-    def lesion_mm2(self) -> float | None:
-        """The lesion's area in mm² (pixels times the row and column spacing); ``None`` without both."""
-        if self.lesion_pixels is None or self.spacing is None:
-            return None
-        return self.lesion_pixels * self.spacing[0] * self.spacing[1]
+    lesion_mm2: float | None = None
+    spacings: tuple[tuple[float, float], ...] = ()
+    note: str | None = None
 
     def summary(self) -> str:
-        """The page's text under the image (Markdown): size, and the lesion area or the predicted class."""
+        """The page's text beside the image (Markdown): size, and the lesion area or the predicted class."""
         h, w = self.size
         lines = [f"**{self.name}**: {w} x {h} pixels (width x height)"]
         if self.lesion_pixels is not None:
             share = 100.0 * self.lesion_pixels / (h * w)
             lines.append(f"Lesion area: {self.lesion_pixels} pixels ({share:.2f}% of the image)")
-            if self.lesion_mm2 is not None and self.spacing is not None:
-                lines.append(
-                    f"Lesion area: {self.lesion_mm2:.2f} mm² (pixel spacing {self.spacing[0]:.4g} x "
-                    f"{self.spacing[1]:.4g} mm, row x column, from the DICOM file)"
-                )
+            spacing = "; ".join(f"{r:.4g} x {c:.4g} mm" for r, c in self.spacings)
+            if self.lesion_mm2 is not None:
+                lines.append(f"Lesion area: {self.lesion_mm2:.2f} mm² (pixel spacing {spacing}, row x column, DICOM)")
+            elif self.spacings:
+                lines.append(f"Lesion area in mm²: unknown (lesion pixels outside the regions of spacing {spacing})")
             else:
                 lines.append("Lesion area in mm²: unknown (no pixel spacing: upload a DICOM file that gives it)")
         if self.label_name is not None:
             lines.append(f"Predicted class: {self.label_name}")
+        if self.note:
+            lines.append(self.note)
         return "\n\n".join(lines)
 
 
@@ -95,26 +97,42 @@ def check_upload(path: str | Path) -> Path:
     return path
 
 
-def dicom_spacing(path: str | Path) -> tuple[float, float] | None:
-    """The ``(row, column)`` pixel spacing in mm of a DICOM file (its largest tissue region), from its header.
+def lesion_area_mm2(mask: np.ndarray, path: str | Path) -> tuple[float | None, tuple[tuple[float, float], ...]]:
+    """The area in mm² of ``mask`` on a DICOM frame, from its tissue regions' pixel spacing (header only).
 
-    The region :func:`usclip.data.dicom.read_dicom` crops to, so the spacing is that of the pixels the model saw;
-    ``None`` when the file gives no spacing in cm, and for files that are not DICOM (by suffix).
+    Each lesion pixel counts the ``row x column`` spacing of the tissue region (``SequenceOfUltrasoundRegions``,
+    spacing given in cm) it lies in; where boxes overlap, the first region listed. A lesion pixel outside every
+    region, or in one without a spacing, has no physical size: the area is then unknown (``None``).
+
+    Args:
+        mask: bool ``(H, W)``, the predicted lesion at the frame's size.
+        path: the file; not DICOM (by suffix): ``(None, ())``.
+
+    Returns:
+        The area (``None`` when unknown) and the distinct spacings of the file's tissue regions.
     """
     path = Path(path)
     if path.suffix.lower() != DICOM_SUFFIX:
-        return None
-    from usclip.data.dicom import read_dicom
+        return None, ()
+    from usclip.data.dicom import dicom_regions
 
-    return read_dicom(path).spacing
+    regions = dicom_regions(path)
+    spacings = tuple(dict.fromkeys(r.spacing for r in regions if r.spacing is not None))
+    if not spacings:
+        return None, ()
+    areas = np.full(mask.shape, np.nan)
+    for region in reversed(regions):  # the first region listed is written last: it wins where boxes overlap
+        x0, y0, x1, y1 = region.box
+        areas[y0:y1, x0:x1] = np.nan if region.spacing is None else region.spacing[0] * region.spacing[1]
+    lesion = areas[mask.astype(bool)]
+    if np.isnan(lesion).any():
+        return None, spacings
+    return float(lesion.sum()), spacings
 
 
 def class_names(task: Any, num_classes: int) -> list[str]:
-    """The task's class names in index order: its ``label_names`` (checkpoint or hyperparameters), else ``0``, ``1``."""
-    names = getattr(task, "label_names", None)
-    if not names:
-        hparams = getattr(task, "hparams", None) or {}
-        names = hparams.get("label_names") or hparams.get("class_names")
+    """The task's class names in index order (``task.class_names()``, from the checkpoint), else ``0``, ``1``..."""
+    names = task.class_names() if callable(getattr(task, "class_names", None)) else None
     if names and len(names) == num_classes:
         return [str(n) for n in names]
     return [str(i) for i in range(num_classes)]
@@ -129,28 +147,23 @@ def analyse(task: Predictor, path: str | Path) -> Analysis:
         path: the uploaded file (one of :data:`ACCEPTED_SUFFIXES`).
 
     Raises:
-        FileNotFoundError, ValueError: for a missing file or one of another kind (see :func:`check_upload`); the
-            readers' errors (``ImageReadError``) for a file that cannot be read.
+        FileNotFoundError: for a missing file (see :func:`check_upload`).
+        ValueError: for a file of another kind; ``ImageReadError`` (a ``ValueError``) for one that cannot be read.
     """
     path = check_upload(path)
     pred = task.predict_image(path)
+    note = None
+    if isinstance(pred, list):  # classification of a DICOM file with several tissue regions (regions: all)
+        note = f"The file holds {len(pred)} tissue regions; shown: the first ({pred[0].id})."
+        pred = pred[0]
     overlay = np.asarray(pred.overlay(), dtype=np.uint8)
     size = (int(pred.size[0]), int(pred.size[1]))
     if pred.mask is not None:
-        return Analysis(
-            name=path.name,
-            size=size,
-            overlay=overlay,
-            lesion_pixels=int(np.count_nonzero(pred.mask)),
-            spacing=dicom_spacing(path),
-        )
+        mm2, spacings = lesion_area_mm2(pred.mask, path)
+        pixels = int(np.count_nonzero(pred.mask))
+        return Analysis(path.name, size, overlay, lesion_pixels=pixels, lesion_mm2=mm2, spacings=spacings, note=note)
     probs = np.asarray(pred.probabilities, dtype=np.float64).reshape(-1)
     names = class_names(task, len(probs))
     label_name = pred.label_name if pred.label_name is not None else names[int(pred.label)]
-    return Analysis(
-        name=path.name,
-        size=size,
-        overlay=overlay,
-        probabilities={n: float(p) for n, p in zip(names, probs, strict=True)},
-        label_name=label_name,
-    )
+    probabilities = {n: float(p) for n, p in zip(names, probs, strict=True)}
+    return Analysis(path.name, size, overlay, probabilities=probabilities, label_name=label_name, note=note)
