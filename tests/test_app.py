@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
+from urllib.request import urlopen
 
 import numpy as np
 import pytest
@@ -38,35 +40,39 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 TINY = {"model_name": "usclip-test-vit", "pretrained": None, "layers": [1, 3], "image_size": 64, "embed_dim": 8}
 
 
-def _saved_and_loaded(cls: type, folder: Path) -> Any:
-    """An untrained tiny ``cls`` (random weights, class names set) saved as a checkpoint, then ``load_task``-ed."""
+def _save_run(cls: type, run: Path) -> Path:
+    """A run directory holding an untrained tiny ``cls`` (random weights, class names set) as checkpoints/best.ckpt."""
     import lightning as L
     import torch
-
-    from usclip.tasks import load_task
 
     torch.manual_seed(0)
     task = cls(**TINY)
     task.label_names = ["benign", "malignant"]
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
     trainer.strategy.connect(task)
-    ckpt = folder / f"{cls.__name__}.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return load_task(ckpt)
+    trainer.save_checkpoint(run / "checkpoints" / "best.ckpt")
+    return run
 
 
 @pytest.fixture(scope="module")
-def seg_task(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from usclip.tasks import SegmentationTask
 
-    return _saved_and_loaded(SegmentationTask, tmp_path_factory.mktemp("seg"))
+    return _save_run(SegmentationTask, tmp_path_factory.mktemp("seg"))
+
+
+@pytest.fixture(scope="module")
+def seg_task(seg_run: Path) -> Any:
+    from usclip.tasks import load_task
+
+    return load_task(seg_run)
 
 
 @pytest.fixture(scope="module")
 def cls_task(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from usclip.tasks import ClassificationTask
+    from usclip.tasks import ClassificationTask, load_task
 
-    return _saved_and_loaded(ClassificationTask, tmp_path_factory.mktemp("cls"))
+    return load_task(_save_run(ClassificationTask, tmp_path_factory.mktemp("cls")) / "checkpoints" / "best.ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------- the scans
@@ -218,12 +224,20 @@ def _missing(what: str, install: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def gradio() -> Any:
     try:
-        import gradio  # noqa: F401
+        import gradio
+    except ImportError as err:
+        _missing(f"gradio ({err})", "pip install -e '.[dev]'")
+    return gradio
+
+
+@pytest.fixture(scope="module")
+def browser(gradio: Any) -> Iterator[Any]:
+    try:
         from playwright.sync_api import sync_playwright
     except ImportError as err:
-        _missing(f"gradio and playwright ({err})", "pip install -e '.[dev]'")
+        _missing(f"playwright ({err})", "pip install -e '.[dev]'")
     exe = os.environ.get("USCLIP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(exe).is_file():
         _missing(f"chromium (not found at {exe})", "apt-get install chromium (or set USCLIP_CHROMIUM to its path)")
@@ -279,6 +293,26 @@ def _upload_and_read_overlay(page: Any, url: str, path: Path) -> np.ndarray:
 def _only_local(requested: list[str]) -> None:
     hosts = {urlparse(u).hostname for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, f"the page requested other hosts: {sorted(h for h in hosts if h != '127.0.0.1')}"
+
+
+def test_usclip_app_serves_the_run_on_the_port_and_prints_its_address(
+    gradio: Any, seg_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from usclip.commands.app import main
+
+    seen: dict[str, Any] = {}
+
+    def fetch_config_and_close(app: Any) -> None:  # instead of waiting for Ctrl+C
+        with urlopen(f"{app.local_url}config", timeout=10) as response:
+            seen.update(json.load(response))
+        app.close(verbose=False)
+
+    monkeypatch.setattr(gradio.Blocks, "block_thread", fetch_config_and_close)
+    port = _free_port()
+    assert main([str(seg_run), "--port", str(port)]) == 0
+    assert capsys.readouterr().out.startswith(f"usclip app: serving http://127.0.0.1:{port}/ (research use only")
+    assert seen["analytics_enabled"] is False
+    assert any("Research use only." in str(c["props"].get("value")) for c in seen["components"])
 
 
 def test_page_segmentation_shows_the_overlay_and_area(

@@ -2,8 +2,8 @@
 
 - ``usclip fit|validate|test|predict ...``: the LightningCLI in :mod:`usclip.lightning_cli` (imports Lightning,
   torch and the tasks: seconds).
-- ``usclip data|report|captions|sweep ...``: argparse commands in :mod:`usclip.commands`, whose ``--help`` imports
-  neither torch nor Lightning.
+- ``usclip data|report|captions|sweep|configs|app ...``: argparse commands in :mod:`usclip.commands`, whose
+  ``--help`` imports neither torch nor Lightning.
 - ``usclip``, ``usclip --help``, ``usclip --version``: answered here, at once.
 
 A configuration error of the LightningCLI subcommands (a misspelt key, a wrong type, weights that cannot be

@@ -142,7 +142,7 @@ def launch_options(host: str = "127.0.0.1", port: int | None = None, share: bool
 
 
 def serve(task: Predictor, host: str = "127.0.0.1", port: int | None = None, share: bool = False) -> None:
-    """Serve the page for ``task`` until interrupted (Ctrl+C).
+    """Serve the page for ``task`` until interrupted (Ctrl+C); prints the page's address (the CLI's output).
 
     Args:
         task: a loaded task (:func:`usclip.tasks.load_task`).
@@ -154,4 +154,9 @@ def serve(task: Predictor, host: str = "127.0.0.1", port: int | None = None, sha
         log.warning("share=True: a public gradio.live link is made; uploaded scans pass through Gradio's servers")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: other computers on the network can open the page and upload scans", host)
-    build_app(task).launch(**launch_options(host, port, share))
+    app = build_app(task)
+    _, url, share_url = app.launch(**launch_options(host, port, share), prevent_thread_lock=True, quiet=True)
+    print(f"usclip app: serving {url} (research use only; Ctrl+C stops)", flush=True)
+    if share_url:
+        print(f"usclip app: public link {share_url}", flush=True)
+    app.block_thread()  # until Ctrl+C, then closes the server
