@@ -2,8 +2,8 @@
 
 - ``usclip fit|validate|test|predict ...``: the LightningCLI in :mod:`usclip.lightning_cli` (imports Lightning,
   torch and the tasks: seconds).
-- ``usclip data|report|captions|sweep ...``: argparse commands in :mod:`usclip.commands`, whose ``--help`` imports
-  neither torch nor Lightning.
+- ``usclip data|report|captions|sweep|configs|app ...``: argparse commands in :mod:`usclip.commands`, whose
+  ``--help`` imports neither torch nor Lightning.
 - ``usclip``, ``usclip --help``, ``usclip --version``: answered here, at once.
 
 A configuration error of the LightningCLI subcommands (a misspelt key, a wrong type, weights that cannot be
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "captions": ("usclip.commands.captions", "refine report captions with an LLM to CLIP's 77 tokens"),
     "sweep": ("usclip.commands.sweep", "run the paper's experiments from a manifest (or write SLURM scripts)"),
     "configs": ("usclip.commands.configs", "list the configs shipped in the package (usable as --config NAME)"),
+    "app": ("usclip.commands.app", "a web page to try a trained model on one's own scans (research use only)"),
 }
 
 HELP = f"""usage: usclip [-h] [--version] SUBCOMMAND ...
