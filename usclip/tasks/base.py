@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import lightning as L
 import torch
@@ -490,6 +490,17 @@ class BaseTask(L.LightningModule):
         box = tuple(int(v) for v in batch["crop_box"][j]) if "crop_box" in batch else (0, 0, w, h)
         path, image, region = dataset.source(int(batch["index"][j]))
         return {"id": batch["id"][j], "size": (h, w), "crop_box": box, "path": path, "image": image, "region": region}
+
+    @overload
+    def predict_image(self, image: ImageInput, batch_size: int = ..., crop_box: Box | None = ...) -> Prediction: ...
+
+    @overload
+    def predict_image(
+        self,
+        image: list[ImageInput] | tuple[ImageInput, ...],
+        batch_size: int = ...,
+        crop_box: Sequence[Box | None] | None = ...,
+    ) -> list[Prediction]: ...
 
     def predict_image(
         self,
