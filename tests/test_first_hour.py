@@ -160,7 +160,7 @@ def test_a_logger_that_is_not_installed_is_one_clear_error(name, package, tmp_pa
         main(["fit", *_args(tmp_path, "--config", str(LOGGERS / f"{name}.yaml"))])
     assert exc.value.code == 2
     first = capsys.readouterr().err.splitlines()[0]
-    assert f"the {package!r} package is not installed; `pip install {package}`" in first
+    assert f"the {package!r} package is not installed; `pip install 'usclip[{package}]'`" in first
     assert "configs/loggers/csv.yaml" in first
     assert not (tmp_path / "data").exists()  # refused before anything was built or written
 

@@ -460,6 +460,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
     """A tiny randomly initialised Llama and a word-level tokenizer trained here: no download."""
+    pytest.importorskip("transformers", reason="the transformers backend needs pip install 'usclip[llm]'")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from usclip._resume import prepare_subcommand
 from usclip.data.datamodules import BaseDataModule
+from usclip.models.baselines import check_model_installed
 from usclip.precision import fit_precision
 from usclip.run_dirs import check_logger_installed, checkpoint_run, run_dir_of
 from usclip.tasks.base import BaseTask
@@ -70,6 +72,14 @@ def _show_usclip_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _model_name(config: Any) -> str | None:
+    """``model.init_args.model_name`` of a parsed configuration, or ``None``."""
+    model: Any = config.get("model") if hasattr(config, "get") else None
+    init: Any = model.get("init_args") if hasattr(model, "get") else None
+    name: Any = init.get("model_name") if hasattr(init, "get") else None
+    return name if isinstance(name, str) else None
+
+
 class UsclipCLI(LightningCLI):
     """LightningCLI with usclip's argument links: ``image_size`` and ``num_classes`` are written once, in ``data``."""
 
@@ -90,9 +100,10 @@ class UsclipCLI(LightningCLI):
         trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
         if trainer is not None:
             logger = trainer.get("logger")
-            try:  # an uninstalled mlflow/wandb: one clear message (usclip.cli prints it as a configuration error)
+            try:  # an uninstalled mlflow/wandb/smp: one clear message (usclip.cli prints it as a configuration error)
                 for one in logger if isinstance(logger, list) else [logger]:
                     check_logger_installed(one.get("class_path") if hasattr(one, "get") else None)
+                check_model_installed(_model_name(self.config[subcommand] if subcommand else self.config))
             except ModuleNotFoundError as err:
                 parser.error(str(err))
             # bf16 only where the hardware has it (usclip.precision)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOGGER_PACKAGES", "check_logger_installed", "checkpoint_run", "local_path", "run_dir_of"]
+__all__ = ["LOGGER_EXTRAS", "LOGGER_PACKAGES", "check_logger_installed", "checkpoint_run", "local_path", "run_dir_of"]
 
 #: logger class name -> the package it needs (beyond Lightning's own dependencies)
 LOGGER_PACKAGES: dict[str, str] = {
@@ -28,6 +28,14 @@ LOGGER_PACKAGES: dict[str, str] = {
     "CometLogger": "comet_ml",
     "NeptuneLogger": "neptune",
 }
+
+#: package -> the usclip extra that installs it (pyproject.toml's optional dependencies)
+LOGGER_EXTRAS: dict[str, str] = {"mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _install_hint(package: str) -> str:
+    extra = LOGGER_EXTRAS.get(package)
+    return f"`pip install 'usclip[{extra}]'`" if extra else f"`pip install {package}`"
 
 
 def check_logger_installed(class_path: str | None) -> None:
@@ -45,7 +53,7 @@ def check_logger_installed(class_path: str | None) -> None:
     package = LOGGER_PACKAGES.get(name)
     if package is not None and importlib.util.find_spec(package) is None:
         raise ModuleNotFoundError(
-            f"trainer.logger={class_path}: the {package!r} package is not installed; `pip install {package}`, "
+            f"trainer.logger={class_path}: the {package!r} package is not installed; {_install_hint(package)}, "
             "or choose a logger that needs nothing more: --config configs/loggers/csv.yaml (or tensorboard.yaml)"
         )
 

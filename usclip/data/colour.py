@@ -165,10 +165,9 @@ def scan_area_colour_share(
     """
     path = Path(path)
     if path.suffix.lower() == ".dcm":
-        import pydicom
+        from usclip.data.dicom import _import_pydicom, read_dicom
 
-        from usclip.data.dicom import read_dicom
-
+        pydicom = _import_pydicom()  # without pydicom: "pip install 'usclip[dicom]'"
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         if str(getattr(header, "PhotometricInterpretation", "MONOCHROME2")).upper().startswith("MONOCHROME"):
             return None  # a grey file: not decoded again

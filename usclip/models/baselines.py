@@ -30,6 +30,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+#: ``model_name`` prefix -> (the module it imports, the usclip extra that installs it; pyproject.toml)
+MODEL_EXTRAS: dict[str, tuple[str, str]] = {
+    "smp:": ("segmentation_models_pytorch", "baselines"),
+    "clipseg": ("transformers", "clipseg"),
+}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,6 +53,27 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"pretrained={path!r} holds a {type(state).__name__}, expected a state dict")
     return state
+
+
+def check_model_installed(model_name: str | None) -> None:
+    """Raise one clear error when ``model_name`` needs an optional package that is not installed.
+
+    Called when the configuration is parsed (before anything is built) and again when the model is built.
+
+    Args:
+        model_name: the task's ``model_name`` (``smp:Unet/resnet34``, ``clipseg:<checkpoint>``, ...), or ``None``.
+
+    Raises:
+        ModuleNotFoundError: naming the model, the missing package and the ``pip install 'usclip[<extra>]'`` line.
+    """
+    import importlib.util
+
+    for prefix, (module, extra) in MODEL_EXTRAS.items():
+        if isinstance(model_name, str) and model_name.startswith(prefix) and importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(
+                f"model_name={model_name!r} needs the {module!r} package, which is not installed: "
+                f"pip install 'usclip[{extra}]'"
+            )
 
 
 def _timm_filter(model: nn.Module) -> Any:
@@ -216,6 +243,7 @@ def build_native_model(
 
         return build_clipseg(model_name.removeprefix("clipseg").removeprefix(":"), pretrained, text_prompt, image_size)
     if task == "segmentation" and model_name.startswith("smp:"):
+        check_model_installed(model_name)
         import segmentation_models_pytorch as smp
 
         arch, _, encoder = model_name.removeprefix("smp:").partition("/")
