@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "captions": ("usclip.commands.captions", "refine report captions with an LLM to CLIP's 77 tokens"),
     "sweep": ("usclip.commands.sweep", "run the paper's experiments from a manifest (or write SLURM scripts)"),
     "configs": ("usclip.commands.configs", "list the configs shipped in the package (usable as --config NAME)"),
+    "export": ("usclip.commands.export", "share a trained run: a folder loaded in one line, ONNX, Hugging Face Hub"),
 }
 
 HELP = f"""usage: usclip [-h] [--version] SUBCOMMAND ...
