@@ -208,7 +208,7 @@ def test_all_keeps_the_regions_of_a_file_in_one_split(tmp_path):
 
 
 def test_predict_pastes_every_region_into_one_mask_of_the_file(tmp_path):
-    from usclip.tasks import SegmentationTask
+    from usclip.tasks import PredictionWriter, SegmentationTask
 
     root = make_root(tmp_path / "d", n_dual=1, n_single=1)
     dm = SegmentationDataModule(None, image_size=16, batch_size=2, predict_root=str(root / "images"), regions="all")
@@ -220,9 +220,15 @@ def test_predict_pastes_every_region_into_one_mask_of_the_file(tmp_path):
         return logits
 
     task.forward = left_half_lesion  # type: ignore[method-assign]
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path / "run", enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path / "run",
+        enable_progress_bar=False,
+        callbacks=[PredictionWriter()],  # what `usclip predict` adds: predict_step itself writes nothing
+    )
     records = [r for batch in trainer.predict(task, datamodule=dm) for r in batch]
-    assert sorted(r["id"] for r in records) == ["dual0@r0", "dual0@r1", "png0"]
+    assert sorted(r.id for r in records) == ["dual0@r0", "dual0@r1", "png0"]
     out = tmp_path / "run" / "predictions"
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["dual0.png", "png0.png"]  # one mask per file
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["dual0.png", "png0.png"]

@@ -21,6 +21,7 @@ from usclip.data.datamodules import BaseDataModule
 from usclip.precision import fit_precision
 from usclip.run_dirs import check_logger_installed, checkpoint_run, run_dir_of
 from usclip.tasks.base import BaseTask
+from usclip.tasks.prediction import PredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,15 @@ class UsclipCLI(LightningCLI):
     def after_test(self) -> None:
         """Say where the test results went (``results/``, ``overlays/``) and which run the checkpoint came from."""
         self._report_outputs("test", ("results", "overlays"))
+
+    def before_predict(self) -> None:
+        """Add a :class:`usclip.tasks.PredictionWriter` (unless the config has one): ``predict_step`` writes nothing.
+
+        ``usclip predict`` runs ``trainer.predict(..., return_predictions=False)`` (``usclip._resume``): the writer
+        writes each batch as it comes and nothing is kept, so memory stays flat however many images there are.
+        """
+        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):  # type: ignore[attr-defined]
+            self.trainer.callbacks.append(PredictionWriter())  # type: ignore[attr-defined]
 
     def after_predict(self) -> None:
         """Say where the predictions went."""

@@ -17,12 +17,14 @@ if TYPE_CHECKING:
         SyntheticSpec,
         ZeroShotDataModule,
     )
+    from usclip.data.preprocessing import Preprocessing
 
 __all__ = [
     "BaseDataModule",
     "CaptionDataModule",
     "CaptionSource",
     "ClassificationDataModule",
+    "Preprocessing",
     "SegmentationDataModule",
     "SyntheticSpec",
     "ZeroShotDataModule",
@@ -33,6 +35,7 @@ _LAZY = {
     "CaptionSource": "usclip.data.captions",
     "BaseDataModule": "usclip.data.datamodules",
     "ClassificationDataModule": "usclip.data.datamodules",
+    "Preprocessing": "usclip.data.preprocessing",
     "SegmentationDataModule": "usclip.data.datamodules",
     "SyntheticSpec": "usclip.data.datamodules",
     "ZeroShotDataModule": "usclip.data.datamodules",

@@ -43,9 +43,10 @@ from usclip.data.layouts import (
     busi_groups_warning,
     expand_regions,
     index_dataset,
-    index_folder,
+    index_predict_inputs,
     read_csv_column,
 )
+from usclip.data.preprocessing import Preprocessing
 from usclip.data.samplers import build_sampler, derive_seed, training_position
 from usclip.data.splits import (
     SPLITS,
@@ -160,8 +161,9 @@ class BaseDataModule(L.LightningDataModule):
         label_names: class names in index order; inferred from ``labels.csv`` when ``None``.
         test_root: an external test set (same layouts) used for ``test`` instead of the held-out split; it is
             never split or trained on.
-        predict_root: a folder of images (``images/`` or the images themselves) for ``predict``; ``None``
-            predicts the held-out test split (or ``test_root``).
+        predict_root: what ``predict`` reads: a folder of images (``images/`` or the images themselves), one image
+            file (PNG, JPEG, BMP, TIFF, DICOM) or a glob (``'scans/*.png'``, quoted so the shell leaves it); ``None``
+            predicts the held-out test split (or ``test_root``). See docs/inference.md.
         synthetic: generate a synthetic dataset into ``root`` first (demo and tests).
         seed: seed of the augmentation pipeline.
         layout: ``folder`` (generic), ``busi`` (the original release: ``benign/``, ``malignant/``) or ``auto``.
@@ -258,7 +260,7 @@ class BaseDataModule(L.LightningDataModule):
         self.root = Path(root) if root is not None else None
         self.groups_csv = Path(groups_csv) if groups_csv is not None else None
         self.test_root = Path(test_root) if test_root is not None else None
-        self.predict_root = Path(predict_root) if predict_root is not None else None
+        self.predict_root = predict_root  # a folder, an image file or a glob (index_predict_inputs)
         self.image_size = image_size
         self.batch_size = batch_size
         #: the worker processes started, fitted to the machine (hparams keep the value asked for)
@@ -281,6 +283,20 @@ class BaseDataModule(L.LightningDataModule):
         self.splits: dict[str, list[str]] = {}
         self._labels: dict[str, int] | None = None
         self._index: DatasetIndex | None = None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What this DataModule does to an image before the network at predict time (crop, size, colour, regions).
+
+        The task copies it when set up and stores it in its checkpoints (``usclip.tasks.BaseTask.preprocessing``).
+        """
+        return Preprocessing(
+            image_size=(self.image_size, self.image_size),
+            crop=self.crop,
+            colour=self.colour,
+            regions=self.regions,
+            max_image_pixels=self.max_image_pixels,
+        )
 
     # ----------------------------------------------------------------- preparation
     def prepare_data(self) -> None:
@@ -419,6 +435,8 @@ class BaseDataModule(L.LightningDataModule):
 
     def _write_split_files(self) -> None:
         trainer = getattr(self, "trainer", None)
+        if trainer is not None and not trainer.loggers and trainer.state.fn == "predict":
+            return  # plain trainer.predict(logger=False): no run directory, nothing written (docs/inference.md)
         run = run_dir_of(trainer) if trainer is not None else None
         if trainer is not None and run is not None and trainer.is_global_zero:
             write_splits(self.splits, run / "splits")
@@ -471,8 +489,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> Dataset:
         if split == "predict" and self.predict_root is not None:
-            image_dir = "images" if (self.predict_root / "images").is_dir() else "."  # or a bare folder of images
-            index = expand_regions(index_folder(self.predict_root, image_dir, masks=False), self.regions)
+            index = expand_regions(index_predict_inputs(self.predict_root, "data.predict_root"), self.regions)
             return self._folder_dataset(index, index.ids, None, masks=False)
         if split in ("test", "predict") and self.test_root is not None:
             test = split == "test"

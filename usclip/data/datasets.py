@@ -62,10 +62,12 @@ REGION_ID_PATTERN = re.compile(re.escape(REGION_ID_SEPARATOR) + r"\d+$")
 __all__ = [
     "IMAGE_SUFFIXES",
     "FolderDataset",
+    "decode_array",
     "decode_sample",
     "encode_labels",
     "list_images",
     "load_grayscale",
+    "make_sample",
     "read_csv_column",
 ]
 
@@ -173,6 +175,41 @@ def decode_sample(
     else:
         image = read_image(image_path, max_pixels, colour)
     mask = read_mask(mask_paths, image.shape, max_pixels) if mask_paths else None
+    return _crop_decoded(image, mask, crop, box, image_path, dicom_box, region_boxes, spacing)
+
+
+def decode_array(
+    image: np.ndarray, crop: CropMode = "none", box: Box | None = None, where: str = "image"
+) -> DecodedSample:
+    """Crop an H x W uint8 grey image held in memory, as :func:`decode_sample` crops a file's pixels.
+
+    ``usclip.tasks.BaseTask.predict_image`` feeds arrays and PIL images through it (after
+    :func:`usclip.data.preprocessing.gray_image`), so they take the crop step of every file.
+
+    Args:
+        image: H x W uint8 grey image.
+        crop: ``auto`` (:func:`usclip.data.crop.find_scan_box`), ``boxes`` (``box``) or ``none``.
+        box: the crop box for ``crop="boxes"``.
+        where: the image's name for messages.
+
+    Raises:
+        KeyError: for ``crop="boxes"`` without a box.
+        ValueError: for a box outside the image.
+    """
+    return _crop_decoded(image, None, crop, box, where, None, [], None)
+
+
+def _crop_decoded(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    crop: CropMode,
+    box: tuple[int, int, int, int] | None,
+    image_path: Path | str,
+    dicom_box: Box | None,
+    region_boxes: list[Box],
+    spacing: tuple[float, float] | None,
+) -> DecodedSample:
+    """The crop step of :func:`decode_sample` (and :func:`decode_array`): box, cropped image and mask."""
     if crop == "boxes":
         if box is None:
             raise KeyError(f"{image_path}: crop='boxes' but there is no box for this image in boxes.csv")
@@ -314,6 +351,10 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def source(self, index: int) -> tuple[Path, None, tuple[str, int] | None]:
+        """Sample ``index``'s file, no in-memory image, and ``(file id, region)`` for a region of a DICOM file."""
+        return self.image_paths[index], None, getattr(self.index, "regions", {}).get(self.ids[index])
+
     def decoded(self, index: int) -> DecodedSample:
         """The decoded and cropped arrays of sample ``index`` (from the cache when there is one)."""
         image_path = self.image_paths[index]
@@ -350,23 +391,34 @@ class FolderDataset(Dataset):
                 raise bad_sample_error(index, self.ids[index], path, err) from err
             _note_once("bad", path, "%s: bad sample %r skipped: %s", path, self.ids[index], err, level=logging.DEBUG)
             return BadSample(index=index, id=self.ids[index], path=path, reason=str(err))
-        sample: dict[str, Any] = {
-            "id": self.ids[index],
-            "index": torch.tensor(index),
-            "orig_size": torch.tensor(d.orig_size),
-            "crop_box": torch.tensor(d.box, dtype=torch.int64),
-            "spacing": torch.tensor(d.spacing if d.spacing is not None else (float("nan"),) * 2, dtype=torch.float32),
-        }
-        arrays: dict[str, np.ndarray] = {"image": d.image}
-        if d.mask is not None:
-            arrays["mask"] = d.mask
-        if self.transform is not None:
-            arrays = self.transform(**arrays)
-        # (H, W) uint8 -> (3, H, W) float in [0, 1]; grayscale is repeated to CLIP's three channels.
-        img = torch.tensor(arrays["image"], dtype=torch.float32).div_(255.0)  # a copy: cached arrays stay intact
-        sample["image"] = img.unsqueeze(0).expand(3, -1, -1).contiguous()
-        if "mask" in arrays:
-            sample["mask"] = torch.tensor(arrays["mask"], dtype=torch.long)
+        sample = make_sample(d, self.transform, self.ids[index], index)
         if self.labels is not None:
             sample["label"] = torch.tensor(self.labels[self.ids[index]], dtype=torch.long)
         return sample
+
+
+def make_sample(
+    d: DecodedSample, transform: Callable[..., dict[str, Any]] | None, sample_id: str, index: int
+) -> dict[str, Any]:
+    """The sample dict of decoded arrays (see the module docstring), through ``transform`` (resize, augmentation).
+
+    Every sample of :class:`FolderDataset` and of ``usclip.tasks.BaseTask.predict_image`` is made here.
+    """
+    sample: dict[str, Any] = {
+        "id": sample_id,
+        "index": torch.tensor(index),
+        "orig_size": torch.tensor(d.orig_size),
+        "crop_box": torch.tensor(d.box, dtype=torch.int64),
+        "spacing": torch.tensor(d.spacing if d.spacing is not None else (float("nan"),) * 2, dtype=torch.float32),
+    }
+    arrays: dict[str, np.ndarray] = {"image": d.image}
+    if d.mask is not None:
+        arrays["mask"] = d.mask
+    if transform is not None:
+        arrays = transform(**arrays)
+    # (H, W) uint8 -> (3, H, W) float in [0, 1]; grayscale is repeated to CLIP's three channels.
+    img = torch.tensor(arrays["image"], dtype=torch.float32).div_(255.0)  # a copy: cached arrays stay intact
+    sample["image"] = img.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if "mask" in arrays:
+        sample["mask"] = torch.tensor(arrays["mask"], dtype=torch.long)
+    return sample

@@ -190,7 +190,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, colo
 
         # the whole frame: no region is chosen or left out
         return read_dicom(path, regions="all", colour=colour, max_pixels=max_pixels).image
-    from usclip.data.colour import check_colour_mode, coloured_pixels, replace_coloured
+    from usclip.data.colour import check_colour_mode
 
     check_colour_mode(colour)
     if not path.is_file():
@@ -203,9 +203,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, colo
             if max_pixels is not None and width * height > max_pixels:
                 raise too_many_pixels(path, width, height, max_pixels)
             im.load()  # decode now: a truncated file fails here, not later in a worker
-            out = _to_uint8_gray(im, path)
-            if colour == "replace" and im.mode not in _GREY_MODES:
-                out = replace_coloured(out, coloured_pixels(np.asarray(im.convert("RGB"))), path)
+            out = gray_from_pil(im, path, colour)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as err:  # PIL checks again in some decoders (GIF frames) while loading
@@ -218,6 +216,25 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, colo
     if out.ndim != 2 or min(out.shape) == 0:
         raise ImageReadError(f"{path}: expected a 2-D image, got shape {out.shape}")
     return np.ascontiguousarray(out)
+
+
+def gray_from_pil(im: Image.Image, where: str | Path, colour: ColourMode = "keep") -> np.ndarray:
+    """A decoded PIL image as H x W uint8 grey, by the rules of :func:`read_image` (which calls it for every file).
+
+    Args:
+        im: a loaded PIL image (any mode :func:`read_image` accepts).
+        where: the file (or a description of the image) for messages.
+        colour: ``keep`` or ``replace`` coloured pixels (see :func:`read_image`).
+
+    Raises:
+        ImageReadError: for a floating-point (mode ``F``) image.
+    """
+    from usclip.data.colour import coloured_pixels, replace_coloured
+
+    out = _to_uint8_gray(im, Path(where))
+    if colour == "replace" and im.mode not in _GREY_MODES:
+        out = replace_coloured(out, coloured_pixels(np.asarray(im.convert("RGB"))), where)
+    return out
 
 
 def load_grayscale(

@@ -193,6 +193,57 @@ def index_folder(
     )
 
 
+def index_predict_inputs(spec: str | Path, name: str = "predict_root") -> DatasetIndex:
+    """Index what ``usclip predict`` reads: a folder of images, one image file, or a glob of image files.
+
+    A folder is read as :func:`index_folder` reads it (``images/`` when it has one, else the images in the folder
+    itself; ``boxes.csv`` beside them); a file or a glob gives the files themselves (ids: file stems), with the
+    ``boxes.csv`` of their common folder when there is one.
+
+    Args:
+        spec: the folder, file or glob (``scans/*.png``, ``scans/**/*.dcm``).
+        name: the setting's name, for messages.
+
+    Raises:
+        FileNotFoundError: naming ``spec`` when it is no folder, no file and no glob that matches image files.
+        ValueError: for a file that is not an image (by suffix), or two files sharing a stem.
+    """
+    import glob as globbing
+    import os
+
+    text = os.fspath(spec)
+    path = Path(text)
+    suffixes = ", ".join(IMAGE_SUFFIXES)
+    if path.is_dir():
+        return index_folder(path, "images" if (path / "images").is_dir() else ".", masks=False)
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"{name}={text!r} is not an image file; expected one of {suffixes}, a folder or a glob")
+        files = [path]
+    elif globbing.has_magic(text):
+        files = [Path(f) for f in sorted(globbing.glob(text, recursive=True))]
+        files = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+        if not files:
+            raise FileNotFoundError(f"{name}={text!r}: the glob matches no image file ({suffixes})")
+    else:
+        raise FileNotFoundError(
+            f"{name}={text!r} does not exist; expected a folder of images (or one holding images/), an image file "
+            f"({suffixes}) or a glob such as 'scans/*.png'"
+        )
+    images: dict[str, Path] = {}
+    for f in files:
+        if f.stem in images:
+            raise ValueError(
+                f"{name}={text!r}: {images[f.stem]} and {f} share the id {f.stem!r} (ids are file stems); "
+                "narrow the glob or rename one of them"
+            )
+        images[f.stem] = f
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    boxes_csv = root / "boxes.csv"  # only the rows of these files: the folder may hold many more
+    boxes = {k: v for k, v in read_boxes_csv(boxes_csv).items() if k in images} if boxes_csv.is_file() else {}
+    return DatasetIndex(root=root, layout="folder", images=dict(sorted(images.items())), boxes=boxes)
+
+
 def index_busi_release(root: str | Path, include_normal: bool = False) -> DatasetIndex:
     """Index the original BUSI release: ``benign/``, ``malignant/`` (and ``normal/``) with ``name (N).png`` files.
 

@@ -81,14 +81,17 @@ def _needs_size(cls: type) -> bool:
 
 
 def build_augmentations(
-    spec: AugmentationSpec | Mapping[str, Any] | None, image_size: int | None = None, where: str = "augmentations"
+    spec: AugmentationSpec | Mapping[str, Any] | None,
+    image_size: int | tuple[int, int] | None = None,
+    where: str = "augmentations",
 ) -> list[A.BasicTransform | A.BaseCompose]:
     """Instantiate albumentations transforms from YAML data, containers included.
 
     Args:
         spec: ``{class name: kwargs}`` or a list of one-entry mappings; a container's ``transforms`` is a nested
             spec. ``None`` or ``{}`` gives no transforms.
-        image_size: fills ``size`` of crop transforms that require it and leave it out (``RandomResizedCrop``).
+        image_size: fills ``size`` of crop transforms that require it and leave it out (``RandomResizedCrop``):
+            a side length or ``(height, width)``.
         where: the spec's location, for error messages.
 
     Returns:
@@ -116,7 +119,7 @@ def build_augmentations(
                 raise ValueError(f"{here}: a container needs its children under 'transforms', got {sorted(args)}")
             args["transforms"] = build_augmentations(args["transforms"], image_size, f"{here}.transforms")
         elif "size" not in args and image_size is not None and _needs_size(cls):
-            args["size"] = (image_size, image_size)
+            args["size"] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         try:
             with warnings.catch_warnings():
                 # albumentations only warns about unknown arguments; a typo in YAML must not pass silently
@@ -128,20 +131,23 @@ def build_augmentations(
 
 
 def build_transform(
-    image_size: int, augmentations: AugmentationSpec | Mapping[str, Any] | None = None, seed: int | None = None
+    image_size: int | tuple[int, int],
+    augmentations: AugmentationSpec | Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> A.Compose:
     """Resize to ``image_size`` (area interpolation for images, nearest for masks), then augment.
 
     Args:
-        image_size: output side length.
+        image_size: output side length, or ``(height, width)`` (``usclip.data.Preprocessing.image_size``).
         augmentations: a spec for :func:`build_augmentations`; ``None`` for evaluation.
         seed: albumentations ignores global seeds, so reproducible runs pass one here.
 
     Returns:
         A :class:`SeededCompose` (one random stream shared by all transforms).
     """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     steps: list[A.BasicTransform | A.BaseCompose] = [
-        A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)
+        A.Resize(height, width, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)
     ]
-    steps += build_augmentations(augmentations, image_size)
+    steps += build_augmentations(augmentations, (height, width))
     return SeededCompose(steps, seed=seed)

@@ -9,8 +9,10 @@ paper's betas (0.9, 0.95) and weight decay 1e-2, and a cosine schedule with opti
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader
 
 from usclip.callbacks import (
     AtomicCheckpoints,
@@ -27,11 +30,15 @@ from usclip.callbacks import (
     SeedEachEpoch,
     ValidateOnEpochs,
 )
+from usclip.data.bad_samples import is_empty_batch
+from usclip.data.crop import Box
+from usclip.data.preprocessing import ImageInput, ImageInputs, Preprocessing
 from usclip.models import CLIPEncoder
 from usclip.models.authors_heads import AUTHORS_HEADS
 from usclip.models.baselines import TimmEncoder, build_native_model
 from usclip.models.encoder import check_weights_file
 from usclip.run_dirs import run_dir_of
+from usclip.tasks.prediction import Prediction, merge_region_predictions
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,11 @@ NORMALIZATIONS = ("clip", "none")
 
 #: the default of ``BaseTask(pretrained=...)``: not a value, an error asking for one (``null`` means random weights)
 PRETRAINED_REQUIRED = "<required: an open_clip tag, a weights file, an hf-hub: id, or null for random weights>"
+
+
+def _merge_key(p: Prediction) -> str | int:
+    """The file id of a segmentation prediction of a DICOM region (merged per file), else a key of its own."""
+    return p.region[0] if p.region is not None and p.mask is not None else id(p)
 
 
 class BaseTask(L.LightningModule):
@@ -166,6 +178,11 @@ class BaseTask(L.LightningModule):
         elif validate_last_epoch:
             raise ValueError("validate_last_epoch=True needs validate_every (the epochs validated before the last one)")
         self.save_hyperparameters()
+        #: what the data pipeline does to an image before the network (crop, size, colour, DICOM regions): the
+        #: DataModule's, copied at setup and stored in every checkpoint; the defaults for a task built in Python
+        self.preprocessing = Preprocessing(image_size=(image_size, image_size))
+        #: class names in index order (the DataModule's ``label_names``, stored in checkpoints); ``None``: unknown
+        self.label_names: list[str] | None = None
         #: the :class:`CLIPEncoder` arguments among the hyperparameters
         self.encoder_args: dict[str, Any] = {
             "model_name": model_name,
@@ -379,7 +396,10 @@ class BaseTask(L.LightningModule):
         return self.encoder_args.get("pretrained") is None if flag is None else bool(flag)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen, reloadable backbone from the checkpoint; record its fingerprint."""
+        """Record the task class, preprocessing and class names; drop the frozen, reloadable backbone."""
+        checkpoint["usclip_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["usclip_preprocessing"] = self.preprocessing.to_dict()
+        checkpoint["usclip_label_names"] = self.class_names()
         if self._keep_backbone():
             return
         for k in self._frozen_keys():
@@ -387,7 +407,8 @@ class BaseTask(L.LightningModule):
         checkpoint["usclip_frozen_backbone"] = {"fingerprint": self._frozen_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refill the frozen backbone from the freshly built encoder after checking it is the same one."""
+        """Restore preprocessing and class names; refill the frozen backbone after checking it is the same one."""
+        self._restore_preprocessing(checkpoint)
         info = checkpoint.get("usclip_frozen_backbone")
         if info is None:
             return
@@ -399,6 +420,131 @@ class BaseTask(L.LightningModule):
         state = self.state_dict()
         for k in self._frozen_keys():
             checkpoint["state_dict"].setdefault(k, state[k])
+
+    # ----------------------------------------------------------------- preprocessing and class names
+    def _datamodule(self) -> Any:
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def setup(self, stage: str) -> None:
+        """Copy the DataModule's preprocessing and class names (stored in every checkpoint from then on)."""
+        p = getattr(self._datamodule(), "preprocessing", None)
+        if isinstance(p, Preprocessing):
+            self.preprocessing = p
+
+    def _restore_preprocessing(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's preprocessing and class names; the attached DataModule's settings win (they run)."""
+        saved = checkpoint.get("usclip_preprocessing")
+        if saved is None:  # checkpoints from before the entry: the DataModule's hyperparameters hold the settings
+            hp = checkpoint.get("datamodule_hyper_parameters") or {}
+            keys = ("image_size", "crop", "colour", "regions", "max_image_pixels")
+            saved = {k: hp[k] for k in keys if k in hp} or None
+        if saved is not None:
+            restored = Preprocessing.from_dict(saved)
+            running = getattr(self._datamodule(), "preprocessing", None)
+            if isinstance(running, Preprocessing) and running != restored:
+                changed = {k: (v, getattr(running, k)) for k, v in vars(restored).items() if getattr(running, k) != v}
+                log.warning(
+                    "the DataModule prepares images otherwise than the checkpoint's training data (checkpoint -> now: "
+                    "%s); predictions may differ from the trained model's",
+                    changed,
+                )
+            else:
+                self.preprocessing = restored
+        names = checkpoint.get("usclip_label_names")
+        if names is None:  # the DataModule's state (its label_names travel with the split)
+            states = [v for v in checkpoint.values() if isinstance(v, dict) and "splits" in v and "label_names" in v]
+            names = states[0]["label_names"] if states else None
+        if names:
+            self.label_names = [str(n) for n in names]
+
+    def class_names(self) -> list[str] | None:
+        """Class names in index order: the DataModule's ``label_names``, else those stored in the checkpoint."""
+        n = int(self.hparams["num_classes"])
+        for names in (getattr(self._datamodule(), "label_names", None), self.label_names):
+            if names and len(names) == n:
+                return [str(x) for x in names]
+        return None
+
+    # ----------------------------------------------------------------- prediction
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
+        """One :class:`~usclip.tasks.Prediction` per image, at its original size; writes nothing.
+
+        Files are written by :class:`~usclip.tasks.PredictionWriter` (``usclip predict`` adds it). A region of a
+        multi-region DICOM file (``data.regions: all``) is its own prediction (id ``<stem>@r<k>``, pasted into the
+        full frame, ``region`` set); the writer and :meth:`predict_image` merge the regions of each file.
+        """
+        if is_empty_batch(batch):  # every sample was a bad file (data.on_bad_sample: skip)
+            return []
+        return self._predictions(batch, self(batch["image"]))
+
+    def _predictions(self, batch: dict[str, Any], logits: torch.Tensor) -> list[Prediction]:
+        raise NotImplementedError(f"{type(self).__name__} does not predict images (segmentation and classification do)")
+
+    def _prediction_fields(self, batch: dict[str, Any], j: int) -> dict[str, Any]:
+        """``id``, ``size``, ``crop_box``, ``path``, ``image`` and ``region`` of sample ``j`` of a predict batch."""
+        dataset = self.__dict__.get("_predict_inputs")
+        if dataset is None:
+            dataset = self.trainer.predict_dataloaders.dataset  # type: ignore[union-attr]
+        h, w = (int(v) for v in batch["orig_size"][j])
+        box = tuple(int(v) for v in batch["crop_box"][j]) if "crop_box" in batch else (0, 0, w, h)
+        path, image, region = dataset.source(int(batch["index"][j]))
+        return {"id": batch["id"][j], "size": (h, w), "crop_box": box, "path": path, "image": image, "region": region}
+
+    def predict_image(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        batch_size: int = 8,
+        crop_box: Box | Sequence[Box | None] | None = None,
+    ) -> Prediction | list[Prediction]:
+        """Predict one image (or a list) as ``usclip predict`` does: crop, resize, forward, paste back.
+
+        The same functions as ``usclip predict`` (:class:`usclip.data.preprocessing.ImageInputs` reads files with
+        the DataModule's ``decode_sample``; :meth:`predict_step` pastes back), with :attr:`preprocessing`: the
+        crop, size, colour and DICOM region settings the model was trained with. Runs in eval mode without
+        gradients on the task's device and restores the training mode afterwards.
+
+        Args:
+            image: a path (PNG, JPEG, BMP, TIFF, DICOM), a numpy array ``(H, W)`` or ``(H, W, 3)`` (uint8, uint16 or
+                float in ``[0, 1]`` / ``[0, 255]``), a PIL image, or a list of these.
+            batch_size: images per forward pass.
+            crop_box: ``(x0, y0, x1, y1)`` of the scan area (one per image for a list) instead of the crop mode;
+                required when :attr:`preprocessing` crops to given boxes (``crop: boxes``).
+
+        Returns:
+            A :class:`~usclip.tasks.Prediction` (a list for a list): mask and probabilities at the original size
+            (segmentation), probabilities and label (classification). A DICOM file with several tissue regions and
+            ``preprocessing.regions == "all"`` gives one segmentation prediction (the regions merged as the writer
+            merges them); a classification prediction per region.
+
+        Raises:
+            FileNotFoundError: for a path that does not exist.
+            ValueError: for an input of another kind, shape or dtype, or a bad ``batch_size``.
+        """
+        single = not isinstance(image, (list, tuple))
+        inputs: list[ImageInput] = [image] if single else list(image)  # type: ignore[list-item]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"predict_image: batch_size must be a positive integer, got {batch_size!r}")
+        boxes = None if crop_box is None else ([crop_box] if single else list(crop_box))  # type: ignore[list-item]
+        dataset = ImageInputs(inputs, self.preprocessing, boxes)  # type: ignore[arg-type]
+        training = self.training
+        self.eval()
+        self.__dict__["_predict_inputs"] = dataset
+        predictions: list[Prediction] = []
+        try:
+            with torch.inference_mode():
+                for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
+                    batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    predictions += self.predict_step(batch, i)
+        finally:
+            del self.__dict__["_predict_inputs"]
+            self.train(training)
+        merged: list[Prediction] = []
+        # the regions of one DICOM file are consecutive samples: one segmentation prediction per file
+        for key, group in itertools.groupby(predictions, key=_merge_key):
+            parts = list(group)
+            merged.append(merge_region_predictions(parts, key) if isinstance(key, str) else parts[0])
+        return merged[0] if single and len(merged) == 1 else merged
 
     # ----------------------------------------------------------------- run directory
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -12,12 +11,13 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
-from usclip._io import atomic_path, disk_full_named, write_csv_atomic, write_text_atomic
+from usclip._io import write_csv_atomic, write_text_atomic
 from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.metrics import MetricProtocol, build_classification_metrics, check_metric_protocol, roc_curve
 from usclip.models.authors_heads import AUTHORS_HEADS, build_authors_head
 from usclip.models.heads import ClassificationHead
 from usclip.tasks.base import BaseTask
+from usclip.tasks.prediction import Prediction
 from usclip.visualize import confusion_matrix, draw_confusion_matrix, draw_roc, save_png
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ class ClassificationTask(BaseTask):
     Metrics (val and test): accuracy, AUC, sensitivity, specificity and F1; the best checkpoint has the highest
     ``val_auc``. ``usclip test`` writes ``results/test_metrics.json``, ``results/test_predictions.csv`` (one row
     per image: id, label, class probabilities), the confusion matrix (``results/test_confusion_matrix.csv``/``.png``)
-    and the ROC curve (``results/test_roc.png``); ``usclip predict`` writes ``predictions/probabilities.csv``.
+    and the ROC curve (``results/test_roc.png``); ``usclip predict`` writes ``predictions/probabilities.csv``
+    (:class:`~usclip.tasks.PredictionWriter`).
     ``results/test_metrics.json`` records ``"metric_protocol"``.
 
     Args:
@@ -170,52 +171,19 @@ class ClassificationTask(BaseTask):
         save_png(draw_roc(curves, title=f"ROC, {len(labels)} test images"), results / "test_roc.png")
 
     def _probability_columns(self) -> list[str]:
-        datamodule = getattr(self._trainer, "datamodule", None)
-        names = getattr(datamodule, "label_names", None)
-        if not names or len(names) != self.hparams["num_classes"]:
-            names = [str(i) for i in range(self.hparams["num_classes"])]
+        names = self.class_names() or [str(i) for i in range(self.hparams["num_classes"])]
         return [f"prob_{n}" for n in names]
 
-    def on_predict_epoch_start(self) -> None:  # noqa: D102
-        # rows stream into a hidden per-process part file; on_predict_epoch_end renames (one process) or joins
-        # (DDP) the parts into probabilities.csv, so an interrupted run never leaves a truncated table behind
-        out = self.run_dir
-        self._predict_csv: Path | None = None
-        if out is not None:
-            self._predict_csv = out / "predictions" / f".probabilities.rank{self.global_rank}.csv.part"
-            self._predict_csv.parent.mkdir(parents=True, exist_ok=True)
-            with self._predict_csv.open("w", newline="") as f:
-                if self.global_rank == 0:
-                    csv.writer(f).writerow(["id", "prediction", *self._probability_columns()])
-
-    def on_predict_epoch_end(self) -> None:  # noqa: D102
-        if self._predict_csv is None:
-            return
-        self.trainer.strategy.barrier("predict_csv")
-        if not self.trainer.is_global_zero:
-            return
-        final = self._predict_csv.parent / "probabilities.csv"
-        parts = [
-            self._predict_csv.with_name(f".probabilities.rank{r}.csv.part") for r in range(self.trainer.world_size)
-        ]
-        with atomic_path(final, what="predictions") as tmp, tmp.open("wb") as f:
-            for part in parts:
-                f.write(part.read_bytes())
-        for part in parts:
-            part.unlink()
-        log.info("predictions written to %s", final)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Append class probabilities to ``<run dir>/predictions/probabilities.csv`` (streamed, flat memory)."""
-        if is_empty_batch(batch):
-            return []
-        probs = self(batch["image"]).float().softmax(1).cpu()
-        rows = [
-            {"id": image_id, "prediction": int(probs[j].argmax()), "probs": probs[j].tolist()}
-            for j, image_id in enumerate(batch["id"])
-        ]
-        if self._predict_csv is not None:
-            final = self._predict_csv.parent / "probabilities.csv"
-            with disk_full_named(final, "predictions"), self._predict_csv.open("a", newline="") as f:
-                csv.writer(f).writerows([r["id"], r["prediction"], *r["probs"]] for r in rows)
-        return rows
+    def _predictions(self, batch: dict[str, Any], logits: torch.Tensor) -> list[Prediction]:
+        """Class probabilities and the predicted class of each image (:meth:`BaseTask.predict_step`)."""
+        probs = logits.float().softmax(1).cpu()
+        names = self.class_names()
+        predictions = []
+        for j in range(probs.shape[0]):
+            label = int(probs[j].argmax())
+            name = names[label] if names else None
+            p = probs[j].numpy().copy()
+            predictions.append(
+                Prediction(probabilities=p, label=label, label_name=name, **self._prediction_fields(batch, j))
+            )
+        return predictions

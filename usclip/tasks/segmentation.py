@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from monai.losses import DiceCELoss
-from PIL import Image
 from torch import nn
 
 from usclip._io import write_text_atomic
 from usclip.data.bad_samples import is_empty_batch, skipped_samples
 from usclip.data.crop import paste_back
-from usclip.data.datasets import load_grayscale
 from usclip.metrics import MetricProtocol, SegmentationMetrics, check_metric_protocol
 from usclip.models.authors_heads import AUTHORS_HEADS, build_authors_head
 from usclip.models.heads import SegmentationHead
 from usclip.tasks.base import BaseTask
+from usclip.tasks.prediction import Prediction
 from usclip.visualize import overlay, save_png
 
 log = logging.getLogger(__name__)
-
-#: where ``predict`` keeps each region's mask of a multi-region DICOM until the file's mask is merged
-_REGION_PARTS = ".regions"
 
 
 class SegmentationTask(BaseTask):
@@ -37,9 +31,11 @@ class SegmentationTask(BaseTask):
     Metrics (val and test): Dice, IoU, HD95 and ASD per image, averaged under ``metric_protocol`` (see
     ``docs/metrics.md``); the best checkpoint is the one with the highest ``val_dice``. ``usclip test`` writes
     ``results/test_metrics.json`` (with ``"metric_protocol"``), the per-image table ``results/test_per_image.csv``
-    (with a ``metric_protocol`` column) and overlays into the run directory; ``usclip predict`` writes masks at each
-    image's original size and overlays. The regions of a DICOM file read with ``data.regions: all`` are predicted
-    one by one and pasted into one mask (and one overlay) per file, named by the file's id, at their places.
+    (with a ``metric_protocol`` column) and overlays into the run directory. ``predict_step`` returns masks and
+    probabilities at each image's original size (:class:`~usclip.tasks.Prediction`); ``usclip predict`` writes them
+    with :class:`~usclip.tasks.PredictionWriter`. The regions of a DICOM file read with ``data.regions: all`` are
+    predicted one by one and pasted into one mask (and one overlay) per file, named by the file's id, at their
+    places.
 
     Args:
         lambda_dice: weight of the Dice term.
@@ -189,70 +185,21 @@ class SegmentationTask(BaseTask):
             picture = _overlay(batch, pred, j)
             save_png(picture, out / "overlays" / f"{batch['id'][j]}.png")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Write lesion masks at each image's original size to ``<run dir>/predictions``.
-
-        Returns one small record per image (id, original size, lesion pixel count), not the masks, so a long
-        prediction run keeps flat memory. A region of a multi-region DICOM file (``data.regions: all``) is pasted
-        into the full frame and kept under ``predictions/.regions/<file id>/``; :meth:`on_predict_epoch_end` merges
-        the regions of each file into its one mask and overlay.
-        """
-        if is_empty_batch(batch):
-            return []
-        logits = self(batch["image"])
-        results = []
-        out = self.run_dir
-        dataset = self.trainer.predict_dataloaders.dataset  # type: ignore[union-attr]
-        region_of: dict[str, tuple[str, int]] = getattr(getattr(dataset, "index", None), "regions", {})
+    def _predictions(self, batch: dict[str, Any], logits: torch.Tensor) -> list[Prediction]:
+        """Masks and class probabilities at each image's original size (:meth:`BaseTask.predict_step`)."""
+        predictions = []
         for j in range(logits.shape[0]):
-            h, w = (int(v) for v in batch["orig_size"][j])
-            box = batch["crop_box"][j] if "crop_box" in batch else (0, 0, w, h)
+            fields = self._prediction_fields(batch, j)
+            (h, w), (x0, y0, x1, y1) = fields["size"], fields["crop_box"]
             # map the logits, not the hard mask, back through crop and resize: smoother boundaries; outside the
             # crop both logits are 0 and argmax picks background
-            full = paste_back(logits[j].float(), box, (h, w), mode="bilinear")
+            full = paste_back(logits[j].float(), fields["crop_box"], (h, w), mode="bilinear")
             mask = (full.argmax(0) > 0).cpu().numpy()
-            results.append({"id": batch["id"][j], "size": (h, w), "lesion_pixels": int(mask.sum())})
-            if out is not None and batch["id"][j] in region_of:
-                file_id, k = region_of[batch["id"][j]]
-                save_png((mask * 255).astype(np.uint8), out / "predictions" / _REGION_PARTS / file_id / f"r{k}.png")
-            elif out is not None:
-                save_png((mask * 255).astype(np.uint8), out / "predictions" / "masks" / f"{batch['id'][j]}.png")
-                original = load_grayscale(dataset.image_paths[int(batch["index"][j])], dataset.max_image_pixels)
-                save_png(overlay(original, mask), out / "predictions" / "overlays" / f"{batch['id'][j]}.png")
-        return results
-
-    def on_predict_epoch_start(self) -> None:  # noqa: D102
-        out = self.run_dir
-        if out is not None and self.trainer.is_global_zero:
-            shutil.rmtree(out / "predictions" / _REGION_PARTS, ignore_errors=True)  # left by an interrupted run
-        self.trainer.strategy.barrier("predict_regions_start")
-
-    def on_predict_epoch_end(self) -> None:
-        """Merge the region masks of each multi-region DICOM file into one mask and overlay (every process's)."""
-        out = self.run_dir
-        self.trainer.strategy.barrier("predict_regions")
-        parts = out / "predictions" / _REGION_PARTS if out is not None else None
-        if parts is None or not self.trainer.is_global_zero or not parts.is_dir():
-            return
-        dataset = self.trainer.predict_dataloaders.dataset  # type: ignore[union-attr]
-        index = dataset.index
-        paths = {file_id: index.images[sid] for sid, (file_id, _) in index.regions.items()}
-        assert out is not None
-        for folder in sorted(parts.iterdir()):
-            original = load_grayscale(paths[folder.name], dataset.max_image_pixels)
-            mask = _merge_masks(sorted(folder.glob("r*.png")), original.shape)
-            save_png((mask * 255).astype(np.uint8), out / "predictions" / "masks" / f"{folder.name}.png")
-            save_png(overlay(original, mask), out / "predictions" / "overlays" / f"{folder.name}.png")
-        shutil.rmtree(parts)
-
-
-def _merge_masks(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
-    """The union (logical OR) of full-frame 0/255 masks, as a {0, 1} uint8 array of ``shape``."""
-    merged = np.zeros(shape, bool)
-    for p in paths:
-        with Image.open(p) as im:
-            merged |= np.asarray(im) > 0
-    return merged.astype(np.uint8)
+            probabilities = torch.zeros_like(full)
+            probabilities[0] = 1.0  # outside the crop: background, as the mask says
+            probabilities[:, y0:y1, x0:x1] = full[:, y0:y1, x0:x1].softmax(0)
+            predictions.append(Prediction(mask=mask, probabilities=probabilities.cpu().numpy(), **fields))
+        return predictions
 
 
 def _overlay(batch: dict[str, Any], pred: torch.Tensor, j: int) -> np.ndarray:

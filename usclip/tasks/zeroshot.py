@@ -235,6 +235,7 @@ class ZeroShotClassifier(ClassificationTask):
                 "ZeroShotClassifier trains nothing: run `usclip test` (or validate/predict) with this config; to "
                 "adapt the model first, fine-tune it on captions (CaptionFinetuneTask) and pass adapter_checkpoint"
             )
+        super().setup(stage)
 
     def on_validation_start(self) -> None:  # noqa: D102
         self.prepare_classes()
