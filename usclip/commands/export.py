@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder (weights, config, preprocessing, model card; the default), onnx (DIR/model.onnx), torch-export "
         "(DIR/model.pt2); several may be given",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="JSON",
+        help="the test metrics shown on the model card (default: RUN_DIR/results/test_metrics.json when present)",
+    )
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub model repo (owner/name)")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     parser.add_argument(
@@ -85,6 +91,7 @@ def _load(source: str) -> tuple[Any, dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     """Export as ``args`` say; returns the exit code."""
     from usclip.sharing import export_onnx, export_torch, push_to_hub, save_pretrained
+    from usclip.sharing.export import export_program
     from usclip.sharing.folder import CONFIG_FILE, PREPROCESSING_FILE, SharingError
     from usclip.sharing.hub import HUB_PREFIX
 
@@ -95,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub and args.push_to_hub.removeprefix(HUB_PREFIX).count("/") != 1:
         raise SharingError(f"--push-to-hub {args.push_to_hub!r}: expected owner/name")
     task, info = _load(args.source)
+    if args.metrics:
+        metrics_file = Path(args.metrics).expanduser()
+        if not metrics_file.is_file():
+            raise SharingError(f"--metrics {args.metrics!r} does not exist: expected a test_metrics.json file")
+        info["test_metrics"] = json.loads(metrics_file.read_text())
     written: list[Path] = []
     if "folder" in formats:
         repo = args.push_to_hub.removeprefix(HUB_PREFIX) if args.push_to_hub else None
@@ -107,15 +119,16 @@ def run(args: argparse.Namespace) -> int:
             run_info=info,
         )
         written.append(out)
-    elif getattr(task, "preprocessing", None) is not None:  # an exported model is used with its preprocessing
-        import json
-
+    else:  # an exported model is used with its preprocessing
         from usclip._io import write_text_atomic
 
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / PREPROCESSING_FILE, json.dumps(task.preprocessing.to_dict(), indent=2) + "\n")
         written.append(out / PREPROCESSING_FILE)
     dynamic = not args.static_batch
+    program = None
+    if "torch-export" in formats and "onnx" in formats and args.onnx_exporter == "dynamo":
+        program = export_program(task, dynamic_batch=dynamic)  # traced once for both files
     if "onnx" in formats:
         onnx_file = export_onnx(
             task,
@@ -124,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset,
             dynamic_batch=dynamic,
             overwrite=args.overwrite,
+            program=program,
         )
         written.append(onnx_file)
         if args.check:
@@ -133,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
             diff = onnx_max_difference(task, onnx_file, images)
             print(f"onnxruntime vs PyTorch: largest logit difference {diff:.2e} ({images.shape[0]} random images)")
     if "torch-export" in formats:
-        written.append(export_torch(task, out / TORCH_EXPORT_FILE, dynamic_batch=dynamic, overwrite=args.overwrite))
+        written.append(
+            export_torch(
+                task, out / TORCH_EXPORT_FILE, dynamic_batch=dynamic, overwrite=args.overwrite, program=program
+            )
+        )
     for path in written:
         print(f"wrote {path}")
     if args.push_to_hub:

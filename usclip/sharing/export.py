@@ -10,12 +10,14 @@ pipeline with onnxruntime.
 
 ONNX goes through ``torch.onnx.export``: the default ``dynamo`` exporter (``torch.export`` then onnxscript; the
 exporter PyTorch develops) or the older ``torchscript`` exporter (faster to run, deprecated by PyTorch); both
-give the same numbers for open_clip's ViT with Mona or LoRA and the heads (tests/test_export.py).
+give the same numbers for open_clip's ViT with Mona and the heads (tests/test_export.py); LoRA's block-diagonal
+up-projection (``aten::block_diag``) exports only with ``dynamo``.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -99,18 +101,34 @@ def export_program(task: BaseTask, *, dynamic_batch: bool = True, batch_size: in
 
 
 def export_torch(
-    task: BaseTask, path: str | Path, *, dynamic_batch: bool = True, batch_size: int = 2, overwrite: bool = False
+    task: BaseTask,
+    path: str | Path,
+    *,
+    dynamic_batch: bool = True,
+    batch_size: int = 2,
+    overwrite: bool = False,
+    program: torch.export.ExportedProgram | None = None,
 ) -> Path:
     """Save the inference network as a ``torch.export`` program (``torch.export.save``; ``.pt2``).
 
     Load it with ``torch.export.load(path).module()`` (no usclip, no open_clip needed): a module mapping the
     preprocessed batch to logits.
 
+    Args:
+        task: a trained task.
+        path: the ``.pt2`` file.
+        dynamic_batch: any batch size; ``False``: ``batch_size`` only.
+        batch_size: the example batch's size.
+        overwrite: replace an existing file.
+        program: the task's :func:`export_program`, when already made (not exported again).
+
     Returns:
         ``path``.
     """
     out = _target(path, ".pt2", overwrite)
-    torch.export.save(export_program(task, dynamic_batch=dynamic_batch, batch_size=batch_size), str(out))
+    if program is None:
+        program = export_program(task, dynamic_batch=dynamic_batch, batch_size=batch_size)
+    torch.export.save(program, str(out))
     log.info("wrote %s", out)
     return out
 
@@ -124,6 +142,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     batch_size: int = 2,
     overwrite: bool = False,
+    program: torch.export.ExportedProgram | None = None,
 ) -> Path:
     """Save the inference network as ONNX (input ``images``, output ``logits``; see the module docstring).
 
@@ -135,6 +154,7 @@ def export_onnx(
         dynamic_batch: any batch size; ``False``: ``batch_size`` only.
         batch_size: the example batch's size.
         overwrite: replace an existing file.
+        program: with ``dynamo``: the task's :func:`export_program`, when already made (not exported again).
 
     Returns:
         ``path``.
@@ -145,21 +165,29 @@ def export_onnx(
     model = InferenceModel(task).cpu().float().eval()
     example = model.example_input(batch_size)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset, "verbose": False}
+    common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     with torch.no_grad():
         if exporter == "dynamo":
             torch.onnx.export(
-                model,
-                (example,),
+                model if program is None else program,
+                (example,) if program is None else (),
                 str(out),
                 dynamo=True,
-                dynamic_shapes=_dynamic_shapes(dynamic_batch),
+                dynamic_shapes=_dynamic_shapes(dynamic_batch) if program is None else None,
                 external_data=size > _ONNX_INLINE_LIMIT,
+                verbose=False,
                 **common,  # type: ignore[arg-type]
             )
         else:
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-            torch.onnx.export(model, (example,), str(out), dynamo=False, dynamic_axes=axes, **common)  # type: ignore[arg-type]
+            with warnings.catch_warnings():
+                # chosen knowingly: its deprecation notice, and the tracer's notes on shape checks that hold for
+                # every batch (image size and channels are fixed), are no news to the user
+                warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
+                warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+                torch.onnx.export(model, (example,), str(out), dynamo=False, dynamic_axes=axes, **common)  # type: ignore[arg-type]
     log.info("wrote %s", out)
     return out
 

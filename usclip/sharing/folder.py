@@ -69,7 +69,8 @@ def load_run(path: str | Path) -> tuple[BaseTask, dict[str, Any]]:
     """A trained task from a run directory or a ``.ckpt`` file, and what the model card says about its run.
 
     Args:
-        path: a run directory (``runs/<name>/version_<n>``, whose ``checkpoints/best.ckpt`` is used) or a checkpoint.
+        path: a run directory (``runs/<name>/version_<n>``: its ``checkpoints/best.ckpt``, else ``last.ckpt``) or a
+            checkpoint (:func:`usclip.tasks.load_task`).
 
     Returns:
         ``(task in eval mode, run info)``: info holds ``checkpoint`` (the file used), ``run_dir`` (or ``None``),
@@ -78,32 +79,16 @@ def load_run(path: str | Path) -> tuple[BaseTask, dict[str, Any]]:
 
     Raises:
         SharingError: no such run directory or checkpoint.
+        ValueError: a file that is not a usclip checkpoint (:func:`usclip.tasks.load_task`).
     """
+    from usclip.tasks import load_task
+    from usclip.tasks.loading import resolve_checkpoint
+
     try:
-        from usclip.tasks import load_task
-    except ImportError:  # TEMPORARY until wt-predict lands
-
-        def load_task(p: Path) -> BaseTask:  # type: ignore[misc]
-            import usclip.tasks as T
-
-            hp = torch.load(p, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
-            cls = getattr(T, hp["_class_path"].rsplit(".", 1)[1])
-            return cls.load_from_checkpoint(p, map_location="cpu", weights_only=True).eval()
-
-    src = Path(path).expanduser()
-    if src.is_dir():
-        ckpt = src / "checkpoints" / "best.ckpt"
-        if not ckpt.is_file():
-            raise SharingError(
-                f"run directory {str(path)!r} has no checkpoints/best.ckpt: expected a run directory "
-                "(runs/<name>/version_<n>) or a .ckpt file"
-            )
-        run_dir: Path | None = src
-    elif src.is_file():
-        ckpt = src
-        run_dir = src.parent.parent if src.parent.name == "checkpoints" else None
-    else:
-        raise SharingError(f"{str(path)!r} does not exist: expected a run directory or a .ckpt file")
+        ckpt = resolve_checkpoint(Path(path).expanduser())
+    except FileNotFoundError as err:
+        raise SharingError(str(err).replace("load_task: ", "")) from err
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     task = load_task(ckpt)
     meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     info: dict[str, Any] = {
@@ -234,6 +219,7 @@ def save_pretrained(
         "usclip_version": __version__,
         "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
         "task": task.task,
+        "label_names": task.class_names(),
         "init_args": _init_args(task, store),
         "backbone": {
             "stored": store,
@@ -265,11 +251,7 @@ def save_pretrained(
     save_file(weights, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS_FILE)
     write_text_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    preprocessing = getattr(task, "preprocessing", None)
-    if preprocessing is not None:
-        write_text_atomic(out / PREPROCESSING_FILE, json.dumps(preprocessing.to_dict(), indent=2) + "\n")
-    else:
-        log.warning("the task has no preprocessing settings: %s not written", PREPROCESSING_FILE)
+    write_text_atomic(out / PREPROCESSING_FILE, json.dumps(task.preprocessing.to_dict(), indent=2) + "\n")
     metrics = test_metrics if test_metrics is not None else info.get("test_metrics")
     card = model_card(
         config,
@@ -349,6 +331,7 @@ def load_pretrained(
         SharingError: a source that is not such a folder or Hub id, weights that do not match the config, a
             backbone rebuilt from its source that differs from the one the model was trained on.
     """
+    from usclip.data import Preprocessing
     from usclip.sharing.hub import resolve_source
 
     folder = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token)
@@ -384,14 +367,10 @@ def load_pretrained(
     if normalization:  # the statistics it was trained with, also where the encoder was built without its source
         task.pixel_mean.copy_(torch.tensor(normalization["mean"]).view_as(task.pixel_mean))
         task.pixel_std.copy_(torch.tensor(normalization["std"]).view_as(task.pixel_std))
-    _set_preprocessing(task, folder / PREPROCESSING_FILE)
+    preprocessing = folder / PREPROCESSING_FILE
+    if not preprocessing.is_file():
+        raise SharingError(f"{folder} has no {PREPROCESSING_FILE}: the folder is incomplete")
+    task.preprocessing = Preprocessing.from_dict(json.loads(preprocessing.read_text()))
+    if config.get("label_names"):
+        task.label_names = [str(n) for n in config["label_names"]]
     return task.to(map_location).eval()
-
-
-def _set_preprocessing(task: BaseTask, file: Path) -> None:
-    if not file.is_file():
-        log.warning("%s is missing: task.preprocessing keeps the defaults of a fresh task", file)
-        return
-    from usclip.data import Preprocessing
-
-    task.preprocessing = Preprocessing.from_dict(json.loads(file.read_text()))
