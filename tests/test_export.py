@@ -21,7 +21,6 @@ from usclip.data import Preprocessing
 from usclip.data.crop import paste_back
 from usclip.data.preprocessing import ImageInputs
 from usclip.sharing import export_onnx, export_torch
-from usclip.sharing.export import export_program
 from usclip.tasks import ClassificationTask, SegmentationTask, load_task
 
 from .test_sharing import scan, tiny_task, write_run
@@ -39,14 +38,15 @@ def _onnx_logits(path: Path, images: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """``usclip export`` of a segmentation run with Mona: the run, the output folder and what the command printed."""
+    """``usclip export`` of a segmentation run with LoRA (the default dynamo exporter; one torch.export trace for
+    both files): the run, the output folder and what the command printed."""
     root = tmp_path_factory.mktemp("export")
-    run = write_run(tiny_task(SegmentationTask, "mona", layers=[0, 1]), root / "run")
+    # two blocks: the exporters' time is per operator
+    run = write_run(tiny_task(SegmentationTask, "lora", layers=[0, 1]), root / "run")
     out = root / "out"
-    args = ["export", str(run), "--out", str(out), "--format", "onnx", "torch-export", "--onnx-exporter", "torchscript"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_:
-        cli_main([*args, "--check"])
+        cli_main(["export", str(run), "--out", str(out), "--format", "onnx", "torch-export", "--check"])
     assert exit_.value.code == 0
     return run, out, printed.getvalue()
 
@@ -60,7 +60,7 @@ def test_cli_writes_onnx_torch_export_and_the_preprocessing(exported):
     assert Preprocessing.from_dict(json.loads((out / "preprocessing.json").read_text())).crop == "none"
 
 
-def test_onnx_segmentation_mona_matches_pytorch_on_another_batch_size(exported):
+def test_onnx_segmentation_lora_matches_pytorch_on_another_batch_size(exported):
     run, out, _ = exported
     task = load_task(run)
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -92,19 +92,16 @@ def test_onnx_with_the_preprocessing_json_gives_predict_image_s_mask(exported):
     np.testing.assert_array_equal(mask, want)
 
 
-def test_classification_lora_onnx_and_torch_export(tmp_path):
-    """LoRA (block-diagonal up-projection) through the default dynamo exporter, from the program torch.export made."""
-    task = tiny_task(ClassificationTask, "lora", layers=[0, 1])  # two blocks: the exporters' time is per operator
+def test_classification_mona_onnx_and_torch_export(tmp_path):
+    """Mona through the older TorchScript exporter (LoRA's block_diag needs dynamo)."""
+    task = tiny_task(ClassificationTask, "mona", layers=[0, 1])
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = task(images)
-    program = export_program(task)
-    onnx_file = export_onnx(task, tmp_path / "m.onnx", program=program)
+    onnx_file = export_onnx(task, tmp_path / "m.onnx", exporter="torchscript")
     got = _onnx_logits(onnx_file, images)
     assert got.shape == (3, 2)
     torch.testing.assert_close(got, want, rtol=0, atol=ONNX_ATOL)
-    module = torch.export.load(str(export_torch(task, tmp_path / "m.pt2", program=program))).module()
-    torch.testing.assert_close(module(images), want, rtol=0, atol=TORCH_ATOL)
     with pytest.raises(FileExistsError, match="already exists"):
         export_onnx(task, onnx_file)
 
@@ -120,7 +117,7 @@ def test_classification_lora_onnx_and_torch_export(tmp_path):
     ],
 )
 def test_dynamo_onnx_matches_pytorch(tmp_path, cls, adapter):
-    """The default exporter (torch.onnx.export(dynamo=True)): about 5 s per model on a CPU."""
+    """The default exporter (torch.onnx.export(dynamo=True)) on all four pairs, and a static-batch torch.export."""
     task = tiny_task(cls, adapter)
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -128,3 +125,7 @@ def test_dynamo_onnx_matches_pytorch(tmp_path, cls, adapter):
     got = _onnx_logits(export_onnx(task, tmp_path / "m.onnx"), images)
     assert not (tmp_path / "m.onnx.data").exists()  # a small model keeps its weights inside the file
     torch.testing.assert_close(got, want, rtol=0, atol=ONNX_ATOL)
+    module = torch.export.load(str(export_torch(task, tmp_path / "m.pt2", dynamic_batch=False))).module()
+    torch.testing.assert_close(module(images[:2]), want[:2], rtol=0, atol=TORCH_ATOL)
+    with pytest.raises(Exception, match=r"batch|shape|size|[Gg]uard"):
+        module(images)  # a static export takes its batch size only

@@ -19,7 +19,7 @@ from usclip.data import Preprocessing
 from usclip.models import register_model_configs
 from usclip.sharing import load_pretrained, push_to_hub, save_pretrained
 from usclip.sharing.card import RESEARCH_USE_WARNING
-from usclip.sharing.folder import FOLDER_FILES, SharingError
+from usclip.sharing.layout import FOLDER_FILES, SharingError
 from usclip.tasks import ClassificationTask, SegmentationTask, load_task
 
 REPO = Path(__file__).parents[1]

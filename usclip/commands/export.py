@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(source: str) -> tuple[Any, dict[str, Any]]:
-    from usclip.sharing.folder import CONFIG_FILE, load_pretrained, load_run
+    from usclip.sharing.folder import load_pretrained, load_run
+    from usclip.sharing.layout import CONFIG_FILE
 
     path = Path(source).expanduser()
     if source.startswith("hf-hub:") or (path.is_dir() and (path / CONFIG_FILE).is_file()):
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     """Export as ``args`` say; returns the exit code."""
     from usclip.sharing import export_onnx, export_torch, push_to_hub, save_pretrained
     from usclip.sharing.export import export_program
-    from usclip.sharing.folder import CONFIG_FILE, PREPROCESSING_FILE, SharingError
     from usclip.sharing.hub import HUB_PREFIX
+    from usclip.sharing.layout import CONFIG_FILE, PREPROCESSING_FILE, SharingError
 
     out = Path(args.out).expanduser()
     formats = list(dict.fromkeys(args.format))

@@ -14,5 +14,14 @@ See docs/sharing.md. This package imports :mod:`usclip.tasks` and :mod:`usclip.d
 from usclip.sharing.export import InferenceModel, export_onnx, export_torch
 from usclip.sharing.folder import load_pretrained, save_pretrained
 from usclip.sharing.hub import push_to_hub
+from usclip.sharing.layout import SharingError
 
-__all__ = ["InferenceModel", "export_onnx", "export_torch", "load_pretrained", "push_to_hub", "save_pretrained"]
+__all__ = [
+    "InferenceModel",
+    "SharingError",
+    "export_onnx",
+    "export_torch",
+    "load_pretrained",
+    "push_to_hub",
+    "save_pretrained",
+]

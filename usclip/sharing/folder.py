@@ -33,35 +33,33 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from usclip import __version__
 from usclip._io import write_text_atomic
+from usclip.sharing.layout import (
+    CARD_FILE,
+    CONFIG_FILE,
+    FOLDER_FILES,
+    FORMAT,
+    FORMAT_VERSION,
+    PREPROCESSING_FILE,
+    WEIGHTS_FILE,
+    SharingError,
+    read_config,
+)
 
 if TYPE_CHECKING:
+    from usclip.models import CLIPEncoder
     from usclip.tasks import BaseTask
 
 log = logging.getLogger(__name__)
 
-#: the folder's ``config.json`` ``format`` and ``format_version``
-FORMAT = "usclip-pretrained"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-PREPROCESSING_FILE = "preprocessing.json"
-CARD_FILE = "README.md"
-#: the files :func:`save_pretrained` writes
-FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, PREPROCESSING_FILE, CARD_FILE)
-
 BackbonePolicy = Literal["auto", "always", "never"]
 BACKBONE_POLICIES = ("auto", "always", "never")
-
-
-class SharingError(ValueError):
-    """A source or folder that cannot be saved or loaded; the message names it and what was expected."""
 
 
 # ----------------------------------------------------------------- the run a task comes from
@@ -162,7 +160,8 @@ def _init_args(task: BaseTask, store_backbone: bool) -> dict[str, Any]:
         args |= {"adapter": adapter_config.name, "adapter_kwargs": adapter_config.to_dict(), "adapter_checkpoint": None}
     if store_backbone and args.get("pretrained") is not None and _clip_encoder_built_here(task):
         # every tensor is in the folder: build the same architecture without fetching or reading any file
-        args |= {"pretrained": None, "quick_gelu": encoder.encoder_config["quick_gelu"]}  # type: ignore[union-attr]
+        quick_gelu = cast("CLIPEncoder", encoder).encoder_config["quick_gelu"]
+        args |= {"pretrained": None, "quick_gelu": quick_gelu}
     return json.loads(json.dumps(args))  # tuples -> lists; a value JSON cannot hold fails here
 
 
@@ -280,30 +279,6 @@ def _task_class(name: Any, where: Path) -> type[BaseTask]:
     if not (isinstance(cls, type) and issubclass(cls, BaseTask)):
         raise SharingError(f"{where}: task_class={name!r} is not a usclip task (a BaseTask subclass)")
     return cls
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a pretrained folder, checked to be one.
-
-    Raises:
-        SharingError: not a folder, no ``config.json``, or a ``config.json`` of another format.
-    """
-    path = Path(folder)
-    if not path.is_dir():
-        raise SharingError(f"{str(folder)!r} is not a folder: expected a folder written by usclip export")
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        hint = " (a run directory: load it with usclip.tasks.load_task)" if (path / "checkpoints").is_dir() else ""
-        raise SharingError(f"{path} has no {CONFIG_FILE}: expected a folder written by usclip export{hint}")
-    config = json.loads(file.read_text())
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise SharingError(f"{file} is not a usclip model config (its format is not {FORMAT!r})")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise SharingError(
-            f"{file} has format_version {config['format_version']}, newer than this usclip's {FORMAT_VERSION}: "
-            "upgrade usclip"
-        )
-    return config
 
 
 def load_pretrained(

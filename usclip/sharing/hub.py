@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from usclip.sharing.layout import FOLDER_FILES, SharingError, read_config
+
 log = logging.getLogger(__name__)
 
 #: the prefix of a Hub source, as open_clip writes it
@@ -29,11 +31,9 @@ def resolve_source(
     ``preprocessing.json``, ``README.md``), not exports that may sit beside them in the repository.
 
     Raises:
-        usclip.sharing.folder.SharingError: a Hub id that is not ``owner/name``, or one that cannot be downloaded
+        usclip.sharing.layout.SharingError: a Hub id that is not ``owner/name``, or one that cannot be downloaded
             (offline without it in the cache, no such repository, no access).
     """
-    from usclip.sharing.folder import FOLDER_FILES, SharingError
-
     text = str(source)
     if not text.startswith(HUB_PREFIX):
         return Path(text).expanduser()
@@ -87,8 +87,6 @@ def push_to_hub(
         ``huggingface_hub``'s commit info (``.commit_url``).
     """
     from huggingface_hub import HfApi
-
-    from usclip.sharing.folder import read_config
 
     read_config(folder)  # a pretrained folder, not any folder
     repo = repo_id.removeprefix(HUB_PREFIX)
