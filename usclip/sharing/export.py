@@ -88,6 +88,8 @@ def _dynamic_shapes(dynamic_batch: bool) -> dict[str, dict[int, torch.export.Dim
 def export_program(task: BaseTask, *, dynamic_batch: bool = True, batch_size: int = 2) -> torch.export.ExportedProgram:
     """The task's :class:`InferenceModel` through ``torch.export.export`` (CPU, float32, eval mode).
 
+    The export functions move the task itself to the CPU in float32 and eval mode (its modules are shared).
+
     Args:
         task: a trained task.
         dynamic_batch: any batch size (the example batch has ``batch_size`` images); ``False``: ``batch_size`` only.

@@ -151,6 +151,16 @@ def _clip_encoder_built_here(task: BaseTask) -> bool:
 
 
 # ----------------------------------------------------------------- save
+def _check_shareable(task: Any) -> None:
+    from usclip.tasks import ClassificationTask, SegmentationTask
+
+    if not isinstance(task, (SegmentationTask, ClassificationTask)):
+        raise SharingError(
+            f"save_pretrained shares segmentation and classification tasks (predict_image), got "
+            f"{type(task).__name__}; caption-tuned adapters are shared with usclip.adapters.save_adapters"
+        )
+
+
 def _init_args(task: BaseTask, store_backbone: bool) -> dict[str, Any]:
     args = _public(task.hparams)
     encoder = task.encoder
@@ -200,6 +210,7 @@ def save_pretrained(
         task, info = load_run(source)
     else:
         task, info = source, dict(run_info or {})
+    _check_shareable(task)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise SharingError(f"out_dir {str(out_dir)!r} is a file: expected a folder to write the model into")
@@ -210,8 +221,9 @@ def save_pretrained(
         )
     store = _store_backbone(task, backbone)
     state = {k: v.detach().cpu() for k, v in task.state_dict().items()}
-    left_out = [] if store else backbone_keys(task)
-    weights = {k: v.contiguous() for k, v in state.items() if k not in set(left_out)}
+    backbone_only = backbone_keys(task)
+    left_out = set() if store else set(backbone_only)
+    weights = {k: v.contiguous() for k, v in state.items() if k not in left_out}
     config: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -224,8 +236,8 @@ def save_pretrained(
             "stored": store,
             "model_name": task.encoder_args.get("model_name"),
             "pretrained": task.encoder_args.get("pretrained"),
-            "keys": len(backbone_keys(task)),
-            "sha256": backbone_sha256(state, backbone_keys(task)),
+            "keys": len(backbone_only),
+            "sha256": backbone_sha256(state, backbone_only),
         },
         "normalization": {
             "kind": task.hparams.get("normalization", "clip"),
