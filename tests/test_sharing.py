@@ -249,6 +249,11 @@ def test_cli_exports_and_pushes(shared, tmp_path, capsys, recorder):
     assert f"wrote {tmp_path / 'm'}" in out and "pushed" in out and "lab/busi-seg/commit/abc" in out
     assert recorder.calls[-1][1]["files"] == sorted(FOLDER_FILES)
     assert "hf-hub:lab/busi-seg" in (tmp_path / "m" / "README.md").read_text()  # the card's usage snippet
+    # a shared folder is a source too (e.g. to add an ONNX file later): the same weights come out
+    code, _, err = _cli([str(tmp_path / "m"), "--out", str(tmp_path / "again")], capsys)
+    assert code == 0, err
+    first, again = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 @pytest.mark.parametrize(
