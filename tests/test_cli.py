@@ -168,7 +168,15 @@ def _run_and_list_heavy_modules(args: list[str]) -> tuple[int, str, set[str]]:
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["--version"], ["data", "--help"], ["data", "check", "--help"], ["captions", "--help"]]
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["data", "--help"],
+        ["data", "check", "--help"],
+        ["captions", "--help"],
+        ["export", "--help"],
+    ],
 )
 def test_help_and_version_import_neither_torch_nor_lightning(args):
     code, out, heavy = _run_and_list_heavy_modules(args)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("usclip.commands.sweep", "run the paper's experiments from a manifest (or write SLURM scripts)"),
     "configs": ("usclip.commands.configs", "list the configs shipped in the package (usable as --config NAME)"),
     "app": ("usclip.commands.app", "a web page to try a trained model on one's own scans (research use only)"),
+    "export": ("usclip.commands.export", "share a trained run: a folder loaded in one line, ONNX, Hugging Face Hub"),
 }
 
 HELP = f"""usage: usclip [-h] [--version] SUBCOMMAND ...
