@@ -85,7 +85,10 @@ class UsclipCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
-            prepare_subcommand(subcommand, self.config[subcommand])
+            try:  # before anything is built: a bad --ckpt_path is one line (usclip.cli), never a traceback
+                prepare_subcommand(subcommand, self.config[subcommand])
+            except (ValueError, OSError) as err:  # UnsafeCheckpointError, no run for `last`, stray SLURM files
+                parser.error(str(err), err)
         trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
         if trainer is not None:
             logger = trainer.get("logger")
