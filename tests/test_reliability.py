@@ -159,9 +159,11 @@ def test_killed_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, how):
     )
 
 
-def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no run under .*nothing_yet"):
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # one `usclip: error:` line, before anything is built
         main(["fit", *_args(tmp_path, "nothing_yet"), "--ckpt_path=last"])
+    assert isinstance(exc.value.__cause__.__cause__, FileNotFoundError)
+    assert re.search(r"usclip: error: --ckpt_path last: no run under .*nothing_yet", capsys.readouterr().err)
 
 
 def test_find_last_checkpoint_picks_the_newest_run(tmp_path):

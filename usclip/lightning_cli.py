@@ -20,6 +20,7 @@ from argparse import ArgumentError
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,7 +29,7 @@ from usclip._resume import prepare_subcommand
 from usclip.data.datamodules import BaseDataModule
 from usclip.precision import fit_precision
 from usclip.run_dirs import check_logger_installed, checkpoint_run, run_dir_of
-from usclip.tasks.base import BaseTask
+from usclip.tasks.base import BaseTask, early_stopping_conflict
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class UsclipCLI(LightningCLI):
             except (ValueError, OSError) as err:  # UnsafeCheckpointError, no run for `last`, stray SLURM files
                 parser.error(str(err), err)
         trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
+        if subcommand == "fit":  # before the model is built; the task raises the same at fit (library use)
+            _check_early_stopping(parser, self.config[subcommand])
         if trainer is not None:
             logger = trainer.get("logger")
             try:  # an uninstalled mlflow/wandb: one clear message (usclip.cli prints it as a configuration error)
@@ -150,6 +153,17 @@ class UsclipCLI(LightningCLI):
     def after_predict(self) -> None:
         """Say where the predictions went."""
         self._report_outputs("predict", ("predictions",))
+
+
+def _check_early_stopping(parser: LightningArgumentParser, config: Any) -> None:
+    """Refuse an ``EarlyStopping`` in ``trainer.callbacks`` together with ``early_stopping_patience``."""
+    model = config.get("model")
+    patience = model.get("init_args", {}).get("early_stopping_patience") if hasattr(model, "get") else None
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cls = _import(str(callback.get("class_path"))) if hasattr(callback, "get") else type(callback)
+        if patience is not None and isinstance(cls, type) and issubclass(cls, EarlyStopping):
+            parser.error(early_stopping_conflict(patience, cls.__name__))
 
 
 def _first_line(err: BaseException) -> str:
