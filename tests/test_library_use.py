@@ -61,6 +61,10 @@ def test_the_users_checkpoint_and_early_stopping_are_kept_beside_best_and_last(t
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1  # usclip's last.ckpt (what --ckpt_path last resumes) is still written every epoch
+    # each ModelCheckpoint's state under its own key: the user's (monitor None, every epoch) is not usclip's "last"
+    states = {k: v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")}
+    assert len(states) == 3 and mine.state_key in states
+    assert Path(states[mine.state_key]["best_model_path"]).parent == tmp_path / "mine"
     assert trainer.checkpoint_callback is mine  # trainer.test(ckpt_path="best") uses the user's best
 
     trainer.validate(task, datamodule=data)  # a second run with this Trainer repeats nothing

@@ -19,22 +19,22 @@ __all__ = ["as_dataclass"]
 T = TypeVar("T")
 
 
-def as_dataclass(value: Any, cls: type[T], name: str) -> T | None:
+def as_dataclass(value: Any, cls: type[T], name: str) -> T:
     """``value`` as an instance of the dataclass ``cls``: an instance is kept, a mapping is turned into one.
 
     Args:
-        value: ``None`` (kept), an instance of ``cls``, or a mapping of its field names.
+        value: an instance of ``cls``, or a mapping of its field names (callers keep ``None`` themselves).
         cls: the dataclass the argument expects.
         name: the argument as a user writes it (``data.synthetic``), for the messages.
 
     Returns:
-        ``None`` for ``None``, else an instance of ``cls``.
+        An instance of ``cls``.
 
     Raises:
-        TypeError: if ``value`` is neither ``None``, a ``cls`` nor a mapping, or a mapping with keys that are no
+        TypeError: if ``value`` is neither a ``cls`` nor a mapping, or a mapping with keys that are no
             field of ``cls`` (named, with a "did you mean" and the valid keys), or without a required field.
     """
-    if value is None or isinstance(value, cls):
+    if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
         raise TypeError(

@@ -278,7 +278,8 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
         if cache_mb < 0:
             raise ValueError(f"data.cache_mb must be >= 0 (0 switches the memory cache off), got {cache_mb}")
-        synthetic = as_dataclass(synthetic, SyntheticSpec, "data.synthetic")
+        if synthetic is not None:
+            synthetic = as_dataclass(synthetic, SyntheticSpec, "data.synthetic")
         if root is None and synthetic is not None:
             raise ValueError("synthetic data needs a root folder to be written to; set data.root")
         # before the task is built (its weights may take minutes to load): the folders must be there

@@ -24,6 +24,7 @@ from usclip.callbacks import (
     FiniteLossGuard,
     MidEpochCheckpoint,
     OutOfMemoryAdvice,
+    RunCheckpoint,
     SeedEachEpoch,
     ValidateOnEpochs,
 )
@@ -379,33 +380,32 @@ class BaseTask(L.LightningModule):
             ValueError: if the Trainer has an ``EarlyStopping`` and ``early_stopping_patience`` is set too.
         """
         trainer = self._trainer
-        passed = [c for c in trainer.callbacks if not _is_own(c)] if trainer is not None else []
+        given: list[Callback] = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
+        passed = [c for c in given if not _is_own(c)]
         checkpoints: list[Callback] = [
-            _own(
-                ModelCheckpoint(
-                    monitor=self.monitor,
-                    mode=self.monitor_mode,
-                    filename="best",
-                    auto_insert_metric_name=False,
-                )
+            RunCheckpoint(
+                monitor=self.monitor,
+                mode=self.monitor_mode,
+                filename="best",
+                auto_insert_metric_name=False,
             ),
             # last.ckpt after every epoch, whether or not the monitor improved: Lightning 2.6's save_last=True only
             # writes it together with a new best, which would make a resumed run redo epochs. With validate_every,
             # at the end of every training epoch (after its validation, if any), also those without validation,
             # where Lightning would otherwise wait for a validation end that does not come
-            _own(
-                ModelCheckpoint(
-                    filename="last",
-                    enable_version_counter=False,
-                    save_on_train_epoch_end=True if self.hparams.get("validate_every") is not None else None,
-                )
+            RunCheckpoint(
+                filename="last",
+                enable_version_counter=False,
+                save_on_train_epoch_end=True if self.hparams.get("validate_every") is not None else None,
             ),
         ]
+        for callback in checkpoints:
+            _own(callback)
         callbacks: list[Callback] = [SeedEachEpoch(), FiniteLossGuard(), OutOfMemoryAdvice(), AtomicCheckpoints()]
         if trainer is not None and any(isinstance(c, ModelCheckpoint) and not _lightning_default(c) for c in passed):
             # the user's ModelCheckpoint stays: usclip's go into the Trainer's list beside it (returned from here,
             # they would replace it). Those of an earlier fit/test with this Trainer are replaced, not repeated
-            trainer.callbacks = [c for c in trainer.callbacks if not _is_own(c)] + checkpoints
+            trainer.callbacks = [c for c in given if not _is_own(c)] + checkpoints  # type: ignore[attr-defined]
         else:  # Lightning's default ModelCheckpoint (or none): usclip's replace it
             callbacks += checkpoints
         # the same last.ckpt in the middle of epochs (steps, minutes) and on SLURM's preemption signal
