@@ -210,7 +210,7 @@ def test_data_command_choices_match_the_library():
 @pytest.mark.parametrize(
     ("extra", "first_line"),
     [
-        (["--model.init_args.adaptr=mona"], "usclip: error: model: Option 'adaptr' is not accepted"),
+        (["--model.init_args.adaptr=mona"], "usclip: error: model.init_args.adaptr: no such option of SegmentationTa"),
         (["--trainer.max_epochs=abc"], "usclip: error: trainer.max_epochs: Expected a <class 'int'>"),
     ],
 )

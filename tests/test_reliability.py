@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,9 +159,11 @@ def test_killed_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, how):
     )
 
 
-def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no run under .*nothing_yet"):
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # one `usclip: error:` line, before anything is built
         main(["fit", *_args(tmp_path, "nothing_yet"), "--ckpt_path=last"])
+    assert isinstance(exc.value.__cause__.__cause__, FileNotFoundError)
+    assert re.search(r"usclip: error: --ckpt_path last: no run under .*nothing_yet", capsys.readouterr().err)
 
 
 def test_find_last_checkpoint_picks_the_newest_run(tmp_path):
@@ -291,14 +294,17 @@ def test_checkpoint_carrying_code_is_refused_by_the_cli(tmp_path):
     assert not marker.exists()
 
 
-def test_unreadable_checkpoint_and_weights_only_false_are_clear_errors(tmp_path):
+def test_unreadable_checkpoint_and_weights_only_false_are_clear_errors(tmp_path, capsys):
     truncated = tmp_path / "half.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:500])
-    with pytest.raises(UnsafeCheckpointError, match=r"half\.ckpt.*not a readable torch checkpoint"):
+    with pytest.raises(SystemExit) as exc:  # one `usclip: error:` line (tests/test_cli_errors.py), no traceback
         main(["test", *_args(tmp_path, "t"), f"--ckpt_path={truncated}"])
-    with pytest.raises(ValueError, match="weights_only=false"):
+    assert isinstance(exc.value.__cause__.__cause__, UnsafeCheckpointError)
+    assert re.search(r"usclip: error: ckpt_path=.*half\.ckpt.*not a readable torch checkpoint", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
         main(["test", *_args(tmp_path, "t"), "--weights_only=false"])
+    assert "usclip: error: weights_only=false" in capsys.readouterr().err
     config = Namespace(weights_only=None, ckpt_path=None, return_predictions=None)
     prepare_subcommand("predict", config)
     assert config.weights_only is True and config.return_predictions is False

@@ -60,17 +60,43 @@ def check_checkpoint(path: str | Path) -> None:
             torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        detail = f"it calls or builds {found.group(1)}" if found else str(err).strip().splitlines()[0]
+        if found is None:  # not a pickle of Python objects at all (an image, random bytes): unreadable
+            raise _unreadable(path, err) from err
         raise UnsafeCheckpointError(
             f"ckpt_path={str(path)!r}: refused to load: the file holds Python objects other than tensors and plain "
-            f"containers ({detail}), and unpickling them could run code. usclip loads checkpoints with "
-            "weights_only=True; use checkpoints written by usclip, or re-save a trusted file as a plain state dict "
-            "(torch.save(model.state_dict())) or safetensors"
+            f"containers (it calls or builds {found.group(1)}), and unpickling them could run code. usclip loads "
+            "checkpoints with weights_only=True; use checkpoints written by usclip, or re-save a trusted file as a "
+            "plain state dict (torch.save(model.state_dict())) or safetensors"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UnsafeCheckpointError(
-            f"ckpt_path={str(path)!r} is not a readable torch checkpoint (truncated or another format): {err}"
-        ) from err
+    except Exception as err:  # any other failure: not a checkpoint (a text file: KeyError, a truncated zip: ...)
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: BaseException) -> UnsafeCheckpointError:
+    """The error for a file that is no torch checkpoint, naming what it looks like (and torch's reason for one)."""
+    kind = _describe_file(path)
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    detail = kind if kind in ("an image", "a text file", "the file is empty") else f"{kind}: {reason}"
+    return UnsafeCheckpointError(
+        f"ckpt_path={str(path)!r} is not a readable torch checkpoint ({detail}): give a .ckpt file written by "
+        "usclip fit (runs/<name>/version_<n>/checkpoints/best.ckpt or last.ckpt), or --ckpt_path last"
+    )
+
+
+def _describe_file(path: Path) -> str:
+    """A few words on what ``path`` holds, from its first bytes (a checkpoint is a zip or a pickle)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"\x89PNG") or head[:3] == b"\xff\xd8\xff" or head.startswith(b"GIF8"):
+        return "an image"
+    if head.startswith(b"PK"):
+        return "a zip archive without a torch checkpoint in it"
+    return "binary data" if b"\x00" in head else "a text file"
 
 
 def _version_key(path: Path) -> tuple[float, int]:
@@ -205,6 +231,24 @@ def prepare_subcommand(subcommand: str, config: Any) -> None:
         config["ckpt_path"] = ckpt = str(path)
     if ckpt and Path(ckpt).is_file():
         check_checkpoint(ckpt)
+    elif ckpt and ckpt not in _LIGHTNING_CKPT_NAMES and "://" not in str(ckpt):
+        raise FileNotFoundError(_missing_checkpoint(Path(ckpt)))
+
+
+#: ``ckpt_path`` values Lightning resolves itself (no file of that name is meant)
+_LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
+
+
+def _missing_checkpoint(path: Path) -> str:
+    """The message for a ``ckpt_path`` that is no file: a run folder names its checkpoints, anything else is missing."""
+    if path.is_dir():
+        found = sorted(path.glob("checkpoints/*.ckpt")) or sorted(path.glob("*.ckpt"))
+        hint = f"e.g. --ckpt_path {found[0]}" if found else "it holds no .ckpt file (a run keeps them in checkpoints/)"
+        return f"ckpt_path={str(path)!r} is a folder; give a checkpoint file ({hint})"
+    return (
+        f"ckpt_path={str(path)!r} does not exist; give a .ckpt file written by usclip fit "
+        "(runs/<name>/version_<n>/checkpoints/best.ckpt or last.ckpt), or --ckpt_path last"
+    )
 
 
 def _requeued_checkpoint(config: Any, job: str) -> str | None:

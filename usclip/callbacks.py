@@ -55,6 +55,7 @@ __all__ = [
     "MidEpochCheckpoint",
     "NonFiniteLossError",
     "OutOfMemoryAdvice",
+    "RunCheckpoint",
     "SeedEachEpoch",
     "ValidateOnEpochs",
     "is_out_of_memory",
@@ -359,6 +360,36 @@ class MidEpochCheckpoint(Callback):
                 path,
             )
             raise SystemExit(EXIT_REQUEUED)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """usclip's ``best``/``last`` ``ModelCheckpoint``, whose saved state never mixes with a user's ``ModelCheckpoint``.
+
+    Lightning stores each callback's state under its ``state_key``, which for ``ModelCheckpoint`` is built from the
+    monitor, mode and saving interval only: a user's ``ModelCheckpoint(monitor="val_dice", mode="max")`` kept beside
+    usclip's ``best`` (``BaseTask.configure_callbacks``) would share its key, one state would overwrite the other in
+    the checkpoint, and on resume each would take the other's file list (and could delete the other's files). The key
+    here adds ``usclip: <filename>``; checkpoints written before it load through ``_legacy_state_key`` (the plain
+    ``ModelCheckpoint`` key).
+    """
+
+    def _settings_key(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "every_n_train_steps": self._every_n_train_steps,
+            "every_n_epochs": self._every_n_epochs,
+            "train_time_interval": self._train_time_interval,
+        }
+
+    @property
+    def state_key(self) -> str:
+        """The plain ``ModelCheckpoint`` key plus ``usclip: <filename>``."""
+        return f"ModelCheckpoint{self._settings_key() | {'usclip': self.filename}!r}"
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        return f"ModelCheckpoint{self._settings_key()!r}"
 
 
 class FiniteLossGuard(Callback):

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from usclip import __version__
@@ -119,13 +120,18 @@ def main(args: list[str] | None = None, run: bool = True) -> UsclipCLI:
     if run and (first is None or first in ("-h", "--help")):
         print(HELP, end="")
         raise SystemExit(0 if first else 2)
-    from usclip.lightning_cli import run_lightning_cli
     from usclip.packaged_configs import resolve_config
 
     if args is not None:
         args = _with_packaged_configs(list(args), resolve_config)
     elif (resolved := _with_packaged_configs(argv, resolve_config)) != argv:
         sys.argv[1:] = resolved  # LightningCLI reads sys.argv itself when args is None
+    for path in _config_paths(list(args) if args is not None else sys.argv[1:]):
+        problem = config_file_problem(path)
+        if problem:
+            print(f"usclip: error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+    from usclip.lightning_cli import run_lightning_cli  # Lightning, torch and the tasks: seconds
 
     if os.environ.get("USCLIP_DEBUG", "") not in ("", "0"):
         return run_lightning_cli(args, run=run)
@@ -173,6 +179,50 @@ def _with_packaged_configs(argv: list[str], resolve: Callable[[str], str]) -> li
         elif arg.startswith("--config="):
             out[i] = "--config=" + resolve(arg.removeprefix("--config="))
     return out
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """The values of ``--config`` in ``argv`` (``--config PATH`` and ``--config=PATH``)."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return paths + [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
+
+
+def config_file_problem(path: str) -> str | None:
+    """Why the file ``path`` given to ``--config`` is no YAML config (binary, not UTF-8, bad YAML), or ``None``.
+
+    Checked before the parser reads it: the parser would fail with a ``UnicodeDecodeError`` traceback on an image,
+    and name neither the file nor the line of a YAML syntax error. A path that is not a file is left to the parser
+    (its message names it), and so are the keys of a valid YAML file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        return None
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        return f"--config {path}: cannot be read ({err.strerror or err})"
+    fix = "give a YAML config file (`usclip configs` lists the packaged ones, usable as --config NAME)"
+    if b"\x00" in data[:8192] or data[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1"):
+        return f"--config {path} is a binary file, not a YAML config; {fix}"
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        return f"--config {path} is not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r}); {fix}"
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        return f"--config {path} is not valid YAML: {problem}{where}"
+    if loaded is not None and not isinstance(loaded, dict):
+        return (
+            f"--config {path} holds a YAML {type(loaded).__name__}, not a mapping of keys (trainer:, model:, data:); "
+            f"{fix}"
+        )
+    return None
 
 
 def _is_configuration_error(err: BaseException) -> bool:

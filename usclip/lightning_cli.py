@@ -8,11 +8,19 @@ subcommands (``data``, ``report``, ``captions``, ``sweep``) do not pay.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import importlib
+import inspect
 import logging
+import re
 import warnings
+from argparse import ArgumentError
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -22,7 +30,7 @@ from usclip.data.datamodules import BaseDataModule
 from usclip.models.baselines import check_model_installed
 from usclip.precision import fit_precision
 from usclip.run_dirs import check_logger_installed, checkpoint_run, run_dir_of
-from usclip.tasks.base import BaseTask
+from usclip.tasks.base import BaseTask, early_stopping_conflict
 from usclip.tasks.prediction import PredictionWriter
 
 log = logging.getLogger(__name__)
@@ -93,11 +101,23 @@ class UsclipCLI(LightningCLI):
         See ``usclip._resume`` and ``usclip.precision``: ``bf16-mixed`` on a CPU or GPU without native bfloat16
         becomes ``32-true`` / ``16-mixed`` with one warning.
         """
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # one line naming the key, the value and the fix (usclip.cli prints it)
+            parsers = list(getattr(self, "_subcommand_parsers", {}).values()) or [parser]
+            message = explain_parse_error(err, parsers)
+            if message is None:
+                raise
+            parser.error(message, err)
         subcommand = self.config.get("subcommand")
         if subcommand:
-            prepare_subcommand(subcommand, self.config[subcommand])
+            try:  # before anything is built: a bad --ckpt_path is one line (usclip.cli), never a traceback
+                prepare_subcommand(subcommand, self.config[subcommand])
+            except (ValueError, OSError) as err:  # UnsafeCheckpointError, no run for `last`, stray SLURM files
+                parser.error(str(err), err)
         trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
+        if subcommand == "fit":  # before the model is built; the task raises the same at fit (library use)
+            _check_early_stopping(parser, self.config[subcommand])
         if trainer is not None:
             logger = trainer.get("logger")
             try:  # an uninstalled mlflow/wandb/smp: one clear message (usclip.cli prints it as a configuration error)
@@ -153,6 +173,127 @@ class UsclipCLI(LightningCLI):
     def after_predict(self) -> None:
         """Say where the predictions went."""
         self._report_outputs("predict", ("predictions",))
+
+
+def _check_early_stopping(parser: LightningArgumentParser, config: Any) -> None:
+    """Refuse an ``EarlyStopping`` in ``trainer.callbacks`` together with ``early_stopping_patience``."""
+    model = config.get("model")
+    patience = model.get("init_args", {}).get("early_stopping_patience") if hasattr(model, "get") else None
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cls = _import(str(callback.get("class_path"))) if hasattr(callback, "get") else type(callback)
+        if patience is not None and isinstance(cls, type) and issubclass(cls, EarlyStopping):
+            parser.error(early_stopping_conflict(patience, cls.__name__))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _options_of(cls: Any) -> list[str]:
+    """The keys a config may give ``cls``: its dataclass fields, or the parameters of its ``__init__``."""
+    if cls is None:
+        return []
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    names: list[str] = []
+    for klass in cls.__mro__:  # a ``**kwargs`` passes on to the base class: its options count too
+        try:
+            params = list(inspect.signature(klass.__init__).parameters.values())
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
+
+
+def _did_you_mean(word: str, valid: list[str], show: Any = repr) -> str:
+    close = difflib.get_close_matches(word, valid, n=1)
+    return f" (did you mean {show(close[0])}?)" if close else ""
+
+
+def explain_parse_error(err: BaseException, parsers: list[LightningArgumentParser]) -> str | None:
+    """One line for a parser error: the full key (``model.init_args.adapter``), the value, what is valid, the fix.
+
+    jsonargparse reports nested errors as a chain of exceptions, one per level (``Parser key "model"``, ``Problem
+    with given class_path 'usclip.tasks.SegmentationTask'``, ``Parser key "adapter"``, then the innermost cause):
+    the chain gives the key path and the class whose options apply; misspelt keys and values get a "did you mean"
+    (``difflib.get_close_matches``) over the valid keys of that level or the allowed values.
+
+    Args:
+        err: the parser's ``ArgumentError`` (its ``__cause__`` chain is read).
+        parsers: the parsers whose options an unrecognised ``--key`` is matched against (the subcommands').
+
+    Returns:
+        The message, or ``None`` for an error of another form (its own message is then shown).
+    """
+    chain, seen = [], set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    path: list[str] = []
+    owner: Any = None  # the class whose options the innermost key belongs to
+    previous = None
+    for link in chain:
+        first = _first_line(link)
+        if first == previous:
+            continue
+        previous = first
+        if found := re.match(r'Parser key "([^"]+)":', first):
+            path.append(found.group(1))
+        elif found := re.match(r"Problem with given class_path '([^']+)':", first):
+            owner = _import(found.group(1))
+            if owner is not None and not dataclasses.is_dataclass(owner):
+                path.append("init_args")
+    inner = _first_line(chain[-1])
+    key = ".".join(path)
+    if found := re.fullmatch(r"Option '([^']+)' is not accepted", inner):
+        name = found.group(1)
+        options = _options_of(owner)
+        where = f"{key}.{name}" if key else name
+        of = f" of {owner.__name__}" if owner is not None else ""
+        hint = _did_you_mean(name, options) or (f"; its options: {', '.join(options)}" if options else "")
+        return f"{where}: no such option{of}{hint}"
+    if found := re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", inner):
+        try:
+            choices = list(ast.literal_eval(f"[{found.group(1)}]"))
+        except (ValueError, SyntaxError):
+            return None
+        value = found.group(2)
+        nullable = any("NoneType" in str(link) for link in chain[-3:])
+        allowed = ", ".join([repr(c) for c in choices] + (["null"] if nullable else []))
+        return f"{key}: {value!r} is not one of {allowed}{_did_you_mean(value, [str(c) for c in choices])}"
+    if found := re.match(r"module '([\w.]+)' has no attribute '(\w+)'", inner):
+        module = importlib.import_module(found.group(1))
+        public = [n for n in dir(module) if not n.startswith("_") and isinstance(getattr(module, n), type)]
+        hint = _did_you_mean(found.group(2), public, lambda n: f"{found.group(1)}.{n}")
+        return f"{key}.class_path: {found.group(1)}.{found.group(2)} does not exist{hint}"
+    options = [o for p in parsers for a in p._actions for o in a.option_strings if o.startswith("--")]
+    if found := re.match(r"Subcommand '(\w+)' does not accept option '([^']+)'", inner):
+        name = found.group(2)
+        hint = _did_you_mean(f"--{name}", options, lambda o: o.removeprefix("--"))
+        return f"{name}: no such option of `usclip {found.group(1)}` (a key of a --config file){hint}"
+    if inner.startswith("unrecognized arguments:"):
+        unknown = [w.split("=")[0] for w in inner.split(":", 1)[1].split() if w.startswith("--")]
+        if not unknown:
+            return None
+        hints = [f"{u}{_did_you_mean(u, options, str)}" for u in unknown]
+        return f"unrecognized argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}"
+    if key and inner:
+        return f"{key}: {inner}"
+    return None
 
 
 EPILOG = (

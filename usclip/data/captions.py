@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from usclip.data.coerce import as_dataclass
 from usclip.data.colour import ColourMode, check_colour_mode
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datamodules import BaseDataModule
@@ -266,7 +267,7 @@ class CaptionDataModule(BaseDataModule):
         if sources is not None:
             if not sources:
                 raise ValueError("data.sources is empty; give one or more caption sources, or null")
-            sources = [CaptionSource(**s) if isinstance(s, dict) else s for s in sources]
+            sources = [as_dataclass(s, CaptionSource, f"data.sources[{i}]") for i, s in enumerate(sources)]
             for source in sources:
                 source.check()
             names = [s.name for s in sources]

@@ -31,6 +31,7 @@ from usclip.data.bad_samples import (
     collate_skipping_bad,
 )
 from usclip.data.cache import SampleCache
+from usclip.data.coerce import as_dataclass
 from usclip.data.colour import ColourMode, check_colour_mode
 from usclip.data.crop import CROP_MODES, CropMode
 from usclip.data.datasets import FolderDataset, encode_labels
@@ -57,6 +58,7 @@ from usclip.data.splits import (
     validate_split_files,
     write_splits,
 )
+from usclip.data.synthetic import check_synthetic_root
 from usclip.data.transforms import DEFAULT_AUGMENTATIONS, AugmentationSpec, build_transform
 from usclip.run_dirs import run_dir_of
 
@@ -108,6 +110,22 @@ def resolve_num_workers(requested: int | str, name: str = "data.num_workers") ->
     return requested
 
 
+def check_data_folder(path: str | os.PathLike[str], name: str, alternative: str = "") -> None:
+    """Raise ``FileNotFoundError`` naming ``name`` and the path when ``path`` is not an existing folder.
+
+    Called at construction, so that a mistyped path stops a run before the task is built, not after.
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        return
+    state = "is a file, not a folder" if folder.exists() else "does not exist"
+    where = "" if folder.is_absolute() else f" (from {Path.cwd()})"
+    raise FileNotFoundError(
+        f"{name}={str(path)!r} {state}{where}: give the dataset folder (images/, masks/, labels.csv: see "
+        f"docs/data.md){', ' + alternative if alternative else ''}"
+    )
+
+
 #: the loop that is running -> the split its batches come from
 _SPLIT_OF_STAGE = {
     RunningStage.TRAINING: "train",
@@ -127,12 +145,20 @@ class SyntheticSpec:
         size: side length of the generated images in pixels.
         seed: generator seed (the dataset is a pure function of these fields).
         malignant_fraction: share of malignant lesions.
+        overwrite: replace a synthetic dataset that ``root`` holds with other settings (YAML
+            ``data.init_args.synthetic.overwrite: true``, or ``--data.synthetic.overwrite true``). Files not written
+            by the generator are never replaced.
     """
 
     num_samples: int = 200
     size: int = 256
     seed: int = 0
     malignant_fraction: float = 0.5
+    overwrite: bool = False
+
+
+#: how a user switches ``SyntheticSpec.overwrite`` on, in the words of the config and of the command line
+SYNTHETIC_OVERWRITE = "set data.synthetic.overwrite: true (on the command line: --data.synthetic.overwrite true)"
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -254,8 +280,21 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
         if cache_mb < 0:
             raise ValueError(f"data.cache_mb must be >= 0 (0 switches the memory cache off), got {cache_mb}")
+        if synthetic is not None:
+            synthetic = as_dataclass(synthetic, SyntheticSpec, "data.synthetic")
         if root is None and synthetic is not None:
             raise ValueError("synthetic data needs a root folder to be written to; set data.root")
+        # before the task is built (its weights may take minutes to load): the folders must be there
+        if synthetic is not None:
+            assert root is not None
+            try:
+                check_synthetic_root(root, **asdict(synthetic), how_to_overwrite=SYNTHETIC_OVERWRITE)
+            except FileExistsError as err:
+                raise FileExistsError(f"data.root={str(root)!r}: {err}") from None
+        elif root is not None:
+            check_data_folder(root, "data.root", "or set data.synthetic to generate a synthetic dataset there")
+        if test_root is not None:
+            check_data_folder(test_root, "data.test_root")
         self.save_hyperparameters(ignore=["synthetic"])
         self.root = Path(root) if root is not None else None
         self.groups_csv = Path(groups_csv) if groups_csv is not None else None

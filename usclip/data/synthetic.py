@@ -36,7 +36,7 @@ from usclip._io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LABEL_NAMES", "SyntheticSample", "generate_sample", "write_synthetic_dataset"]
+__all__ = ["LABEL_NAMES", "SyntheticSample", "check_synthetic_root", "generate_sample", "write_synthetic_dataset"]
 
 LABEL_NAMES = ("benign", "malignant")
 _GEOMETRIES = ("sector", "linear", "random")
@@ -550,6 +550,79 @@ def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def _params(num_samples: int, size: int, seed: int, malignant_fraction: float, geometry: str) -> dict[str, object]:
+    """What ``synthetic.json`` records: a dataset is reused only when these match."""
+    return {
+        "generator": "usclip.data.synthetic",
+        "version": _VERSION,
+        "num_samples": int(num_samples),
+        "size": int(size),
+        "seed": int(seed),
+        "malignant_fraction": float(malignant_fraction),
+        "geometry": geometry,
+    }
+
+
+def _root_problem(root: Path, params: dict[str, object], overwrite: bool, how_to_overwrite: str) -> str | None:
+    """Why the dataset ``params`` cannot be written into ``root`` (``how_to_overwrite`` names the switch), or None."""
+    if root.exists() and not root.is_dir():
+        return f"root {root} exists and is not a folder; choose a folder path"
+    if not root.exists() or not any(root.iterdir()) or _is_complete(root, params, int(str(params["num_samples"]))):
+        return None
+    if _read_json(root / _PARTIAL) == params:  # an interrupted run with the same parameters: finished on write
+        return None
+    if not overwrite:
+        found = _read_json(root / "synthetic.json")
+        held = (
+            f"holds a synthetic dataset made with other settings ({_differences(found, params)})"
+            if isinstance(found, dict)
+            else "holds no synthetic dataset"
+        )
+        return (
+            f"{root} is not empty and {held}; {how_to_overwrite} to replace a synthetic dataset, or choose an empty "
+            "or new folder"
+        )
+    for sub in ("images", "masks"):  # overwrite replaces synthetic files only
+        foreign = [p.name for p in (root / sub).glob("*") if not (p.name.startswith("syn_") and p.suffix == ".png")]
+        if foreign:
+            return (
+                f"{root / sub} holds files not written by write_synthetic_dataset ({foreign[:3]}); "
+                "overwrite only replaces synthetic files: move them away or choose another root"
+            )
+    return None
+
+
+def _differences(found: dict[str, object], wanted: dict[str, object]) -> str:
+    keys = [k for k in wanted if found.get(k) != wanted[k]]
+    return ", ".join(f"{k}={found.get(k)!r}, now {wanted[k]!r}" for k in keys) or "incomplete"
+
+
+def check_synthetic_root(
+    root: str | Path,
+    num_samples: int = 200,
+    size: int = 256,
+    seed: int = 0,
+    malignant_fraction: float = 0.5,
+    geometry: Literal["sector", "linear", "random"] = "random",
+    overwrite: bool = False,
+    how_to_overwrite: str = "pass overwrite=True",
+) -> None:
+    """Raise now what :func:`write_synthetic_dataset` would raise for ``root`` (no file is read beyond the folder).
+
+    For callers that write later (``BaseDataModule`` writes in ``prepare_data``) and want the error at construction,
+    with ``how_to_overwrite`` naming their own switch (``set data.synthetic.overwrite: true``).
+
+    Raises:
+        FileExistsError: if ``root`` holds something other than this dataset (``overwrite`` False), or files that
+            ``overwrite`` would not replace.
+    """
+    problem = _root_problem(
+        Path(root), _params(num_samples, size, seed, malignant_fraction, geometry), overwrite, how_to_overwrite
+    )
+    if problem:
+        raise FileExistsError(problem)
+
+
 def write_synthetic_dataset(
     root: str | Path,
     num_samples: int = 200,
@@ -597,27 +670,14 @@ def write_synthetic_dataset(
         raise ValueError(f"geometry must be one of {_GEOMETRIES}, got {geometry!r}")
     _check_seed(seed)
     root = Path(root)
-    params: dict[str, object] = {
-        "generator": "usclip.data.synthetic",
-        "version": _VERSION,
-        "num_samples": int(num_samples),
-        "size": int(size),
-        "seed": int(seed),
-        "malignant_fraction": float(malignant_fraction),
-        "geometry": geometry,
-    }
+    params = _params(num_samples, size, seed, malignant_fraction, geometry)
     if _is_complete(root, params, num_samples):
         log.info("reusing the synthetic dataset in %s (same parameters)", root)
         return root
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"root {root} exists and is not a folder; choose a folder path")
+    problem = _root_problem(root, params, overwrite, "pass overwrite=True")
+    if problem:
+        raise FileExistsError(problem)
     if root.exists() and any(root.iterdir()):
-        ours = _read_json(root / _PARTIAL) == params  # an interrupted run with the same parameters: finish it
-        if not (ours or overwrite):
-            raise FileExistsError(
-                f"{root} is not empty and holds no synthetic dataset with parameters {params}; "
-                "pass overwrite=True to replace a synthetic dataset, or choose an empty or new folder"
-            )
         _clear(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)

@@ -27,6 +27,7 @@ from usclip.callbacks import (
     FiniteLossGuard,
     MidEpochCheckpoint,
     OutOfMemoryAdvice,
+    RunCheckpoint,
     SeedEachEpoch,
     ValidateOnEpochs,
 )
@@ -55,6 +56,58 @@ PRETRAINED_REQUIRED = "<required: an open_clip tag, a weights file, an hf-hub: i
 def _merge_key(p: Prediction) -> str | int:
     """The file id of a segmentation prediction of a DICOM region (merged per file), else a key of its own."""
     return p.region[0] if p.region is not None and p.mask is not None else id(p)
+
+
+#: the settings of Lightning's own ``ModelCheckpoint()`` (added when the Trainer is given none); compared by
+#: :func:`_lightning_default`
+_CHECKPOINT_SETTINGS = (
+    "dirpath",
+    "filename",
+    "monitor",
+    "mode",
+    "save_last",
+    "save_top_k",
+    "save_weights_only",
+    "auto_insert_metric_name",
+    "_every_n_train_steps",
+    "_every_n_epochs",
+    "_train_time_interval",
+    "_save_on_train_epoch_end",
+    "_enable_version_counter",
+)
+
+
+def _settings(callback: ModelCheckpoint) -> tuple[Any, ...]:
+    return tuple(getattr(callback, name, None) for name in _CHECKPOINT_SETTINGS)
+
+
+def _lightning_default(callback: Callback) -> bool:
+    """Whether ``callback`` is the ``ModelCheckpoint()`` Lightning adds itself when the Trainer is given none.
+
+    Lightning does not mark it; it is recognised by its type and settings, so a user's ``ModelCheckpoint()`` with
+    every setting at its default counts as Lightning's (and is replaced by usclip's ``best``/``last`` pair, which
+    write the same last checkpoint and more).
+    """
+    return type(callback) is ModelCheckpoint and _settings(callback) == _settings(ModelCheckpoint())
+
+
+def _own(callback: Callback) -> Callback:
+    """Mark ``callback`` as added by :meth:`BaseTask.configure_callbacks` (not passed by the user)."""
+    callback.__dict__["_usclip_own"] = True
+    return callback
+
+
+def _is_own(callback: Callback) -> bool:
+    return bool(callback.__dict__.get("_usclip_own"))
+
+
+def early_stopping_conflict(patience: int, passed: str) -> str:
+    """The message for early stopping set twice: ``early_stopping_patience`` and an ``EarlyStopping`` callback."""
+    return (
+        f"early stopping is set twice: model early_stopping_patience={patience} and the callback {passed} in the "
+        "Trainer's callbacks (trainer.callbacks). Keep one: set early_stopping_patience to null (--model.init_args."
+        "early_stopping_patience null) to use your callback, or drop your callback"
+    )
 
 
 class BaseTask(L.LightningModule):
@@ -334,13 +387,20 @@ class BaseTask(L.LightningModule):
         ``checkpoint_every_n_steps`` steps / ``checkpoint_every_minutes`` minutes and on SLURM's preemption signal.
         The guards (``usclip.callbacks``): per-epoch and per-batch reseeding for bit-exact resumes, a stop at the first
         non-finite training loss, advice on out-of-memory errors, and checkpoints written atomically.
+
+        Callbacks passed to the Trainer are kept (Lightning alone would replace every one of a type returned here;
+        docs/reliability.md, "Callbacks you pass"): a ``ModelCheckpoint`` of the user's writes its files beside
+        usclip's ``best.ckpt`` and ``last.ckpt`` (which ``usclip test``, ``load_task(run_dir)`` and ``--ckpt_path
+        last`` read), and an ``EarlyStopping`` of the user's is the run's early stopping.
+
+        Raises:
+            ValueError: if the Trainer has an ``EarlyStopping`` and ``early_stopping_patience`` is set too.
         """
-        callbacks: list[Callback] = [
-            SeedEachEpoch(),
-            FiniteLossGuard(),
-            OutOfMemoryAdvice(),
-            AtomicCheckpoints(),
-            ModelCheckpoint(
+        trainer = self._trainer
+        given: list[Callback] = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
+        passed = [c for c in given if not _is_own(c)]
+        checkpoints: list[Callback] = [
+            RunCheckpoint(
                 monitor=self.monitor,
                 mode=self.monitor_mode,
                 filename="best",
@@ -350,27 +410,44 @@ class BaseTask(L.LightningModule):
             # writes it together with a new best, which would make a resumed run redo epochs. With validate_every,
             # at the end of every training epoch (after its validation, if any), also those without validation,
             # where Lightning would otherwise wait for a validation end that does not come
-            ModelCheckpoint(
+            RunCheckpoint(
                 filename="last",
                 enable_version_counter=False,
                 save_on_train_epoch_end=True if self.hparams.get("validate_every") is not None else None,
             ),
-            # the same last.ckpt in the middle of epochs (steps, minutes) and on SLURM's preemption signal
+        ]
+        for callback in checkpoints:
+            _own(callback)
+        callbacks: list[Callback] = [SeedEachEpoch(), FiniteLossGuard(), OutOfMemoryAdvice(), AtomicCheckpoints()]
+        if trainer is not None and any(isinstance(c, ModelCheckpoint) and not _lightning_default(c) for c in passed):
+            # the user's ModelCheckpoint stays: usclip's go into the Trainer's list beside it (returned from here,
+            # they would replace it). Those of an earlier fit/test with this Trainer are replaced, not repeated
+            trainer.callbacks = [c for c in given if not _is_own(c)] + checkpoints  # type: ignore[attr-defined]
+        else:  # Lightning's default ModelCheckpoint (or none): usclip's replace it
+            callbacks += checkpoints
+        # the same last.ckpt in the middle of epochs (steps, minutes) and on SLURM's preemption signal
+        callbacks.append(
             MidEpochCheckpoint(
                 self.hparams.get("checkpoint_every_n_steps"), self.hparams.get("checkpoint_every_minutes")
-            ),
-        ]
+            )
+        )
         if self.hparams.get("validate_every") is not None:
             callbacks.append(ValidateOnEpochs(self.hparams["validate_every"], self.hparams["validate_last_epoch"]))
-        if self.hparams["early_stopping_patience"] is not None:
+        patience = self.hparams["early_stopping_patience"]
+        if patience is not None:
+            theirs = [c for c in passed if isinstance(c, EarlyStopping)]
+            if theirs:
+                raise ValueError(early_stopping_conflict(patience, type(theirs[0]).__name__))
             callbacks.append(
-                EarlyStopping(
-                    monitor=self.monitor,
-                    mode=self.monitor_mode,
-                    patience=self.hparams["early_stopping_patience"],
-                    # after each validation, never at a training epoch end: with validate_every (or
-                    # check_val_every_n_epoch > 1) an epoch without validation would count, with stale metrics
-                    check_on_train_epoch_end=False,
+                _own(
+                    EarlyStopping(
+                        monitor=self.monitor,
+                        mode=self.monitor_mode,
+                        patience=patience,
+                        # after each validation, never at a training epoch end: with validate_every (or
+                        # check_val_every_n_epoch > 1) an epoch without validation would count, with stale metrics
+                        check_on_train_epoch_end=False,
+                    )
                 )
             )
         return callbacks
