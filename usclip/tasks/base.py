@@ -233,7 +233,8 @@ class BaseTask(L.LightningModule):
         self.save_hyperparameters()
         #: what the data pipeline does to an image before the network (crop, size, colour, DICOM regions): the
         #: DataModule's, copied at setup and stored in every checkpoint; the defaults for a task built in Python
-        self.preprocessing = Preprocessing(image_size=(image_size, image_size))
+        side = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.preprocessing = Preprocessing(image_size=side)
         #: class names in index order (the DataModule's ``label_names``, stored in checkpoints); ``None``: unknown
         self.label_names: list[str] | None = None
         #: the :class:`CLIPEncoder` arguments among the hyperparameters
