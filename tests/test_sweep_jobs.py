@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -378,3 +379,44 @@ def test_jobs_2_gives_the_metrics_of_jobs_1_on_the_cpu(tmp_path, capsys):
     assert len(one) == 2
     for a, b in zip(one, two, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.relative_to(tmp_path / "jobs1")
+
+
+def test_sigterm_stops_the_running_usclip_processes_of_every_job(tmp_path, monkeypatch):
+    # the real subprocess path with --jobs 2: `usclip` replaced by a Python that records its pid and sleeps
+    runs, plan = _setup(tmp_path)
+    hang = "import os, pathlib, time; pathlib.Path(f'started-{os.getpid()}').write_text(''); time.sleep(60)"
+    monkeypatch.setattr(sweep_module, "_USCLIP", [sys.executable, "-c", hang])
+    plain = [r for r in runs if r.key in (M, N)]
+    child = FORK.Process(target=_sweep_in_child, args=(plain, plan, 2, tmp_path / "out.json"))
+    child.start()
+    deadline = time.monotonic() + 20
+    while len(list(tmp_path.glob("started-*"))) < 2:
+        assert child.is_alive() and time.monotonic() < deadline
+        time.sleep(0.02)
+    pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")]
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(timeout=20)
+    assert child.exitcode == 143
+    for pid in pids:  # terminated and reaped by the sweep
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    for run in plain:
+        assert not (plan.run_dir(run) / LOCK_NAME).exists()
+        assert run_status(run, plan) is RunStatus.INTERRUPTED
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--jobs", "0"], "--jobs expects a whole number of runs at a time, at least 1; got '0'"),
+        (["--devices", ","], "--devices expects device ids like '0,1', got ','"),
+        (["--jobs", "2", "--in-process"], "--in-process runs one run at a time: drop --jobs and --devices"),
+        (["--lock-stale-after", "0"], "--lock-stale-after expects a positive number of seconds, got 0.0"),
+    ],
+)
+def test_sweep_options_reject_bad_values_naming_them(tmp_path, capsys, args, message):
+    from usclip.commands.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "m.yaml"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -341,6 +341,10 @@ _CHILDREN_LOCK = threading.Lock()
 _STOPPING = threading.Event()
 
 
+#: how a subprocess runs ``usclip`` (tests replace it with a stand-in)
+_USCLIP = [sys.executable, "-m", "usclip"]
+
+
 def _run_subprocess(argv: list[str], log_file: Path, cwd: Path, device: str | None = None) -> int:
     env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
     with log_file.open("a", encoding="utf-8") as handle:
@@ -348,9 +352,7 @@ def _run_subprocess(argv: list[str], log_file: Path, cwd: Path, device: str | No
         with _CHILDREN_LOCK:
             if _STOPPING.is_set():
                 raise SweepInterruptedError("stopping")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "usclip", *argv], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env
-            )
+            proc = subprocess.Popen([*_USCLIP, *argv], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
             _CHILDREN.add(proc)
         try:
             return proc.wait()
