@@ -85,8 +85,8 @@ def fake_usclip(argv: list[str], log_file: Path, cwd: Path, device: str | None =
         (runs_root.parent / "hung").write_text(str(os.getpid()))
         time.sleep(60)  # killed here
     time.sleep(todo.get("sleep", 0.0))
-    if key in todo.get("fail", []):
-        status = 1
+    if key in todo.get("fail", []) or key in todo.get("exit", {}):
+        status = todo.get("exit", {}).get(key, 1)
     elif argv[0] == "fit":
         (run_dir / "checkpoints" / "best.ckpt").write_text(key)
         if key.startswith("captions/"):
@@ -420,3 +420,27 @@ def test_sweep_options_reject_bad_values_naming_them(tmp_path, capsys, args, mes
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "m.yaml"), *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_incarnations_lock(tmp_path, monkeypatch, fake):
+    runs, plan = _setup(tmp_path)
+    m = next(r for r in runs if r.key == M)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    # the first incarnation: its fit was requeued (exit 75, usclip.callbacks.EXIT_REQUEUED)
+    (tmp_path / "fake.json").write_text(json.dumps({"exit": {M: 75}}))
+    with pytest.raises(RunFailedError, match="exited with status 75"):
+        run_sweep([m], plan, echo=_quiet)
+    assert run_status(m, plan) is RunStatus.INTERRUPTED  # not "failed": it resumes
+    # ... and was killed on another node, its lock fresh
+    body = {"host": "node-a", "pid": 1, "started": "T", "token": "x", "slurm_job": "77_3", "slurm_restart": 0}
+    (plan.run_dir(m) / LOCK_NAME).write_text(json.dumps(body))
+    assert run_status(m, plan) is RunStatus.LOCKED  # the same job, not yet restarted: alive as far as we know
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert run_status(m, plan) is RunStatus.INTERRUPTED
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")  # another task of the array: not its lock
+    assert run_status(m, plan) is RunStatus.LOCKED
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    (tmp_path / "fake.json").write_text("{}")
+    assert run_sweep([m], plan, echo=_quiet)["ran"] == [M]
+    assert [(c["command"], c["resumed"]) for c in _calls(tmp_path)] == [("fit", False), ("fit", True), ("test", False)]

@@ -13,6 +13,8 @@ A lock is **stale**, and the next sweep takes it over with a warning, when
 - its host is another host and the file was not refreshed for ``stale_after`` seconds (600 by default:
   ``usclip sweep --lock-stale-after``; a live holder refreshes it every ``stale_after / 4`` s, so only a dead or
   frozen one gets there), or
+- it was written by an earlier incarnation of this very SLURM job (same job or array task id, a lower
+  ``SLURM_RESTART_COUNT``): a requeued job, perhaps on another node, whose first incarnation was killed, or
 - it cannot be read (a holder killed between creating and writing it) and is older than :data:`UNREADABLE_GRACE_S`.
 
 A pid reused by an unrelated process after a reboot keeps a same-host lock until that process ends; delete the
@@ -73,6 +75,8 @@ class LockInfo:
         started: when the holder took the lock (ISO 8601, UTC).
         token: a random string that tells two holders with the same host and pid apart.
         age_s: seconds since the file was last refreshed (its modification time).
+        slurm_job: the holder's SLURM job (``<array job>_<task>`` or the job id), ``None`` outside SLURM.
+        slurm_restart: the holder's ``SLURM_RESTART_COUNT`` (0 for a job's first incarnation).
     """
 
     host: str
@@ -80,10 +84,23 @@ class LockInfo:
     started: str
     token: str
     age_s: float
+    slurm_job: str | None = None
+    slurm_restart: int = 0
 
     def describe(self) -> str:
         """``host pid N since TIME`` for messages."""
         return f"{self.host} pid {self.pid} since {self.started}"
+
+
+def _slurm_job() -> tuple[str | None, int]:
+    """This process's SLURM job and restart count (as ``usclip.callbacks``, which imports Lightning)."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if array else os.environ.get("SLURM_JOB_ID")
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        restart = 0
+    return job or None, restart
 
 
 def _pid_alive(pid: int) -> bool:
@@ -102,7 +119,16 @@ def read_lock(path: str | os.PathLike[str]) -> LockInfo | None:
     try:
         age = time.time() - path.stat().st_mtime
         data = json.loads(path.read_text(encoding="utf-8"))
-        return LockInfo(str(data["host"]), int(data["pid"]), str(data["started"]), str(data["token"]), age)
+        job = data.get("slurm_job")
+        return LockInfo(
+            str(data["host"]),
+            int(data["pid"]),
+            str(data["started"]),
+            str(data["token"]),
+            age,
+            None if job is None else str(job),
+            int(data.get("slurm_restart", 0)),
+        )
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -117,6 +143,9 @@ def is_stale(info: LockInfo, stale_after: float = DEFAULT_STALE_AFTER_S) -> bool
     """Whether the lock's holder is gone: dead pid on this host, or no refresh for ``stale_after`` s elsewhere."""
     if info.pid == -1:
         return info.age_s > UNREADABLE_GRACE_S
+    job, restart = _slurm_job()
+    if info.slurm_job is not None and info.slurm_job == job and info.slurm_restart < restart:
+        return True  # an earlier incarnation of this requeued job
     if info.host == socket.gethostname():
         return not _pid_alive(info.pid)
     return info.age_s > stale_after
@@ -149,7 +178,10 @@ class RunLock:
         except FileExistsError:
             return False
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        job, restart = _slurm_job()
         body = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "token": token}
+        if job is not None:
+            body |= {"slurm_job": job, "slurm_restart": restart}
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(body) + "\n")
             handle.flush()

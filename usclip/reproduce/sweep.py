@@ -341,6 +341,8 @@ _CHILDREN_LOCK = threading.Lock()
 _STOPPING = threading.Event()
 
 
+#: the exit status of a ``fit`` that SLURM requeued (``usclip.callbacks.EXIT_REQUEUED``; not imported: Lightning)
+_EXIT_REQUEUED = 75
 #: how a subprocess runs ``usclip`` (tests replace it with a stand-in)
 _USCLIP = [sys.executable, "-m", "usclip"]
 
@@ -426,7 +428,8 @@ def execute_run(run: Run, plan: SweepPlan, in_process: bool = False, device: str
         if status != 0:
             if _STOPPING.is_set():
                 raise SweepInterruptedError(f"{run.key}: stopped")
-            _write_progress(run_dir, i, {"command": argv[0], "status": status, "at": stamp})
+            if status != _EXIT_REQUEUED:  # requeued by SLURM: interrupted (resumes), not failed
+                _write_progress(run_dir, i, {"command": argv[0], "status": status, "at": stamp})
             raise RunFailedError(
                 f"run {run.key} ({run.method}, {run.dataset}, seed {run.seed}) failed: `usclip {argv[0]}` exited with "
                 f"status {status}; see {log_file}"
