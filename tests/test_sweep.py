@@ -441,7 +441,7 @@ def test_sweep_records_the_protocol_for_the_report_and_slurm_tasks_keep_it(tmp_p
     for name in ("g", "a", "m", "m_theirs", "tune", "tune_theirs", "z"):  # the config files it names
         (tmp_path / f"{name}.yaml").write_text("{}\n")
 
-    def fake_usclip(argv, log_file, cwd):
+    def fake_usclip(argv, log_file, cwd, device=None):
         if argv[0] == "test":
             out = Path(argv[argv.index("--trainer.logger.init_args.save_dir") + 1])
             run_dir = out / argv[argv.index("--trainer.logger.init_args.name") + 1] / "seed_1"

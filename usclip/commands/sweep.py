@@ -18,6 +18,7 @@ from usclip.reproduce import (
     ManifestError,
     Run,
     RunFailedError,
+    SweepInterruptedError,
     SweepPlan,
     default_protocol,
     dry_run_lines,
@@ -42,6 +43,23 @@ def _seeds(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds needs at least one seed")
     return seeds
+
+
+def _jobs(text: str) -> int:
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"--jobs expects a whole number of runs at a time, at least 1; got {text!r}")
+    return jobs
+
+
+def _devices(text: str) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError(f"--devices expects device ids like '0,1', got {text!r}")
+    return devices
 
 
 def chosen_protocols(manifest: dict[str, Any], value: str | None) -> list[str | None]:
@@ -99,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--in-process", action="store_true", help="run the usclip commands in this process (no subprocess per command)"
     )
+    parser.add_argument(
+        "--jobs", type=_jobs, default=1, metavar="N", help="runs at a time, each in its own processes (1)"
+    )
+    parser.add_argument(
+        "--devices",
+        type=_devices,
+        metavar="IDS",
+        help="GPU ids to spread the runs over, round-robin by job slot (CUDA_VISIBLE_DEVICES per run), e.g. '0,1'",
+    )
+    parser.add_argument(
+        "--lock-stale-after",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds after which another host's run lock that was not refreshed is taken over (600); a lock of a "
+        "dead process on this host is taken over at once",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="also print the library's log messages")
     return parser
 
@@ -108,6 +143,10 @@ def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.in_process and (args.jobs > 1 or args.devices):
+        parser.error("--in-process runs one run at a time: drop --jobs and --devices, or --in-process")
+    if args.lock_stale_after <= 0:
+        parser.error(f"--lock-stale-after expects a positive number of seconds, got {args.lock_stale_after}")
     if args.launcher == "slurm" and args.slurm_out is None:
         parser.error("--launcher slurm needs --slurm-out DIR (the scripts are written there, never submitted)")
     try:
@@ -143,12 +182,28 @@ def main(argv: Sequence[str]) -> int:
                 print(f"wrote {path}")
             print(f"submit with: bash {files[-1]}")
             return 0
-        outcome = run_sweep(ordered, plan, args.in_process, known={r.key: r for r in runs})
+        outcome = run_sweep(
+            ordered,
+            plan,
+            args.in_process,
+            known={r.key: r for r in runs},
+            jobs=args.jobs,
+            devices=args.devices,
+            stale_after=args.lock_stale_after,
+        )
     except (FileNotFoundError, ManifestError) as err:
         print(f"usclip sweep: {err}", file=sys.stderr)
         return 2
     except RunFailedError as err:
+        if err.outcome:
+            print(", ".join(f"{k}: {len(v)}" for k, v in err.outcome.items()))
         print(f"usclip sweep: {err}", file=sys.stderr)
         return 1
+    except SweepInterruptedError:
+        print(
+            "usclip sweep: stopped (SIGTERM): running commands ended, locks released; run it again to go on",
+            file=sys.stderr,
+        )
+        return 143
     print(", ".join(f"{k}: {len(v)}" for k, v in outcome.items()))
     return 0

@@ -3,6 +3,7 @@
 See docs/reproduce.md for the datasets, the commands and the time each experiment takes.
 """
 
+from usclip.reproduce.locks import LockHeldError, RunLock
 from usclip.reproduce.manifest import (
     PAPER_MANIFEST,
     ManifestError,
@@ -18,24 +19,33 @@ from usclip.reproduce.manifest import (
 )
 from usclip.reproduce.sweep import (
     RunFailedError,
+    RunStatus,
+    SweepInterruptedError,
     SweepPlan,
     build_commands,
+    describe_status,
     dry_run_lines,
     execute_run,
     is_done,
     missing_configs,
+    run_status,
     run_sweep,
     write_slurm_scripts,
 )
 
 __all__ = [
     "PAPER_MANIFEST",
+    "LockHeldError",
     "ManifestError",
     "Run",
     "RunFailedError",
+    "RunLock",
+    "RunStatus",
+    "SweepInterruptedError",
     "SweepPlan",
     "build_commands",
     "default_protocol",
+    "describe_status",
     "dry_run_lines",
     "execute_run",
     "expand_runs",
@@ -45,6 +55,7 @@ __all__ = [
     "missing_configs",
     "order_runs",
     "protocol_names",
+    "run_status",
     "run_sweep",
     "select_runs",
     "slugify",
