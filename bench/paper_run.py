@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def paper_configs(protocol: str) -> list[str]:
     """The ``--config`` files the sweep passes for :data:`CELL` under ``protocol`` (packaged manifest)."""
-    from usclip.reproduce.manifest import expand_runs, load_manifest
     from usclip.packaged_configs import resolve_config
+    from usclip.reproduce.manifest import expand_runs, load_manifest
 
     manifest = load_manifest(REPO / "usclip" / "reproduce" / "paper.yaml")
     for run in expand_runs(manifest, protocol=protocol):

@@ -116,9 +116,9 @@ def test_paper_run_tiny_one_epoch_through_the_cli(tmp_path):
     """The whole benchmark: ``usclip fit`` then ``usclip test`` in processes of their own, one epoch, tiny model."""
     bench = _bench()
     out = tmp_path / "run.json"
+    tiny = ["--model", "tiny", "--epochs", "1", "--images", "40", "--image-px", "96", "--precision", "32-true"]
     result = bench.main(
-        ["--model", "tiny", "--epochs", "1", "--images", "40", "--image-px", "96", "--precision", "32-true"]
-        + ["--accelerator", "cpu", "--num-workers", "0", "--out", str(out), "--loader-workers", "0"]
+        [*tiny, "--accelerator", "cpu", "--num-workers", "0", "--out", str(out), "--loader-workers", "0"]
     )
     assert json.loads(out.read_text()) == result
     _check_partition(result["phases_s"], result["wall_s"], bench.PHASES)

@@ -69,5 +69,5 @@ def test_deferred_update_does_not_wait_on_the_device_and_flushes_at_the_budget()
 
 def test_tasks_defer_and_bad_budget_is_refused():
     assert DEFER_METRICS_MB > 0
-    with pytest.raises(ValueError, match="`defer_mb` must be >= 0 megabytes .* got -1"):
+    with pytest.raises(ValueError, match=r"`defer_mb` must be >= 0 megabytes \(0: no deferral\), got -1"):
         SegmentationMetrics(defer_mb=-1)
