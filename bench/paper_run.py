@@ -122,7 +122,9 @@ def overlay(args: argparse.Namespace, root: Path, epochs: int) -> dict[str, Any]
     }
     if args.precision is not None:
         trainer["precision"] = args.precision
-    model: dict[str, Any] = {"pretrained": None}
+    # random weights, but checkpoints without the frozen backbone, as a pretrained run writes them (the test
+    # process rebuilds the same random backbone from the seed, which the checkpoint's fingerprint checks)
+    model: dict[str, Any] = {"pretrained": None, "save_frozen_backbone": False}
     data: dict[str, Any] = {"root": str(root)}
     if args.model == "tiny":
         model |= TINY
