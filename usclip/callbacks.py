@@ -49,12 +49,14 @@ __all__ = [
     "EXIT_REQUEUED",
     "OUT_OF_MEMORY_ADVICE",
     "SLURM_MARKER",
+    "TIMED_PHASES",
     "AtomicCheckpointIO",
     "AtomicCheckpoints",
     "FiniteLossGuard",
     "MidEpochCheckpoint",
     "NonFiniteLossError",
     "OutOfMemoryAdvice",
+    "PhaseTimer",
     "RunCheckpoint",
     "SeedEachEpoch",
     "ValidateOnEpochs",
@@ -502,3 +504,130 @@ class ValidateOnEpochs(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply(trainer)
+
+
+#: phases :class:`PhaseTimer` records as (begin, end) pairs; nested phases take the time from the enclosing one
+TIMED_PHASES = ("epoch", "train_step", "validation", "checkpoint", "test")
+
+
+class PhaseTimer(Callback):
+    """Timestamps of a run's phases, written as JSON beside the run (``bench/paper_run.py`` splits the wall time).
+
+    Records wall-clock times (``time.time()``, comparable across processes) of: the callback's ``setup`` and
+    ``teardown``, each training epoch (``epoch``), each training batch from ``on_train_batch_start`` to
+    ``on_train_batch_end`` (``train_step``: forward, backward, optimiser step), each validation loop, sanity check
+    included (``validation``), each checkpoint write (``checkpoint``: ``trainer.save_checkpoint`` wrapped, so the
+    time to serialise and write the file is counted, not only the ``on_save_checkpoint`` hook) and the test loop
+    (``test``). Time inside an epoch that no batch, validation or checkpoint covers is time spent waiting on the
+    data loader (and loop bookkeeping). Nothing is timed on the device: without ``synchronize`` a CUDA step's
+    end is when the host queued its last kernel.
+
+    Written at ``teardown`` to ``path``, or ``<run dir>/results/phases_<stage>.json`` (``stage``: ``fit``,
+    ``test``, ...), as ``{"stage", "events": [[name, "begin"|"end"|"mark", time], ...], "batch_sizes": {...}}``.
+    Add it on the command line with ``--trainer.callbacks+=usclip.callbacks.PhaseTimer``.
+
+    Args:
+        path: where to write the JSON; ``None`` writes beside the run as above.
+        synchronize: wait for the CUDA device at the end of each timed phase, so that the split reflects device
+            time (costs a host synchronisation per batch; off by default).
+    """
+
+    def __init__(self, path: str | None = None, synchronize: bool = False) -> None:
+        self.path = path
+        self.synchronize = synchronize
+        self.events: list[tuple[str, str, float]] = []
+        self.train_images = 0
+        self.validation_images = 0
+        self._unwrap: Any = None
+
+    def _add(self, name: str, kind: str) -> None:
+        if kind == "end" and self.synchronize and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.events.append((name, kind, time.time()))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self.events = []
+        self._add("setup", "mark")
+        original = trainer.save_checkpoint
+
+        def save_checkpoint(*args: Any, **kwargs: Any) -> None:
+            self._add("checkpoint", "begin")
+            try:
+                original(*args, **kwargs)
+            finally:
+                self._add("checkpoint", "end")
+
+        trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+        self._unwrap = (trainer, original)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._add("epoch", "begin")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._add("epoch", "end")
+
+    def on_train_batch_start(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._add("train_step", "begin")
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._add("train_step", "end")
+        self.train_images += _batch_len(batch)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._add("validation", "begin")
+
+    def on_validation_batch_end(  # noqa: D102
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.validation_images += _batch_len(batch)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._add("validation", "end")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._add("test", "begin")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._add("test", "end")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Restore ``trainer.save_checkpoint`` and write the events (rank zero only)."""
+        self._add("teardown", "mark")
+        if self._unwrap is not None:
+            self._unwrap[0].save_checkpoint = self._unwrap[1]
+            self._unwrap = None
+        if not trainer.is_global_zero:
+            return
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn enum ("fit", "test")
+        if self.path is not None:
+            path = Path(self.path)
+        else:
+            run = run_dir_of(trainer)
+            if run is None:
+                log.warning("PhaseTimer: the run has no folder and no path was given; nothing written")
+                return
+            path = run / "results" / f"phases_{stage}.json"
+        summary = {
+            "stage": stage,
+            "pid": os.getpid(),
+            "events": [list(e) for e in self.events],
+            "train_images": self.train_images,
+            "validation_images": self.validation_images,
+        }
+        write_text_atomic(path, json.dumps(summary) + "\n")
+
+
+def _batch_len(batch: Any) -> int:
+    """Number of samples of a batch dict (its ``image`` tensor), 0 when unknown."""
+    image = batch.get("image") if isinstance(batch, dict) else None
+    return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0

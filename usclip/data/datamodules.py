@@ -196,8 +196,10 @@ class BaseDataModule(L.LightningDataModule):
         crop: ``auto`` crops each image to its detected scan area (DICOM: the file's ultrasound region),
             ``boxes`` to the boxes in ``boxes.csv`` (``id,x0,y0,x1,y1``), ``none`` keeps the whole image.
             Samples carry ``crop_box`` so that predictions map back to the original image.
-        cache_mb: memory budget (MB) of each worker's cache of decoded and cropped images; 0 switches it off.
-        cache_dir: also cache decoded and cropped images as ``.npz`` files here (shared by workers and runs).
+        cache_mb: memory budget (MB) of each worker's cache of decoded, cropped and resized images (uint8 at
+            ``image_size``, keyed by file, crop, colour and size); 0 switches it off.
+        cache_dir: also cache decoded, cropped and resized images as ``.npz`` files here (shared by workers and
+            runs).
         groups_csv: read the groups (``id,group``) from this file instead of ``<root>/groups.csv``: for a
             read-only dataset folder, write them elsewhere with ``usclip data duplicates ROOT --output PATH``.
             Nothing is ever written into ``root`` (split files go to ``<run dir>/splits``), except the synthetic
@@ -524,6 +526,7 @@ class BaseDataModule(L.LightningDataModule):
             max_image_pixels=self.max_image_pixels,
             colour=self.colour,
             regions=self.regions,
+            resize=(self.image_size, self.image_size),
         )
 
     def _dataset(self, split: str) -> Dataset:

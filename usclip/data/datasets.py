@@ -53,6 +53,7 @@ from usclip.data.imageio import (
     read_mask,
 )
 from usclip.data.layouts import IMAGE_SUFFIXES, DatasetIndex, expand_regions, index_folder, list_images, read_csv_column
+from usclip.data.transforms import RESIZE_INTERPOLATION, build_resize
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ __all__ = [
     "load_grayscale",
     "make_sample",
     "read_csv_column",
+    "resize_decoded",
 ]
 
 
@@ -273,6 +275,12 @@ class FolderDataset(Dataset):
             largest region (warning once per file about the others), ``all`` serves each region as a sample (ids
             ``<stem>@r0`` ...; needs ``crop="auto"``), ``error`` refuses such files. A given ``index`` is used as
             it is: expand it with :func:`usclip.data.layouts.expand_regions` first.
+        resize: ``(height, width)``: with a ``cache``, each crop is resized once
+            (:func:`usclip.data.transforms.build_resize`, the first step of ``transform``, which then leaves it
+            unchanged) and the resized uint8 arrays are cached instead of the crop: decoding, cropping and resizing
+            run once per sample and run, and a cached sample takes ``height x width`` bytes (plus its mask) rather
+            than the crop's. The key holds the size and the interpolation, as it holds the file, crop and colour
+            settings, so another size never reads a stale entry. ``None`` (or no cache) caches the crop.
 
     Raises:
         FileNotFoundError: if an id has no image or (``with_masks``) no mask, naming the ids and folder.
@@ -296,6 +304,7 @@ class FolderDataset(Dataset):
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         colour: ColourMode = "keep",
         regions: RegionsMode = "largest",
+        resize: tuple[int, int] | None = None,
     ) -> None:
         if crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
@@ -347,6 +356,9 @@ class FolderDataset(Dataset):
         self.transform = transform
         self.crop: CropMode = crop
         self.cache = cache
+        if resize is not None and (len(resize) != 2 or min(resize) < 1):
+            raise ValueError(f"resize must be (height, width) in pixels >= 1, got {resize!r}")
+        self.resize = None if resize is None else (int(resize[0]), int(resize[1]))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -357,6 +369,15 @@ class FolderDataset(Dataset):
 
     def decoded(self, index: int) -> DecodedSample:
         """The decoded and cropped arrays of sample ``index`` (from the cache when there is one)."""
+        return self._cached(index, None)
+
+    def prepared(self, index: int) -> DecodedSample:
+        """What ``transform`` starts from: the crop, or with ``resize`` and a cache the resized crop (cached)."""
+        size = getattr(self, "resize", None)  # datasets pickled before the option
+        return self._cached(index, size if self.cache is not None else None)
+
+    def _cached(self, index: int, size: tuple[int, int] | None) -> DecodedSample:
+        """Sample ``index`` decoded and cropped, then resized to ``size`` when given, through the cache."""
         image_path = self.image_paths[index]
         masks = self.mask_paths[index] if self.mask_paths is not None else None
         box = self.index.boxes.get(self.ids[index]) if self.crop == "boxes" else None
@@ -368,11 +389,16 @@ class FolderDataset(Dataset):
         regions: RegionsMode = getattr(self, "regions", "largest")
 
         def load() -> DecodedSample:
-            return decode_sample(image_path, masks, self.crop, box, max_pixels, colour, regions, region)
+            d = decode_sample(image_path, masks, self.crop, box, max_pixels, colour, regions, region)
+            return d if size is None else resize_decoded(d, size)
 
         if self.cache is None:
             return load()
-        extra = (self.crop, box, colour) if region is None else (self.crop, box, colour, f"region {region}")
+        extra: tuple[object, ...] = (self.crop, box, colour)
+        if region is not None:
+            extra += (f"region {region}",)
+        if size is not None:
+            extra += ("resized", size, RESIZE_INTERPOLATION)
         return self.cache.get(file_key([image_path, *(masks or ())], *extra), load)
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
@@ -384,7 +410,7 @@ class FolderDataset(Dataset):
             BadSampleError: when its image or mask cannot be read and ``on_bad_sample="raise"`` (names the file).
         """
         try:
-            d = self.decoded(index)
+            d = self.prepared(index)
         except BAD_FILE_ERRORS as err:  # read failures only: a transform error below is a bug, not a bad file
             path = str(self.image_paths[index])
             if getattr(self, "on_bad_sample", "raise") == "raise":
@@ -395,6 +421,26 @@ class FolderDataset(Dataset):
         if self.labels is not None:
             sample["label"] = torch.tensor(self.labels[self.ids[index]], dtype=torch.long)
         return sample
+
+
+def resize_decoded(d: DecodedSample, size: tuple[int, int]) -> DecodedSample:
+    """``d`` with its image and mask resized to ``size`` = ``(height, width)``.
+
+    By :func:`usclip.data.transforms.build_resize` (area / nearest), the first step of every pipeline; the box,
+    the original size and the spacing are unchanged.
+    """
+    arrays: dict[str, np.ndarray] = {"image": d.image}
+    if d.mask is not None:
+        arrays["mask"] = d.mask
+    out = build_resize(size)(**arrays)
+    mask = out.get("mask")
+    return DecodedSample(
+        image=np.ascontiguousarray(out["image"]),
+        mask=None if mask is None else np.ascontiguousarray(mask),
+        box=d.box,
+        orig_size=d.orig_size,
+        spacing=d.spacing,
+    )
 
 
 def make_sample(

@@ -130,6 +130,20 @@ def build_augmentations(
     return transforms
 
 
+#: how :func:`build_resize` interpolates images and masks (part of the keys of cached resized images)
+RESIZE_INTERPOLATION = ("area", "nearest")
+
+
+def build_resize(image_size: int | tuple[int, int]) -> A.Resize:
+    """The resize step of every pipeline: area interpolation for images, nearest for masks.
+
+    :func:`build_transform` starts with it, and ``usclip.data.datasets.FolderDataset`` applies the same step
+    before caching resized crops (the pipeline's own resize then leaves them as they are).
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return A.Resize(height, width, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)
+
+
 def build_transform(
     image_size: int | tuple[int, int],
     augmentations: AugmentationSpec | Mapping[str, Any] | None = None,
@@ -146,8 +160,6 @@ def build_transform(
         A :class:`SeededCompose` (one random stream shared by all transforms).
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    steps: list[A.BasicTransform | A.BaseCompose] = [
-        A.Resize(height, width, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)
-    ]
+    steps: list[A.BasicTransform | A.BaseCompose] = [build_resize((height, width))]
     steps += build_augmentations(augmentations, (height, width))
     return SeededCompose(steps, seed=seed)

@@ -67,6 +67,7 @@ class SegmentationMetrics(Metric):
         protocol: MetricProtocol = "strict",
         percentile: float = 95.0,
         symmetric: bool | None = None,
+        defer_mb: float = 0.0,
         **kwargs: Any,
     ) -> None:
         """Create the metric.
@@ -81,6 +82,12 @@ class SegmentationMetrics(Metric):
             percentile: percentile of the Hausdorff distance (95 for HD95).
             symmetric: ASD over both boundaries (MONAI's ``symmetric=True``) or prediction to target only;
                 ``None`` takes the protocol's (strict: symmetric, authors: directed).
+            defer_mb: keep up to this many megabytes of masks (on their device) and compute their values in one
+                go when the budget is full, at :meth:`compute`, :meth:`per_image`, a synchronisation or
+                :meth:`sync`; 0 (default) computes each batch at ``update``. HD95 and ASD size their work from
+                the boundary lengths, which waits on the device once per computation: deferring turns one host
+                synchronisation per validation batch into one per validation (the tasks use it). The values are
+                the same (the distances are exact integer arithmetic per image).
             **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
         Raises:
@@ -101,6 +108,11 @@ class SegmentationMetrics(Metric):
             self._warn_spacing_ignored(spacing)
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"`percentile` must be in [0, 100], got {percentile}.")
+        if not defer_mb >= 0.0:
+            raise ValueError(f"`defer_mb` must be >= 0 megabytes (0: no deferral), got {defer_mb}.")
+        self.defer_bytes = int(defer_mb * 2**20)
+        #: masks kept for a later computation: (preds, target, index) bool/bool/long batches of one H x W
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self.include: tuple[SegmentationMetricName, ...] = include
         self.spacing = spacing
         self.percentile = percentile
@@ -128,10 +140,10 @@ class SegmentationMetrics(Metric):
         Raises:
             ValueError: on masks of the wrong shape or dtype, or an ``index`` that is not (B,) integers.
         """
-        _check_masks(preds, target)
+        preds, target = _check_masks(preds, target)
         batch = preds.shape[0]
         if index is None:
-            seen = self._column("index").numel()
+            seen = self._column("index").numel() + sum(p[2].numel() for p in self._pending)
             index = torch.arange(seen, seen + batch, device=preds.device)
         elif not isinstance(index, Tensor) or index.shape != (batch,) or index.is_floating_point():
             raise ValueError(
@@ -141,6 +153,26 @@ class SegmentationMetrics(Metric):
             )
         if spacing is not None:
             self._warn_spacing_ignored(spacing)
+        if self.defer_bytes and spacing is None:
+            if self._pending and self._pending[0][0].shape[1:] != preds.shape[1:]:
+                self.flush()  # batches of one mask size are computed together
+            self._pending.append((preds.detach(), target.detach(), index.detach().long()))
+            if sum(p.numel() + t.numel() for p, t, _ in self._pending) > self.defer_bytes:
+                self.flush()
+            return
+        self.flush()  # keep the order of the columns
+        self._add_values(preds, target, index, spacing)
+
+    def flush(self) -> None:
+        """Compute the values of the masks kept by ``defer_mb`` (one host synchronisation) and add them."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        preds, target, index = (torch.cat([p[k] for p in pending]) for k in range(3))
+        self._add_values(preds, target, index, None)
+
+    def _add_values(self, preds: Tensor, target: Tensor, index: Tensor, spacing: SpacingLike) -> None:
+        """Compute the per-image values of a batch and append them to the columns."""
         spacing = self.spacing if spacing is None else spacing
         values = per_image_values(
             preds,
@@ -171,8 +203,10 @@ class SegmentationMetrics(Metric):
         """Gather the columns as lists, which torchmetrics concatenates.
 
         Gathered tensor states are stacked, which fails when processes hold different numbers of images
-        (evaluation shards without padding, ``usclip.data.samplers.EvalDistributedSampler``).
+        (evaluation shards without padding, ``usclip.data.samplers.EvalDistributedSampler``). Deferred masks are
+        computed first.
         """
+        self.flush()
         for name in self._reductions:
             state = getattr(self, name)
             if isinstance(state, Tensor):
@@ -187,6 +221,16 @@ class SegmentationMetrics(Metric):
         state = getattr(self, name)
         return dim_zero_cat(state) if isinstance(state, list) else state
 
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """Compute the deferred masks, then ``torchmetrics.Metric.sync`` (which ``compute`` also calls)."""
+        self.flush()
+        super().sync(*args, **kwargs)
+
+    def reset(self) -> None:
+        """Forget every image, the deferred masks included."""
+        self._pending = []
+        super().reset()
+
     def compute(self) -> dict[str, Tensor]:
         """Reduce over every image seen.
 
@@ -196,6 +240,7 @@ class SegmentationMetrics(Metric):
             table, are skipped; NaN when no image is left),
             plus ``empty_preds`` and ``empty_targets``, the numbers of empty predicted and reference masks.
         """
+        self.flush()
         out: dict[str, Tensor] = {}
         for name in self.include:
             values = self._column(name).double()
@@ -218,6 +263,7 @@ class SegmentationMetrics(Metric):
             the protocol leaves a value out), ``empty_pred`` and ``empty_target`` (bool). Their finite
             means equal the means of :meth:`compute`.
         """
+        self.flush()
         with self.sync_context(should_sync=not self._is_synced, should_unsync=True):
             columns = {name: self._column(name) for name in ("index", *self.include, *_FLAGS)}
         for name in _FLAGS:
