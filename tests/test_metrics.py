@@ -117,6 +117,26 @@ def test_distances_are_float64_square_roots_rounded_to_float32():
     assert result.asd.tolist() == expected
 
 
+def test_distances_with_a_spacing_are_float64_square_roots_rounded_to_float32():
+    """With a pixel spacing the squared distance is scaled before the root: that product too is taken in float64.
+
+    Catches: the square root (and the scaling) taken in float32, on machines whose float32 ``sqrt`` is correctly
+    rounded too (the unscaled test above relies on torch's CPU ``sqrt`` being one ulp low, which not every CPU shows):
+    ``f32(13 * 0.49)`` is rounded before its root, which moves these results by one ulp.
+    """
+    pred = torch.zeros(3, 24, 5, dtype=torch.bool)
+    target = torch.zeros(3, 24, 5, dtype=torch.bool)
+    pred[:, 0, 0] = True
+    offsets = ((2, 3), (5, 0), (7, 1))  # squared distances 13, 25, 50 pixels
+    for i, (dy, dx) in enumerate(offsets):
+        target[i, dy, dx] = True
+    unit = float(np.float32(np.float32(0.7) ** 2))  # the squared spacing, as the float32 spacing tensor gives it
+    expected = [float(np.float32(math.sqrt((dy * dy + dx * dx) * unit))) for dy, dx in offsets]
+    result = surface_distances(pred, target, spacing=0.7)
+    assert result.hd.tolist() == expected  # exact: no tolerance
+    assert result.asd.tolist() == expected
+
+
 def test_shifted_square_hand_computed():
     # A filled 5x5 square against itself shifted by one row: each boundary moves by one pixel.
     square = torch.zeros(9, 9, dtype=torch.bool)
