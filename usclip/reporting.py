@@ -327,6 +327,51 @@ def _layout(parts: list[ResultTable], all_metrics: bool) -> tuple[list[str], lis
     return groups, datasets, metrics
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """What the Markdown and LaTeX tables share: the parts, their layout, the lead columns and the dataset blocks."""
+
+    parts: list[ResultTable]
+    groups: list[str]
+    datasets: list[str]
+    metrics: list[str]
+    step: int  # datasets per block
+
+    @classmethod
+    def of(cls, table: ResultTable | Sequence[ResultTable], all_metrics: bool, datasets_per_block: int) -> _Grid:
+        parts = _as_parts(table)
+        groups, datasets, metrics = _layout(parts, all_metrics)
+        step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
+        return cls(parts, groups, datasets, metrics, step)
+
+    @property
+    def several(self) -> bool:
+        """Whether the table holds the runs of several sweep protocols (a Protocol column)."""
+        return len(self.parts) > 1
+
+    @property
+    def show_group(self) -> bool:
+        return len(self.parts[0].spec.groups) > 1
+
+    def most_seeds(self, part: ResultTable) -> int:
+        """The most seeds of any cell of ``part``: fewer are marked ``(n=k)``."""
+        return max(part.seed_counts(), default=0)
+
+    def lead(self) -> list[str]:
+        """Titles of the columns before the metrics."""
+        return (["Group"] if self.show_group else []) + ["Method"] + (["Protocol"] if self.several else [])
+
+    def lead_cells(self, i: int, group: str, method: str, part: ResultTable) -> list[str]:
+        """Row ``i`` of ``group``'s lead cells: the group on its first row, the method (``†``: reference), protocol."""
+        row = [group.capitalize() if i == 0 else ""] if self.show_group else []
+        row.append(method + (" †" if (group, method) in part.references else ""))
+        return row + ([part.label] if self.several else [])
+
+    def blocks(self) -> list[list[str]]:
+        """The datasets in blocks of ``step`` (one table each)."""
+        return [self.datasets[k : k + self.step] for k in range(0, max(len(self.datasets), 1), self.step)]
+
+
 def _rows(parts: list[ResultTable], group: str) -> list[tuple[str, ResultTable]]:
     """(method, part) of a group: methods in the paper's order, each method's protocols side by side."""
     methods = _ordered({m for p in parts for m in p.methods(group)}, parts[0].spec.methods.get(group, ()))
@@ -355,31 +400,21 @@ def format_markdown(
     ``compare_paper`` a second table sets the protocols side by side with the paper's number
     (:func:`format_protocol_comparison`).
     """
-    parts = _as_parts(table)
-    several = len(parts) > 1
-    groups, datasets, metrics = _layout(parts, all_metrics)
-    show_group = len(parts[0].spec.groups) > 1
-    most = {id(p): max(p.seed_counts(), default=0) for p in parts}
-    step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
-    column_ranks = {
-        (id(p), g, d, m): ranks(p, g, d, m) for p in parts for g in groups for d in datasets for m in metrics
-    }
+    grid = _Grid.of(table, all_metrics, datasets_per_block)
+    parts, groups, metrics = grid.parts, grid.groups, grid.metrics
     compared = 0
     blocks = []
-    for first in range(0, max(len(datasets), 1), step):
-        block = datasets[first : first + step]
-        header = (["Group"] if show_group else []) + ["Method"] + (["Protocol"] if several else [])
+    for block in grid.blocks():
+        header = grid.lead()
         header += [f"{d} {METRIC_TITLES[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for d in block for m in metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in groups:
             for i, (method, part) in enumerate(_rows(parts, group)):
-                row = [group.capitalize() if i == 0 else ""] if show_group else []
-                row.append(method + (" †" if (group, method) in part.references else ""))
-                row += [part.label] if several else []
+                row = grid.lead_cells(i, group, method, part)
                 for d in block:
                     for m in metrics:
-                        rank = column_ranks[id(part), group, d, m].get(method)
-                        text = _cell_text(part, (group, method, d), m, rank, most[id(part)])
+                        rank = ranks(part, group, d, m).get(method)
+                        text = _cell_text(part, (group, method, d), m, rank, grid.most_seeds(part))
                         paper = _paper_value(part, group, method, d, m) if compare_paper else None
                         cell = part.cells.get((group, method, d), {}).get(m)
                         if paper is not None and cell is not None:
@@ -390,7 +425,7 @@ def format_markdown(
         blocks.append("\n".join(lines) + "\n")
     notes = _notes(parts, metrics, compare_paper, compared)
     text = "\n".join(blocks) + "\n" + "".join(f"- {note}\n" for note in notes)
-    if compare_paper and several:
+    if compare_paper and grid.several:
         text += "\n" + format_protocol_comparison(parts, all_metrics)
     return text
 
@@ -499,13 +534,9 @@ def format_latex(
     the caption. Needs ``\usepackage{booktabs}`` in the document (a comment on the first line says so). The
     paper comparison (``--compare-paper``) stays in the Markdown.
     """
-    parts = _as_parts(table)
-    several = len(parts) > 1
-    groups, datasets, metrics = _layout(parts, all_metrics)
-    show_group = len(parts[0].spec.groups) > 1
-    most = {id(p): max(p.seed_counts(), default=0) for p in parts}
-    step = datasets_per_block if datasets_per_block > 0 else max(len(datasets), 1)
-    lead = (["Group"] if show_group else []) + ["Method"] + (["Protocol"] if several else [])
+    grid = _Grid.of(table, all_metrics, datasets_per_block)
+    parts, groups, metrics = grid.parts, grid.groups, grid.metrics
+    lead = grid.lead()
     notes = " ".join(_notes(parts, metrics, False, 0))
     notes = re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", latex_escape(notes))
     notes = re.sub(r"<u>(.+?)</u>", r"\\underline{\1}", notes.replace("`", ""))
@@ -517,10 +548,9 @@ def format_latex(
         f"\\caption{{{latex_escape(spec.title)}. {notes}}}",
         f"\\label{{tab:usclip-{spec.name}}}",
     ]
-    for first in range(0, max(len(datasets), 1), step):
-        block = datasets[first : first + step]
+    for k, block in enumerate(grid.blocks()):
         n_lead, width = len(lead), len(metrics)
-        out += ["\\par\\medskip"] if first else []
+        out += ["\\par\\medskip"] if k else []
         out.append("\\begin{tabular}{" + "l" * n_lead + ("c" * width) * len(block) + "}")
         out.append("\\toprule")
         heads = [f"\\multicolumn{{{width}}}{{c}}{{{latex_escape(d)}}}" for d in block]
@@ -532,14 +562,11 @@ def format_latex(
         for group in groups:
             out.append("\\midrule")
             for i, (method, part) in enumerate(_rows(parts, group)):
-                row = [group.capitalize() if i == 0 else ""] if show_group else []
-                row.append(method + (" †" if (group, method) in part.references else ""))
-                row += [part.label] if several else []
-                cells = [latex_escape(x) for x in row]
+                cells = [latex_escape(x) for x in grid.lead_cells(i, group, method, part)]
                 for d in block:
                     for m in metrics:
                         rank = ranks(part, group, d, m).get(method)
-                        text = latex_escape(_cell_text(part, (group, method, d), m, None, most[id(part)]))
+                        text = latex_escape(_cell_text(part, (group, method, d), m, None, grid.most_seeds(part)))
                         cells.append(
                             f"\\textbf{{{text}}}" if rank == 0 else f"\\underline{{{text}}}" if rank == 1 else text
                         )
