@@ -238,9 +238,9 @@ def browser(gradio: Any) -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError as err:
         _missing(f"playwright ({err})", "pip install -e '.[dev]'")
-    exe = os.environ.get("USCLIP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(exe).is_file():
-        _missing(f"chromium (not found at {exe})", "apt-get install chromium (or set USCLIP_CHROMIUM to its path)")
+    exe = os.environ.get("USCLIP_CHROMIUM") or shutil.which("chromium")
+    if exe is None or not Path(exe).is_file():
+        _missing(f"chromium (not set in USCLIP_CHROMIUM, not on PATH: {exe})", "apt-get install chromium")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
         yield b

@@ -135,6 +135,17 @@ def _sweep_in_child(runs, plan, jobs: int, out: Path, start=None) -> None:
     os._exit(0)
 
 
+def _start_sweep_child(runs, plan, jobs: int, out: Path, until):
+    """Start :func:`_sweep_in_child` in a forked process and wait (20 s at most) until ``until()`` holds."""
+    child = FORK.Process(target=_sweep_in_child, args=(runs, plan, jobs, out))
+    child.start()
+    deadline = time.monotonic() + 20
+    while not until():
+        assert child.is_alive() and time.monotonic() < deadline
+        time.sleep(0.02)
+    return child
+
+
 # ------------------------------------------------------------------------------------------------- states
 def test_run_status_reads_every_state_a_run_can_be_left_in(tmp_path):
     runs, plan = _setup(tmp_path)
@@ -263,12 +274,7 @@ def test_a_killed_sweep_leaves_a_stale_lock_that_the_next_sweep_takes_over(tmp_p
     runs, plan = _setup(tmp_path)
     m = next(r for r in runs if r.key == M)
     (tmp_path / "fake.json").write_text(json.dumps({"hang": {M: phase}}))
-    child = FORK.Process(target=_sweep_in_child, args=([m], plan, 1, tmp_path / "out.json"))
-    child.start()
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "hung").exists():
-        assert child.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
+    child = _start_sweep_child([m], plan, 1, tmp_path / "out.json", until=(tmp_path / "hung").exists)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
     lock = read_lock(plan.run_dir(m) / LOCK_NAME)
@@ -289,12 +295,7 @@ def test_sigterm_releases_the_lock_and_the_run_stays_resumable(tmp_path, fake):
     runs, plan = _setup(tmp_path)
     m = next(r for r in runs if r.key == M)
     (tmp_path / "fake.json").write_text(json.dumps({"hang": {M: "fit"}}))
-    child = FORK.Process(target=_sweep_in_child, args=([m], plan, 1, tmp_path / "out.json"))
-    child.start()
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "hung").exists():
-        assert child.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
+    child = _start_sweep_child([m], plan, 1, tmp_path / "out.json", until=(tmp_path / "hung").exists)
     os.kill(child.pid, signal.SIGTERM)
     child.join(timeout=20)
     assert child.exitcode == 143
@@ -387,12 +388,9 @@ def test_sigterm_stops_the_running_usclip_processes_of_every_job(tmp_path, monke
     hang = "import os, pathlib, time; pathlib.Path(f'started-{os.getpid()}').write_text(''); time.sleep(60)"
     monkeypatch.setattr(sweep_module, "_USCLIP", [sys.executable, "-c", hang])
     plain = [r for r in runs if r.key in (M, N)]
-    child = FORK.Process(target=_sweep_in_child, args=(plain, plan, 2, tmp_path / "out.json"))
-    child.start()
-    deadline = time.monotonic() + 20
-    while len(list(tmp_path.glob("started-*"))) < 2:
-        assert child.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
+    child = _start_sweep_child(
+        plain, plan, 2, tmp_path / "out.json", until=lambda: len(list(tmp_path.glob("started-*"))) >= 2
+    )
     pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")]
     os.kill(child.pid, signal.SIGTERM)
     child.join(timeout=20)
